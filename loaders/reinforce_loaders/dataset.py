@@ -1,0 +1,175 @@
+"""ReinforcedDataset: the drop-in training dataset that replays stored augmentations and soft labels."""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from . import format as fmt
+from .augment import AugmentPipeline
+from .errors import SourceMismatchError
+from .rng import slot_for_epoch
+from .source import ImageSource, MapDataset, fingerprint, open_source
+from .targets import RemainingMass, dense_target
+
+TargetKind = Literal["dense", "sparse"]
+
+
+class ReinforcedDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a source and its reinforced store.
+
+    ``ds[i]`` decodes source image ``i``, picks the stored slot for (seed, epoch, i), replays that slot's
+    augmentation at ``resolution`` and returns ``(transform(image), target)``. The target is a dense
+    ``num_classes`` probability vector (``target="dense"``) or the stored ``(indices, probs)`` pair
+    (``target="sparse"``).
+
+    Args:
+        source: ImageFolder directory or map-style dataset returning ``(PIL image or tensor, label)``, in the
+            order the store was built from.
+        store: path, fsspec URL or zarr store of a complete reinforced store.
+        resolution: output side in pixels (default: the size the store was built at).
+        target: ``"dense"`` or ``"sparse"``.
+        remaining_mass: how a dense target treats the mass outside the top-k (see :func:`dense_target`).
+        transform: applied to the replayed uint8 ``[3, H, W]`` image (default: float32 in [0, 1]).
+        seed: seed of the per-epoch slot choice (default: the store's seed).
+        verify: ``"lazy"`` checks each image's fingerprint when it is loaded, ``"full"`` checks every image
+            now, ``"none"`` skips the check. Labels and counts are always checked.
+        storage_options: fsspec options for remote stores.
+
+    Call :meth:`set_epoch` before each epoch; it reaches DataLoader workers, persistent ones included.
+    """
+
+    _MAX_CACHED_BLOCKS = 8
+
+    def __init__(self, source: str | os.PathLike[str] | MapDataset | ImageSource, store: Any, *,
+                 resolution: int | None = None, target: TargetKind = "dense",
+                 remaining_mass: RemainingMass = "renormalize",
+                 transform: Callable[[torch.Tensor], Any] | None = None, seed: int | None = None,
+                 verify: Literal["lazy", "full", "none"] = "lazy",
+                 storage_options: dict[str, Any] | None = None) -> None:
+        if target not in ("dense", "sparse"):
+            raise ValueError(f"target must be 'dense' or 'sparse', got {target!r}")
+        if verify not in ("lazy", "full", "none"):
+            raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
+        self.source = open_source(source)
+        self._store_ref = str(store) if isinstance(store, os.PathLike) else store
+        self._storage_options = storage_options
+        group = fmt.open_store_group(self._store_ref, storage_options=storage_options)
+        self.header = fmt.read_header(group)
+        self.pipeline = AugmentPipeline.from_config(self.header.augmentation)
+        self.resolution = int(resolution) if resolution is not None else self.pipeline.size
+        self.target = target
+        self.remaining_mass = remaining_mass
+        self.transform = transform if transform is not None else v2.ToDtype(torch.float32, scale=True)
+        self.seed = self.header.seed if seed is None else int(seed)
+        self.verify = verify
+        # A shared tensor, so set_epoch reaches worker processes that already exist.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._arrays: dict[str, Any] | None = None
+        self._blocks: collections.OrderedDict[int, tuple[np.ndarray, ...]] = collections.OrderedDict()
+        self._labels = np.asarray(group[fmt.LABELS][:])
+        self._fingerprints = np.asarray(group[fmt.FINGERPRINTS][:]) if verify != "none" else None
+        self._check_source_matches()
+        if verify == "full":
+            self.verify_fingerprints()
+
+    @property
+    def num_classes(self) -> int:
+        return self.header.num_classes
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.header.class_names
+
+    def __len__(self) -> int:
+        return self.header.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the stored slots for ``epoch`` (each stored slot is used once per ``num_augmentations``)."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+    def slot(self, index: int, epoch: int | None = None) -> int:
+        """The stored slot sample ``index`` uses in ``epoch`` (default: the current epoch)."""
+        epoch = self.epoch if epoch is None else epoch
+        return slot_for_epoch(self.seed, epoch, index, self.header.num_augmentations)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        return self.replay(index, self.slot(index))
+
+    def replay(self, index: int, slot: int, resolution: int | None = None) -> tuple[Any, Any]:
+        """``(transform(image), target)`` of record (index, slot) at ``resolution``."""
+        image, _ = self.source.load(index)
+        if self.verify == "lazy":
+            self._check_fingerprint(index, image)
+        params, indices, probs = self._record(index, slot)
+        indices = torch.from_numpy(indices.astype(np.int64))
+        probs = torch.from_numpy(probs.astype(np.float32))
+        image = self.pipeline.apply(image, params, resolution or self.resolution)
+        if self.target == "sparse":
+            return self.transform(image), (indices, probs)
+        return self.transform(image), dense_target(indices, probs, self.num_classes, self.remaining_mass)
+
+    def verify_fingerprints(self) -> None:
+        """Decode every source image and raise :class:`SourceMismatchError` at the first that differs."""
+        for index in range(len(self)):
+            image, _ = self.source.load(index)
+            self._check_fingerprint(index, image)
+
+    def _check_source_matches(self) -> None:
+        if len(self.source) != self.header.num_samples:
+            raise SourceMismatchError(
+                f"source {self.source.description} has {len(self.source)} samples but the store was built from "
+                f"{self.header.num_samples}: pass the same dataset, in the same order, that was reinforced"
+            )
+        if self.source.targets is not None:
+            mismatched = np.flatnonzero(np.asarray(self.source.targets) != self._labels)
+            if mismatched.size:
+                first = int(mismatched[0])
+                raise SourceMismatchError(
+                    f"source sample {first} ({self.source.name_of(first)}) has label {self.source.targets[first]} "
+                    f"but the store has {int(self._labels[first])} ({mismatched.size} labels differ): pass the same "
+                    "dataset, in the same order, that was reinforced"
+                )
+
+    def _check_fingerprint(self, index: int, image: torch.Tensor) -> None:
+        if self._fingerprints is not None and fingerprint(image) != int(self._fingerprints[index]):
+            raise SourceMismatchError(
+                f"source sample {index} ({self.source.name_of(index)}) differs from the image the store was built "
+                "from (fingerprint mismatch): pass the same dataset, in the same order, that was reinforced"
+            )
+
+    def _record(self, index: int, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(aug params, top-k indices, top-k probs) of a record, read a whole block at a time."""
+        block = index // self.header.block_size
+        cached = self._blocks.get(block)
+        if cached is None:
+            if self._arrays is None:  # opened lazily so that each DataLoader worker has its own handles
+                group = fmt.open_store_group(self._store_ref, storage_options=self._storage_options)
+                self._arrays = {name: group[name] for name in fmt.PER_RECORD_ARRAYS}
+            start, stop = self.header.block_range(block)
+            cached = tuple(np.asarray(self._arrays[name][start:stop]) for name in fmt.PER_RECORD_ARRAYS)
+            self._blocks[block] = cached
+            if len(self._blocks) > self._MAX_CACHED_BLOCKS:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(block)
+        row = index - block * self.header.block_size
+        return tuple(array[row, slot] for array in cached)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = None
+        state["_blocks"] = collections.OrderedDict()
+        return state

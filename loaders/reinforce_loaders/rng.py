@@ -1,0 +1,57 @@
+"""Counter-based random numbers keyed by (seed, sample, slot, stream).
+
+Every random decision of a build is a pure function of its key, so it does not depend on the order,
+batching or number of workers that computed it. The generator is Philox4x64-10 as implemented by
+``numpy.random.Philox``; ``format_spec.md`` fixes the key and counter layout below so any reader can
+regenerate the same numbers.
+
+* key = (seed, KEY_TAG)
+* counter = (block, sample, stream, 0) where ``block`` counts 4-word Philox blocks
+* uniform = (word >> 11) * 2**-53, in [0, 1)
+
+Augmentation op ``k`` of the pipeline draws from stream ``k``; slot ``j`` owns blocks
+``[j * BLOCKS_PER_SLOT, (j + 1) * BLOCKS_PER_SLOT)`` of that stream, i.e. UNIFORMS_PER_SLOT uniforms.
+The per-epoch slot choice of a reader draws from stream SLOT_SELECTION_STREAM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KEY_TAG = 0x5245494E464F5243  # "REINFORC"
+UNIFORMS_PER_SLOT = 64
+BLOCKS_PER_SLOT = UNIFORMS_PER_SLOT // 4
+SLOT_SELECTION_STREAM = 0xFFFF_FFFF
+_MASK64 = (1 << 64) - 1
+
+
+def uniforms(seed: int, sample: int, stream: int, first_block: int, count: int) -> np.ndarray:
+    """``count`` uniforms in [0, 1) starting at Philox block ``first_block`` of (seed, sample, stream)."""
+    key = np.array([seed & _MASK64, KEY_TAG], dtype=np.uint64)
+    counter = np.array([first_block, sample, stream, 0], dtype=np.uint64)
+    words = np.random.Philox(key=key, counter=counter).random_raw(count)
+    return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def slot_uniforms(seed: int, sample: int, slot: int, stream: int) -> np.ndarray:
+    """The UNIFORMS_PER_SLOT uniforms that op ``stream`` may use for record (sample, slot)."""
+    return uniforms(seed, sample, stream, slot * BLOCKS_PER_SLOT, UNIFORMS_PER_SLOT)
+
+
+def all_slot_uniforms(seed: int, sample: int, num_slots: int, stream: int) -> np.ndarray:
+    """Uniforms of slots ``0..num_slots-1`` at once, shape (num_slots, UNIFORMS_PER_SLOT)."""
+    return uniforms(seed, sample, stream, 0, num_slots * UNIFORMS_PER_SLOT).reshape(num_slots, UNIFORMS_PER_SLOT)
+
+
+def slot_for_epoch(seed: int, epoch: int, sample: int, num_slots: int) -> int:
+    """The stored slot a reader uses for ``sample`` in ``epoch``.
+
+    Epochs are grouped in cycles of ``num_slots``; within a cycle each sample visits a random permutation
+    of its slots, so every stored augmentation is used once before any is reused.
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    cycle, position = divmod(epoch, num_slots)
+    blocks_per_cycle = -(-num_slots // 4)
+    keys = uniforms(seed, sample, SLOT_SELECTION_STREAM, cycle * blocks_per_cycle, num_slots)
+    return int(np.argsort(keys, kind="stable")[position])

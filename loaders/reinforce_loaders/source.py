@@ -1,0 +1,160 @@
+"""Source images: list an ImageFolder directory or wrap a map-style dataset, decode to RGB uint8 tensors.
+
+Both the builder and the student decode through :func:`decode_image`, so the teacher and the student start
+from the same pixels, and both fingerprint those pixels with :func:`fingerprint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms.v2 import functional as F
+
+from .errors import SourceError
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, honouring EXIF orientation and scaling 16/32-bit gray to 8 bits."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Decode an image file to an RGB uint8 ``[3, H, W]`` tensor."""
+    try:
+        with Image.open(path) as image:
+            return F.pil_to_tensor(to_rgb(image))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise SourceError(
+            f"cannot read image {path}: {error}. Remove or replace the file and run again"
+        ) from error
+
+
+def as_uint8_image(image: Any) -> torch.Tensor:
+    """Normalize what a dataset returns (PIL image, uint8 or float tensor, HWC numpy) to RGB uint8 CHW."""
+    if isinstance(image, Image.Image):
+        return F.pil_to_tensor(to_rgb(image))
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+        if image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4):
+            image = image.permute(2, 0, 1)
+    if not isinstance(image, torch.Tensor):
+        raise SourceError(f"dataset returned an image of type {type(image).__name__}; return a PIL image or a tensor")
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise SourceError(f"dataset returned an image tensor of shape {tuple(image.shape)}; expected [C, H, W]")
+    if image.is_floating_point():
+        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    elif image.dtype != torch.uint8:
+        raise SourceError(f"dataset returned an image tensor of dtype {image.dtype}; use uint8 or float in [0, 1]")
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    elif image.shape[0] == 4:
+        image = image[:3]
+    return image.contiguous()
+
+
+def fingerprint(image: torch.Tensor) -> int:
+    """64-bit fingerprint of a decoded uint8 ``[3, H, W]`` image: blake2b-64 of its shape then its pixels."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(np.asarray(image.shape, dtype="<u4").tobytes())
+    digest.update(image.contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little")
+
+
+class MapDataset(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> tuple[Any, int]: ...
+
+
+class ImageSource:
+    """Indexed access to decoded source images and their labels.
+
+    Build it with :meth:`from_folder` (ImageFolder layout: ``ROOT/CLASS/IMAGE``, classes and files sorted)
+    or :meth:`from_dataset` (any map-style dataset returning ``(image, label)``).
+    """
+
+    def __init__(self, *, paths: Sequence[str] | None = None, targets: Sequence[int] | None = None,
+                 classes: Sequence[str] | None = None, dataset: MapDataset | None = None,
+                 description: str = "") -> None:
+        self._paths = list(paths) if paths is not None else None
+        self.targets = list(targets) if targets is not None else None
+        self.classes = list(classes) if classes is not None else None
+        self._dataset = dataset
+        self.description = description
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike[str]) -> ImageSource:
+        root = Path(root)
+        if not root.exists():
+            raise SourceError(f"source directory {root} does not exist: pass a directory laid out as ROOT/CLASS/IMAGE")
+        if not root.is_dir():
+            raise SourceError(f"source {root} is not a directory: pass a directory laid out as ROOT/CLASS/IMAGE")
+        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+        if not classes:
+            raise SourceError(
+                f"source directory {root} has no class subdirectories: lay it out as ROOT/CLASS/IMAGE"
+            )
+        paths, targets = [], []
+        for label, name in enumerate(classes):
+            for directory, subdirs, files in os.walk(root / name, followlinks=True):
+                subdirs.sort()
+                for file in sorted(files):
+                    if file.lower().endswith(IMG_EXTENSIONS) and not file.startswith("."):
+                        paths.append(os.path.join(directory, file))
+                        targets.append(label)
+        if not paths:
+            raise SourceError(
+                f"source directory {root} holds no images (looked for {', '.join(IMG_EXTENSIONS)} files "
+                "under its class subdirectories)"
+            )
+        return cls(paths=paths, targets=targets, classes=classes, description=str(root))
+
+    @classmethod
+    def from_dataset(cls, dataset: MapDataset) -> ImageSource:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise SourceError(f"{type(dataset).__name__} is not a map-style dataset (needs __len__ and __getitem__)")
+        targets = getattr(dataset, "targets", None)
+        classes = getattr(dataset, "classes", None)
+        return cls(dataset=dataset, targets=list(targets) if targets is not None else None,
+                   classes=classes, description=type(dataset).__name__)
+
+    def __len__(self) -> int:
+        return len(self._paths) if self._paths is not None else len(self._dataset)
+
+    def name_of(self, index: int) -> str:
+        """Human-readable name of a sample for error messages."""
+        return self._paths[index] if self._paths is not None else f"{self.description}[{index}]"
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """Decoded RGB uint8 ``[3, H, W]`` image and integer label of sample ``index``."""
+        if self._paths is not None:
+            return decode_image(self._paths[index]), self.targets[index]
+        image, label = self._dataset[index]
+        return as_uint8_image(image), int(label)
+
+
+def open_source(source: str | os.PathLike[str] | MapDataset | ImageSource) -> ImageSource:
+    """An :class:`ImageSource` from a directory path, a map-style dataset, or an existing source."""
+    if isinstance(source, ImageSource):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return ImageSource.from_folder(source)
+    return ImageSource.from_dataset(source)
