@@ -105,10 +105,10 @@ class BlockProcessor:
         top_probs = np.empty((n * a, self.top_k), dtype=np.float32)
         for first in range(0, len(records), self.batch_size):
             batch = records[first:first + self.batch_size]
-            by_size = {
-                size: torch.stack([self.pipeline.apply(device_images[i], params[i, j], size) for i, j in batch])
-                for size in self.ensemble.input_sizes
-            }
+            batch_images = [device_images[i] for i, _ in batch]
+            batch_params = np.stack([params[i, j] for i, j in batch])
+            by_size = {size: self.pipeline.apply_batch(batch_images, batch_params, size)
+                       for size in self.ensemble.input_sizes}
             values, classes = top_k_stable(self.ensemble.probs(by_size), self.top_k)
             top_indices[first:first + len(batch)] = classes.cpu().numpy()
             top_probs[first:first + len(batch)] = values.cpu().numpy()

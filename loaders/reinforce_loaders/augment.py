@@ -158,6 +158,21 @@ class AugmentPipeline:
             image = op.apply(image, params[self._offsets[k]:self._offsets[k + 1]], size)
         return image
 
+    def apply_batch(self, images: Sequence[torch.Tensor], params: np.ndarray, size: int | None = None,
+                    partner_images: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Replay record ``r``'s ``params[r]`` on ``images[r]`` for every record at once: ``[n, 3, size, size]``.
+
+        ``images`` are uint8 ``[3, H, W]`` tensors on one device (the same tensor may repeat, one entry per
+        record); ``partner_images[r]`` is the image of :meth:`partner_indices` ``[r]`` for mixing pipelines.
+        The result equals :meth:`apply` record by record (the student path) within the fidelity bounds of
+        ``format_spec.md``.
+        """
+        return torch.stack([self.apply(image, row, size) for image, row in zip(images, params)])
+
+    def partner_indices(self, params: np.ndarray) -> np.ndarray | None:
+        """Source sample each record of ``params`` (``[n, num_params]``) mixes with, or None without mixing."""
+        return None
+
     def config(self) -> dict[str, Any]:
         return {"size": self.size, "ops": [op.config() for op in self.ops], "param_names": self.param_names}
 
