@@ -32,13 +32,35 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--top-k", "-k", type=int, required=True, help="teacher probabilities kept per record")
     build.add_argument("--out", required=True, help="store directory to create, or to resume")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--batch-size", type=int, default=256, help="records per teacher forward pass")
+    build.add_argument("--batch-size", type=int, default=256,
+                       help="records per teacher forward pass; fixed for a store, as it can change the bytes")
     build.add_argument("--block-size", type=int, default=256, help="samples per block, the unit of work and resume")
     build.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     build.add_argument("--decode-threads", type=int, default=4)
     build.add_argument("--teacher-input-size", type=int, help="override every member's input size")
     build.add_argument("--teacher-mean", type=_floats, help="override every member's mean, e.g. 0.5,0.5,0.5")
     build.add_argument("--teacher-std", type=_floats, help="override every member's std, e.g. 0.5,0.5,0.5")
+    build.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="teacher arithmetic (autocast); auto: bf16 on CUDA, fp32 on CPU")
+    build.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="run the teachers in channels_last memory format (default on)")
+    build.add_argument("--compile", action="store_true", help="torch.compile every teacher")
+    build.add_argument("--on-bad-image", default="fail", choices=("fail", "skip"),
+                       help="an unreadable source image stops the build (fail) or is recorded as skipped in the "
+                            "store and the summary (skip)")
+    engine = build.add_argument_group(
+        "engine", "default: every block in this process. --workers N: a local Ray instance with N workers; "
+                  "--ray-address: join a running Ray cluster (source, --out and teacher files must be on a "
+                  "filesystem every node sees)")
+    engine.add_argument("--workers", type=int, help="Ray block workers (default with --ray-address: as many as "
+                                                    "the cluster's CPUs, or GPUs with --device cuda, allow)")
+    engine.add_argument("--ray-address", metavar="auto|HOST:PORT", help="join this Ray cluster")
+    engine.add_argument("--cpu-threads", type=int,
+                        help="torch threads per worker and CPUs a Ray worker reserves (default: with --device cpu "
+                             "this machine's cores up to 8, as they change the bytes and are fixed for a store; "
+                             "else 1)")
+    engine.add_argument("--max-retries", type=int, default=2,
+                        help="times a block whose worker died is retried before the build fails (default 2)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     inspect = commands.add_parser("inspect", help="print what a store holds")
@@ -76,7 +98,10 @@ def _run(args: argparse.Namespace) -> int:
             image_size=args.image_size, num_augmentations=args.num_augmentations, top_k=args.top_k,
             seed=args.seed, batch_size=args.batch_size, block_size=args.block_size, device=args.device,
             decode_threads=args.decode_threads, teacher_input_size=args.teacher_input_size,
-            teacher_mean=args.teacher_mean, teacher_std=args.teacher_std,
+            teacher_mean=args.teacher_mean, teacher_std=args.teacher_std, precision=args.precision,
+            channels_last=args.channels_last, compile=args.compile, on_bad_image=args.on_bad_image,
+            workers=args.workers, ray_address=args.ray_address, cpu_threads=args.cpu_threads,
+            max_retries=args.max_retries,
         )
         summary = run_build(config, progress=not args.no_progress)
         print(f"built {args.out}: {summary}")

@@ -42,6 +42,10 @@ AUG_PARAMS_DTYPE = np.dtype("<f4")
 TOPK_PROBS_DTYPE = np.dtype("<f4")
 BLOCK_DONE_DTYPE = np.dtype("u1")
 
+SKIPPED_IMAGE_SIZE = (0, 0)
+"""``image_sizes`` of a sample whose image could not be read and was skipped (``--on-bad-image skip``);
+its fingerprint and records are zeros, and the header's ``provenance["skipped"]`` lists it with its path."""
+
 
 def topk_index_dtype(num_classes: int) -> np.dtype:
     """Smallest unsigned integer dtype that holds every class index below ``num_classes``."""
@@ -69,6 +73,8 @@ class StoreHeader:
     augmentation: dict[str, Any]
     teachers: list[dict[str, Any]]
     class_names: list[str] | None = None
+    compute: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """How the teachers were run, as far as it changes the stored bytes (micro-batch size, precision, ...)."""
     fingerprint: str = "blake2b-64 of the decoded RGB uint8 CHW pixels, prefixed by the shape"
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
     complete: bool = False

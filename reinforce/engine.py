@@ -1,0 +1,240 @@
+"""Engines that run a build's pending blocks: in this process, or on Ray actors.
+
+Both run the same :class:`~reinforce.build.BlockRunner`: a worker decodes, computes and writes its block to
+the store and marks it done; the driver only hands out block numbers and collects
+:class:`~reinforce.build.BlockStats`. Ray is imported only when a Ray engine is asked for.
+
+* :class:`InProcessEngine` (no ``--workers``, no ``--ray-address``): no cluster, nothing to configure; two
+  blocks in flight so decoding and writing overlap the teachers.
+* :class:`RayEngine`: ``--workers N`` starts a local Ray instance with N actors; ``--ray-address auto|ADDR``
+  joins a running cluster. An actor that dies (SIGKILL, node loss, out of host memory) is replaced and its
+  blocks are retried, at most ``max_retries`` times each, each retry alone on its actor; errors the project
+  raises on purpose (an unreadable image, device out of memory) are deterministic and stop the build at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from reinforce_loaders import format as fmt
+from reinforce_loaders.errors import ReinforceError
+from reinforce_loaders.source import ImageSource
+
+from .build import BlockRunner, BlockStats, BuildConfig, BuildError, make_processor
+from .teachers import Ensemble
+from .writer import StoreWriter
+
+BLOCKS_IN_FLIGHT = 2
+"""Blocks a worker holds at once: one decoding or writing while the other uses the device."""
+
+
+def make_engine(config: BuildConfig, writer: StoreWriter, ensemble: Ensemble, source: ImageSource,
+                num_params: int) -> InProcessEngine | RayEngine:
+    """The engine ``config`` asks for (see the module docstring)."""
+    if config.uses_ray:
+        return RayEngine(config, writer.header, ensemble, num_params)
+    return InProcessEngine(config, writer, ensemble, source)
+
+
+def _block_failed(header: fmt.StoreHeader, block: int, times: int, cause: str) -> BuildError:
+    start, stop = header.block_range(block)
+    return BuildError(
+        f"block {block} (samples {start}..{stop - 1}) failed {times} time{'s' if times > 1 else ''}, giving up; "
+        f"last cause: {cause}. Blocks already written are kept: fix the cause and re-run the same command to resume"
+    )
+
+
+class InProcessEngine:
+    """Every block in this process, with two in flight."""
+
+    retries = 0
+
+    def __init__(self, config: BuildConfig, writer: StoreWriter, ensemble: Ensemble, source: ImageSource) -> None:
+        self.header = writer.header
+        self.processor = make_processor(config, ensemble, source)
+        self.runner = BlockRunner(self.processor, writer, name="main")
+        self.description = f"in-process on {config.device}"
+
+    def __enter__(self) -> InProcessEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.processor.close()
+
+    def run(self, pending: list[int]) -> Iterator[BlockStats]:
+        queue = collections.deque(pending)
+        with ThreadPoolExecutor(max_workers=BLOCKS_IN_FLIGHT, thread_name_prefix="block") as pool:
+            in_flight: dict[Future[BlockStats], int] = {}
+            while queue or in_flight:
+                while queue and len(in_flight) < BLOCKS_IN_FLIGHT:
+                    block = queue.popleft()
+                    in_flight[pool.submit(self.runner.run, block)] = block
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    block = in_flight.pop(future)
+                    try:
+                        stats = future.result()
+                    except ReinforceError:
+                        queue.clear()
+                        raise
+                    except Exception as error:
+                        queue.clear()
+                        raise _block_failed(self.header, block, 1, f"{type(error).__name__}: {error}") from error
+                    yield stats
+
+
+class BlockWorker:
+    """A Ray actor holding one :class:`BlockRunner` (teachers loaded once, on its device)."""
+
+    def __init__(self, config: BuildConfig, header: fmt.StoreHeader, num_params: int, ensemble: Ensemble,
+                 name: str) -> None:
+        writer = StoreWriter.create_or_resume(config.out, header, num_params)
+        self.runner = BlockRunner(make_processor(config, ensemble), writer, name=name)
+
+    def run(self, block: int) -> BlockStats:
+        return self.runner.run(block)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One worker position: its current actor and the blocks it holds."""
+
+    name: str
+    actor: Any
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    generation: int = 0
+
+
+class RayEngine:
+    """Blocks on Ray actors, one per worker (see the module docstring)."""
+
+    def __init__(self, config: BuildConfig, header: fmt.StoreHeader, ensemble: Ensemble, num_params: int) -> None:
+        import ray
+
+        self.config, self.header, self.num_params = config, header, num_params
+        self.retries = 0
+        self.owned = False
+        if not ray.is_initialized():
+            if config.ray_address is not None:
+                ray.init(address=config.ray_address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=(config.workers or 1) * config.resolved_cpu_threads,
+                         include_dashboard=False, log_to_driver=False)
+            self.owned = True
+        self.num_gpus = 1 if config.device_type == "cuda" else 0
+        self.workers = self._worker_count(ray.cluster_resources())
+        where = f"cluster {config.ray_address}" if config.ray_address is not None else "local"
+        self.description = f"Ray ({where}), {self.workers} workers on {config.device}"
+        self.ensemble_ref = ray.put(ensemble)
+        self.actor_class = ray.remote(BlockWorker).options(
+            num_cpus=config.resolved_cpu_threads, num_gpus=self.num_gpus, max_concurrency=BLOCKS_IN_FLIGHT,
+            max_restarts=0, max_task_retries=0)
+        self.slots: list[_Slot] = []
+
+    def _worker_count(self, resources: dict[str, float]) -> int:
+        if self.num_gpus and resources.get("GPU", 0) < 1:
+            raise BuildError(
+                f"--device {self.config.device} needs GPUs but the Ray cluster has none "
+                f"(resources: {resources}): use --device cpu, or join a cluster with GPUs"
+            )
+        capacity = int(resources.get("CPU", 0) // max(self.config.resolved_cpu_threads, 1e-9))
+        if self.num_gpus:
+            capacity = min(capacity, int(resources.get("GPU", 0)))
+        if capacity < 1:
+            raise BuildError(f"the Ray cluster cannot host one worker of {self.config.resolved_cpu_threads} CPUs "
+                             f"(resources: {resources}): lower --cpu-threads")
+        asked = self.config.workers or capacity
+        if asked > capacity:
+            # Actors beyond capacity would wait forever with their blocks.
+            warnings.warn(f"--workers {asked} but the Ray cluster holds only {capacity} workers of "
+                          f"{self.config.resolved_cpu_threads} CPUs{' and 1 GPU' if self.num_gpus else ''}: using {capacity}",
+                          stacklevel=2)
+        return min(asked, capacity)
+
+    def _spawn(self, name: str) -> Any:
+        return self.actor_class.remote(self.config, self.header, self.num_params, self.ensemble_ref, name)
+
+    def __enter__(self) -> RayEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        for slot in self.slots:
+            ray.kill(slot.actor, no_restart=True)
+        self.slots = []
+        if self.owned:
+            ray.shutdown()
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current actors (for fault-injection tests)."""
+        import ray
+
+        return ray.get([slot.actor.pid.remote() for slot in self.slots])
+
+    def run(self, pending: list[int]) -> Iterator[BlockStats]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        self.slots = [_Slot(name=f"worker-{i}", actor=self._spawn(f"worker-{i}")) for i in range(self.workers)]
+        queue = collections.deque(pending)
+        failures: collections.Counter[int] = collections.Counter()
+        in_flight: dict[Any, tuple[_Slot, int, int]] = {}  # ref -> (slot, its generation, block)
+
+        def fill() -> None:
+            for slot in self.slots:
+                while queue and len(slot.blocks) < BLOCKS_IN_FLIGHT:
+                    # A retried block runs alone, so a block that kills its worker takes no other block down.
+                    if slot.blocks and (failures[queue[0]] or any(failures[b] for b in slot.blocks)):
+                        break
+                    block = queue.popleft()
+                    slot.blocks.append(block)
+                    in_flight[slot.actor.run.remote(block)] = (slot, slot.generation, block)
+
+        def retry(block: int, cause: str) -> None:
+            failures[block] += 1
+            self.retries += 1
+            if failures[block] > self.config.max_retries:
+                raise _block_failed(self.header, block, failures[block], cause)
+            queue.appendleft(block)
+
+        fill()
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            slot, generation, block = in_flight.pop(done[0])
+            if generation == slot.generation:
+                slot.blocks.remove(block)
+            try:
+                stats = ray.get(done[0])
+            except RayTaskError as error:
+                cause = error.cause
+                if isinstance(cause, ReinforceError):
+                    raise cause from None
+                retry(block, f"{type(cause).__name__}: {cause}")
+            except RayActorError as error:
+                if getattr(error, "actor_init_failed", False):
+                    raise BuildError(f"a build worker could not start: {_one_line(error)}") from None
+                if generation == slot.generation:
+                    # Replace the dead actor once; its other blocks come back as errors too.
+                    ray.kill(slot.actor, no_restart=True)
+                    slot.generation += 1
+                    slot.blocks = []
+                    slot.actor = self._spawn(slot.name)
+                retry(block, f"its worker died ({_one_line(error)})")
+            else:
+                yield stats
+            fill()
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."
