@@ -1,0 +1,212 @@
+"""The build engines: determinism across workers, kill-and-resume, faults, refused settings (CPU, local Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from reinforce_loaders import format as fmt
+from reinforce_loaders.errors import SourceError, StoreFormatError
+
+from reinforce.build import BuildConfig, BuildError, run_build
+from reinforce.teachers import Ensemble, TeacherMember, create_ensemble
+
+from conftest import IMAGE_SIZE
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = dict(augment="rrc", image_size=IMAGE_SIZE, num_augmentations=4, top_k=3, seed=7, batch_size=16,
+                block_size=8, cpu_threads=1)
+
+
+def build(source: Path, out: Path, teachers, ensemble: Ensemble | None = None, **overrides):
+    config = BuildConfig(source=str(source), out=str(out), teachers=teachers, **{**SETTINGS, **overrides})
+    return run_build(config, ensemble=ensemble, progress=False)
+
+
+def arrays(store: Path) -> dict[str, bytes]:
+    group = zarr.open_group(str(store), mode="r")
+    return {name: np.asarray(group[name][:]).tobytes() for name in sorted(group.array_keys())}
+
+
+def assert_same_arrays(store: Path, reference: Path) -> None:
+    got, expected = arrays(store), arrays(reference)
+    assert sorted(got) == sorted(expected)
+    different = [name for name in expected if got[name] != expected[name]]
+    assert not different, f"arrays differ from the reference build: {different}"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance with 2 CPUs for every test of this module (it takes seconds to start)."""
+    ray = pytest.importorskip("ray")
+    # Test-only modules (the fault-injecting teachers below) travel to the workers by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(digits, teacher_weights, tmp_path_factory) -> Path:
+    """The uninterrupted in-process build every other build here must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    build(digits[0], out, teacher_weights)
+    return out
+
+
+def test_two_workers_equal_one_process(ray_session, digits, teacher_weights, reference, tmp_path):
+    summary = build(digits[0], tmp_path / "ray.zarr", teacher_weights, workers=2)
+    assert summary.engine.startswith("Ray") and summary.blocks_written == 6
+    assert_same_arrays(tmp_path / "ray.zarr", reference)
+
+
+class KillsItsProcess(torch.nn.Module):
+    """Wraps a teacher; in a worker process (not the driver), its forward SIGKILLs the process while ``marker``
+    holds a positive count, decrementing it."""
+
+    def __init__(self, inner: torch.nn.Module, marker: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.marker = marker
+        self.driver = os.getpid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = Path(self.marker)
+        left = int(path.read_text()) if path.exists() else 0
+        if left > 0 and os.getpid() != self.driver:
+            path.write_text(str(left - 1))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner(x)
+
+
+def killing_ensemble(teacher_weights, marker: Path, kills: int) -> Ensemble:
+    marker.write_text(str(kills))
+    members = create_ensemble(teacher_weights).members
+    first = members[0]
+    wrapped = TeacherMember(name=first.name, module=KillsItsProcess(first.module, str(marker)),
+                            input_size=first.input_size, mean=first.mean, std=first.std)
+    return Ensemble([wrapped, *members[1:]])
+
+
+def test_killed_worker_block_is_retried(ray_session, digits, teacher_weights, reference, tmp_path):
+    ensemble = killing_ensemble(teacher_weights, tmp_path / "kills", kills=1)
+    summary = build(digits[0], tmp_path / "store.zarr", teacher_weights, ensemble=ensemble, workers=2)
+    assert (tmp_path / "kills").read_text() == "0"
+    assert summary.retries >= 1
+    assert_same_arrays(tmp_path / "store.zarr", reference)
+
+
+def test_block_that_keeps_killing_its_worker_fails_after_bounded_retries(ray_session, digits, teacher_weights,
+                                                                           tmp_path):
+    ensemble = killing_ensemble(teacher_weights, tmp_path / "kills", kills=100)
+    # Blocks 0 and 1 share the first worker; whichever dies twice first (each retry runs alone) is named.
+    with pytest.raises(BuildError, match=r"block [01] \(samples (0\.\.7|8\.\.15)\) failed 2 times.*worker died"):
+        build(digits[0], tmp_path / "store.zarr", teacher_weights, ensemble=ensemble, workers=1, max_retries=1)
+    assert int((tmp_path / "kills").read_text()) == 98
+    header = fmt.read_header(zarr.open_group(str(tmp_path / "store.zarr"), mode="r"), require_complete=False)
+    assert not header.complete
+
+
+@pytest.fixture
+def bad_source(digits, tmp_path) -> tuple[Path, Path]:
+    """A copy of the digits train split with one file that is not an image, and that file."""
+    source = tmp_path / "bad_source"
+    shutil.copytree(digits[0], source)
+    bad = sorted((source / "3").iterdir())[1]
+    bad.write_bytes(b"this is not a PNG")
+    return source, bad
+
+
+@pytest.mark.parametrize("workers", [None, 2])
+def test_unreadable_image_fails_by_default(ray_session, bad_source, teacher_weights, tmp_path, workers):
+    source, bad = bad_source
+    with pytest.raises(SourceError, match=f"cannot read image {bad}.*--on-bad-image skip"):
+        build(source, tmp_path / "store.zarr", teacher_weights, workers=workers)
+
+
+def test_unreadable_image_is_skipped_and_listed(bad_source, teacher_weights, reference, tmp_path):
+    source, bad = bad_source
+    summary = build(source, tmp_path / "store.zarr", teacher_weights, on_bad_image="skip")
+    index = sorted(str(p) for p in source.rglob("*.png")).index(str(bad))
+    assert [(s.index, s.path) for s in summary.skipped] == [(index, str(bad))]
+    assert str(bad) in str(summary)
+    group = zarr.open_group(str(tmp_path / "store.zarr"), mode="r")
+    header = fmt.read_header(group)
+    assert header.complete and header.provenance["skipped"] == [{"index": index, "path": str(bad)}]
+    assert tuple(group[fmt.IMAGE_SIZES][index]) == fmt.SKIPPED_IMAGE_SIZE
+    assert not group[fmt.TOPK_PROBS][index].any() and group[fmt.LABELS][index] == 3
+    # Samples in other blocks are untouched by the skip.
+    ref = zarr.open_group(str(reference), mode="r")
+    block = index // SETTINGS["block_size"]
+    others = np.r_[0:block * 8, (block + 1) * 8:45]
+    for name in (fmt.TOPK_PROBS, fmt.TOPK_INDICES, fmt.AUG_PARAMS, fmt.FINGERPRINTS):
+        np.testing.assert_array_equal(group[name][:][others], ref[name][:][others])
+
+
+def test_different_settings_on_resume_are_refused(digits, teacher_weights, reference, tmp_path):
+    out = tmp_path / "store.zarr"
+    shutil.copytree(reference, out)
+    for change in ({"batch_size": 8}, {"cpu_threads": 2}, {"precision": "bf16"}, {"seed": 8}):
+        with pytest.raises(StoreFormatError, match="different settings.*" + next(iter(change))):
+            build(digits[0], out, teacher_weights, **change)
+    build(digits[0], out, teacher_weights)  # the same settings resume (here: nothing left to do)
+    assert_same_arrays(out, reference)
+
+
+def test_out_of_memory_names_a_batch_size(digits, teacher_weights, tmp_path, monkeypatch):
+    def out_of_memory(self, images_by_size):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Ensemble, "probs", out_of_memory)
+    monkeypatch.setattr("reinforce.build.probe_num_classes", lambda ensemble: 10)
+    with pytest.raises(BuildError, match="ran out of memory on a micro-batch of 16 records: try --batch-size 8"):
+        build(digits[0], tmp_path / "store.zarr", teacher_weights)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "reinforce.cli", "build", *args]
+
+
+def test_sigkill_of_the_driver_then_resume_gives_identical_arrays(digits, teacher_weights, tmp_path):
+    out = tmp_path / "killed.zarr"
+    args = [str(digits[0]), "--out", str(out), "-A", "4", "-k", "3", "--image-size", str(IMAGE_SIZE), "--seed", "7",
+            "--batch-size", "1", "--block-size", "2", "--cpu-threads", "1", "--no-progress",
+            *(f"--teacher={spec}" for spec in teacher_weights)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "loaders"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done_dir = out / fmt.BLOCKS_DONE / "c"
+    deadline = time.monotonic() + 120
+    while not (done_dir.exists() and any(done_dir.iterdir())):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    group = zarr.open_group(str(out), mode="r")
+    header = fmt.read_header(group, require_complete=False)
+    done = int(np.count_nonzero(group[fmt.BLOCKS_DONE][:]))
+    assert not header.complete and 1 <= done < header.num_blocks
+    resumed = subprocess.run(_cli(*args), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"over {header.num_blocks - done} blocks" in resumed.stdout
+    fresh = tmp_path / "fresh.zarr"
+    build(digits[0], fresh, teacher_weights, batch_size=1, block_size=2)
+    assert_same_arrays(out, fresh)
+
+
+def test_reinforce_loaders_and_cli_do_not_import_ray():
+    code = ("import sys, reinforce_loaders, reinforce.cli, reinforce.build, reinforce.engine, reinforce.report; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "loaders")])}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
