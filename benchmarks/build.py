@@ -1,0 +1,223 @@
+"""Benchmark of ``reinforce build``: is it bound by the teachers, and how does it compare to the reference style?
+
+In one run, on the same images, teachers (timm architectures with random weights: weights don't change speed)
+and records:
+
+(a) the full pipeline: ``run_build`` in this process (decode, batched augmentation, teachers, top-k, store);
+(b) the ensemble's forward alone, on ready device tensors of exactly the micro-batches (a) runs;
+(c) a baseline in the style of the reference generator: per-image CPU augmentation of every slot with
+    torchvision transforms on PIL images (a DataLoader), an fp32 contiguous teacher, one file per sample.
+
+It prints images/s of each (median of ``--repeats``), the ratio a/b (1.0: data handling fully hidden behind the
+teachers) and a/c. Source images are JPEG crops of scikit-learn's two sample photos, at varied sizes.
+
+CPU (2 cores):  python benchmarks/build.py
+GPU example:    python benchmarks/build.py --device cuda --models resnet50,resnet50,resnet50,resnet50 \\
+                    --image-size 224 --num-images 2048 -A 8 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from reinforce.build import BuildConfig, make_processor, run_build
+from reinforce.teachers import create_ensemble
+
+
+def make_images(root: Path, count: int, seed: int) -> Path:
+    """``count`` JPEGs (random crops of the sample photos, 200-427 px per side) in an ImageFolder of 2 classes."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = int(rng.integers(200, 428)), int(rng.integers(200, 428))
+        top, left = int(rng.integers(0, photo.shape[0] - h + 1)), int(rng.integers(0, photo.shape[1] - w + 1))
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo[top:top + h, left:left + w]).save(folder / f"{i:06d}.jpg", quality=90)
+    return root
+
+
+def make_teachers(root: Path, models: list[str], size: int) -> list[str]:
+    import timm
+
+    specs = []
+    for number, arch in enumerate(models):
+        torch.manual_seed(number)
+        path = root / f"{number}_{arch}.safetensors"
+        save_file(timm.create_model(arch, num_classes=1000).state_dict(), str(path),
+                  metadata={"input_size": json.dumps(size)})
+        specs.append(f"{arch}={path}")
+    return specs
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_pipeline(config: BuildConfig) -> float:
+    """(a): images/s of a fresh build, timed by the build itself (teachers loaded before the clock starts)."""
+    shutil.rmtree(config.out, ignore_errors=True)
+    summary = run_build(config, progress=False)
+    return summary.images_per_second
+
+
+def prepare_forward_only(config: BuildConfig, num_images: int):
+    """(b): a function timing the ensemble alone on the very micro-batches of (a), already on the device."""
+    from reinforce_loaders.source import open_source
+
+    source = open_source(config.source)
+    ensemble = create_ensemble(config.teachers)
+    processor = make_processor(config, ensemble, source)
+    batches = []
+    for start in range(0, num_images, config.block_size):
+        loaded = processor.load(start, min(start + config.block_size, num_images))
+        n, a = len(loaded.images), config.num_augmentations
+        params = np.stack([processor.pipeline.sample_slots(config.seed, loaded.start + i, a, im.shape[1], im.shape[2])
+                           for i, im in enumerate(loaded.images)])
+        images = [im.to(processor.device) for im in loaded.images]
+        rows, cols = np.divmod(np.arange(n * a), a)
+        for first in range(0, n * a, config.batch_size):
+            r, c = rows[first:first + config.batch_size], cols[first:first + config.batch_size]
+            by_size = {size: processor.pipeline.apply_batch([images[i] for i in r], params[r, c], size)
+                       .contiguous(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+                       for size in ensemble.input_sizes}
+            batches.append(by_size)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(processor.precision)
+
+    def forward_all() -> float:
+        synchronize(config.device)
+        began = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(processor.device.type, dtype=dtype or torch.float32,
+                                                     enabled=dtype is not None):
+            for by_size in batches:
+                ensemble.probs(by_size)
+        synchronize(config.device)
+        return num_images / (time.perf_counter() - began)
+
+    processor.close()
+    forward_all()  # warm-up
+    return forward_all
+
+
+class ReferenceStyleDataset(torch.utils.data.Dataset):
+    """Per image: decode, then augment each of the A slots on the CPU with torchvision, recording parameters."""
+
+    def __init__(self, paths: list[str], num_augmentations: int, size: int, mean, std) -> None:
+        self.paths, self.a, self.size, self.mean, self.std = paths, num_augmentations, size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from torchvision import transforms as T
+        from torchvision.transforms import functional as F
+
+        image = Image.open(self.paths[index]).convert("RGB")
+        tensors, params = [], []
+        for _ in range(self.a):
+            top, left, h, w = T.RandomResizedCrop.get_params(image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+            flip = bool(torch.rand(()) < 0.5)
+            slot = F.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+            if flip:
+                slot = F.hflip(slot)
+            tensors.append(F.normalize(F.to_tensor(slot), self.mean, self.std))
+            params.append([top, left, h, w, float(flip)])
+        return torch.stack(tensors), torch.tensor(params), index
+
+
+def run_reference_style(paths: list[str], teachers: list[str], out: Path, *, num_augmentations: int, size: int,
+                        batch_size: int, top_k: int, device: str, workers: int) -> float:
+    """(c): images/s of the reference-style generator (fp32 teachers, one .npz per sample)."""
+    ensemble = create_ensemble(teachers).to(device)
+    first = ensemble.members[0]
+    dataset = ReferenceStyleDataset(paths, num_augmentations, size, first.mean, first.std)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=max(batch_size // num_augmentations, 1),
+                                         num_workers=workers)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    synchronize(device)
+    began = time.perf_counter()
+    with torch.inference_mode():
+        for images, params, indices in loader:
+            x = images.flatten(0, 1).to(device)
+            probs = sum(torch.softmax(m.module(x).float(), dim=-1) for m in ensemble.members) / len(ensemble.members)
+            values, classes = torch.topk(probs, top_k, dim=-1)
+            values = values.view(len(indices), num_augmentations, top_k).cpu().numpy()
+            classes = classes.view(len(indices), num_augmentations, top_k).cpu().numpy()
+            for row, index in enumerate(indices.tolist()):
+                np.savez(out / f"{index:08d}.npz", params=params[row].numpy(), probs=values[row],
+                         classes=classes[row])
+    synchronize(device)
+    return len(paths) / (time.perf_counter() - began)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet18,resnet18", help="comma-separated timm architectures")
+    parser.add_argument("--image-size", type=int, default=112, help="augmented and teacher input side")
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--num-augmentations", "-A", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--baseline-workers", type=int, default=0, help="DataLoader workers of the baseline")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", help="keep images, teachers and stores here (default: a temporary dir)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as temporary:
+        root = Path(args.workdir or temporary)
+        root.mkdir(parents=True, exist_ok=True)
+        source = make_images(root / "images", args.num_images, seed=0)
+        paths = sorted(str(p) for p in source.rglob("*.jpg"))
+        teachers = make_teachers(root, args.models.split(","), args.image_size)
+        config = BuildConfig(source=str(source), out=str(root / "store.zarr"), teachers=teachers, augment="rrc",
+                             image_size=args.image_size, num_augmentations=args.num_augmentations,
+                             top_k=args.top_k, batch_size=args.batch_size, block_size=args.block_size,
+                             device=args.device, precision=args.precision, compile=args.compile)
+        # Warm-up: the first forward passes of a process are slower (allocator, kernel selection).
+        run_pipeline(BuildConfig(**{**config.__dict__, "out": str(root / "warmup.zarr")}))
+        forward_all = prepare_forward_only(config, args.num_images)
+        pipeline, forward, reference = [], [], []
+        # Interleaved, so load from other processes on the machine hits all three alike.
+        for _ in range(args.repeats):
+            pipeline.append(run_pipeline(config))
+            forward.append(forward_all())
+            reference.append(run_reference_style(
+                paths, teachers, root / "reference", num_augmentations=args.num_augmentations,
+                size=args.image_size, batch_size=args.batch_size, top_k=args.top_k, device=args.device,
+                workers=args.baseline_workers))
+    a, b, c = (statistics.median(rates) for rates in (pipeline, forward, reference))
+    print(f"machine: {platform.machine()} {torch.get_num_threads()} torch threads, device {args.device} "
+          f"({torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or 'cpu'})")
+    print(f"teachers {args.models} at {args.image_size}px, {args.num_images} images x {args.num_augmentations} "
+          f"augmentations, batch {args.batch_size}, precision {config.resolved_precision}, "
+          f"medians of {args.repeats}")
+    print(f"(a) full pipeline          {a:9.1f} images/s  ({a * args.num_augmentations:.1f} records/s)  "
+          f"runs {[round(r, 1) for r in pipeline]}")
+    print(f"(b) ensemble forward only  {b:9.1f} images/s  runs {[round(r, 1) for r in forward]}")
+    print(f"(c) reference-style        {c:9.1f} images/s  runs {[round(r, 1) for r in reference]}")
+    print(f"a/b = {a / b:.3f}   a/c = {a / c:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
