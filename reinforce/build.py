@@ -85,12 +85,12 @@ class BuildConfig:
 
     @property
     def resolved_precision(self) -> str:
-        """``auto`` is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 elsewhere."""
+        """``auto`` is bf16 on CUDA (fp16 where this machine's GPU lacks bf16) and fp32 elsewhere."""
         if self.precision != "auto":
             return self.precision
         if self.device_type != "cuda":
             return "fp32"
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+        return "fp16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16"
 
     @property
     def resolved_cpu_threads(self) -> int:

@@ -94,6 +94,8 @@ class BlockWorker:
 
     def __init__(self, config: BuildConfig, header: fmt.StoreHeader, num_params: int, ensemble: Ensemble,
                  name: str) -> None:
+        if config.device_type == "cuda":
+            config = dataclasses.replace(config, device="cuda")  # Ray shows each actor only its own GPU
         writer = StoreWriter.create_or_resume(config.out, header, num_params)
         self.runner = BlockRunner(make_processor(config, ensemble), writer, name=name)
 
