@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from reinforce.build import BuildConfig, make_processor, run_build
-from reinforce.teachers import create_ensemble
+from reinforce.teachers import Ensemble, create_ensemble
 
 
 def make_images(root: Path, count: int, seed: int) -> Path:
@@ -70,19 +70,18 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_pipeline(config: BuildConfig) -> float:
+def run_pipeline(config: BuildConfig, ensemble: Ensemble) -> float:
     """(a): images/s of a fresh build, timed by the build itself (teachers loaded before the clock starts)."""
     shutil.rmtree(config.out, ignore_errors=True)
-    summary = run_build(config, progress=False)
+    summary = run_build(config, ensemble=ensemble, progress=False)
     return summary.images_per_second
 
 
-def prepare_forward_only(config: BuildConfig, num_images: int):
+def prepare_forward_only(config: BuildConfig, ensemble: Ensemble, num_images: int):
     """(b): a function timing the ensemble alone on the very micro-batches of (a), already on the device."""
     from reinforce_loaders.source import open_source
 
     source = open_source(config.source)
-    ensemble = create_ensemble(config.teachers)
     processor = make_processor(config, ensemble, source)
     batches = []
     for start in range(0, num_images, config.block_size):
@@ -194,13 +193,15 @@ def main() -> None:
                              image_size=args.image_size, num_augmentations=args.num_augmentations,
                              top_k=args.top_k, batch_size=args.batch_size, block_size=args.block_size,
                              device=args.device, precision=args.precision, compile=args.compile)
+        # (a) and (b) share one ensemble, so they run the very same modules.
+        ensemble = create_ensemble(teachers)
         # Warm-up: the first forward passes of a process are slower (allocator, kernel selection).
-        run_pipeline(BuildConfig(**{**config.__dict__, "out": str(root / "warmup.zarr")}))
-        forward_all = prepare_forward_only(config, args.num_images)
+        run_pipeline(BuildConfig(**{**config.__dict__, "out": str(root / "warmup.zarr")}), ensemble)
+        forward_all = prepare_forward_only(config, ensemble, args.num_images)
         pipeline, forward, reference = [], [], []
         # Interleaved, so load from other processes on the machine hits all three alike.
         for _ in range(args.repeats):
-            pipeline.append(run_pipeline(config))
+            pipeline.append(run_pipeline(config, ensemble))
             forward.append(forward_all())
             reference.append(run_reference_style(
                 paths, teachers, root / "reference", num_augmentations=args.num_augmentations,

@@ -178,6 +178,7 @@ class LoadedBlock:
     start: int
     images: list[torch.Tensor | None]
     labels: np.ndarray
+    fingerprints: np.ndarray
     skipped: list[SkippedSample]
 
 
@@ -222,11 +223,14 @@ class BlockProcessor:
         images = [None if isinstance(outcome, SkippedSample) else outcome[0] for outcome in outcomes]
         labels = np.array([self._label_of(start + i) if image is None else outcomes[i][1]
                            for i, image in enumerate(images)], dtype=np.int64)
-        return LoadedBlock(start=start, images=images, labels=labels, skipped=skipped)
+        fingerprints = np.array([0 if image is None else outcomes[i][2] for i, image in enumerate(images)],
+                                dtype=np.uint64)
+        return LoadedBlock(start=start, images=images, labels=labels, fingerprints=fingerprints, skipped=skipped)
 
-    def _load_one(self, index: int) -> tuple[torch.Tensor, int] | SkippedSample:
+    def _load_one(self, index: int) -> tuple[torch.Tensor, int, int] | SkippedSample:
         try:
-            return self.source.load(index)
+            image, label = self.source.load(index)
+            return image, label, fingerprint(image)
         except SourceError as error:
             if self.on_bad_image != "skip":
                 raise SourceError(f"{error} (or pass --on-bad-image skip to record it as skipped)") from error
@@ -262,8 +266,7 @@ class BlockProcessor:
         return BlockResult(
             start=loaded.start,
             labels=loaded.labels,
-            fingerprints=np.array([fingerprint(image) if image is not None else 0 for image in loaded.images],
-                                  dtype=np.uint64),
+            fingerprints=loaded.fingerprints,
             image_sizes=sizes,
             aug_params=params,
             topk_indices=top_indices,

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "store and the summary (skip)")
     engine = build.add_argument_group(
         "engine", "default: every block in this process. --workers N: a local Ray instance with N workers; "
-                  "--ray-address: join a running Ray cluster (source, --out and teacher files must be on a "
-                  "filesystem every node sees)")
+                  "--ray-address: join a running Ray cluster (the source and --out must be on a filesystem "
+                  "every node sees; the teachers are sent from here). Every engine gives the same bytes")
     engine.add_argument("--workers", type=int, help="Ray block workers (default with --ray-address: as many as "
                                                     "the cluster's CPUs, or GPUs with --device cuda, allow)")
     engine.add_argument("--ray-address", metavar="auto|HOST:PORT", help="join this Ray cluster")
