@@ -206,7 +206,8 @@ class ParamCodec:
             if not np.isfinite(value).all():
                 raise StoreFormatError(f"augmentation parameter {name} has non-finite values")
             if encoding.kind == "float16":
-                half = value.astype(np.float16)
+                with np.errstate(over="ignore"):
+                    half = value.astype(np.float16)
                 if not np.isfinite(half).all():
                     raise StoreFormatError(f"augmentation parameter {name} overflows float16: declare a "
                                            "param_encoding for it")
