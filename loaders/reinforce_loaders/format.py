@@ -94,9 +94,9 @@ class ParamEncoding:
       (``"source_height"`` / ``"source_width"``) or the pipeline's output size (``"output"``). An extent
       names its ``start`` param: it decodes to at least 1, and the encoder keeps ``start + extent <= ref``.
 
-    An op declares encodings with the optional class attribute ``param_encoding: dict[str, ParamEncoding]``
-    (keyed by its param names); :data:`KNOWN_PARAM_ENCODINGS` covers ops that predate it, and anything else
-    is ``float16``. The build applies the *decoded* parameters, so teacher and student see the same image
+    An op declares encodings with the optional attribute ``param_encoding: dict[str, ParamEncoding]``
+    (keyed by its param names); else :data:`KNOWN_PARAM_ENCODINGS` (source-pixel crop boxes), else the op's
+    ``param_specs`` (see :func:`encoding_from_spec`), else ``float16``. The build applies the *decoded* parameters, so teacher and student see the same image
     whatever the precision.
     """
 
@@ -151,9 +151,34 @@ KNOWN_PARAM_ENCODINGS: dict[str, ParamEncoding] = {
     "random_resized_crop.left": rel("source_width"),
     "random_resized_crop.height": rel("source_height", start="random_resized_crop.top"),
     "random_resized_crop.width": rel("source_width", start="random_resized_crop.left"),
+    "random_crop.top": rel("source_height"),
+    "random_crop.left": rel("source_width"),
+    "random_crop.height": rel("source_height", start="random_crop.top"),
+    "random_crop.width": rel("source_width", start="random_crop.left"),
     "horizontal_flip.flip": FLAG,
 }
 """Encodings of the ops that do not declare ``param_encoding`` themselves, keyed ``op.param``."""
+
+
+REAL_LEVELS = 1023
+"""Levels of a bounded real parameter that neither the op nor :data:`KNOWN_PARAM_ENCODINGS` encodes."""
+
+
+def encoding_from_spec(spec: Any) -> ParamEncoding | None:
+    """Default encoding from an op's ``param_specs`` entry (``low``, ``high``, ``integer``), if it has one.
+
+    Integers become ``int`` (two columns when the range may exceed 16 bits), bounded reals ``linear`` with
+    :data:`REAL_LEVELS` levels, unbounded reals ``float16``.
+    """
+    low, high, integer = getattr(spec, "low", None), getattr(spec, "high", None), getattr(spec, "integer", None)
+    if low is None or integer is None:
+        return None
+    if integer:
+        width = 1 if high is not None and high - low <= RECORD_FILL_U16 - 1 else 2
+        return ParamEncoding(kind="int", offset=int(low), width=width)
+    if high is None:
+        return ParamEncoding()
+    return ParamEncoding(kind="linear", lo=float(low), hi=float(high), levels=REAL_LEVELS)
 
 
 def pipeline_param_encodings(pipeline: Any) -> list[dict[str, Any]]:
@@ -161,9 +186,11 @@ def pipeline_param_encodings(pipeline: Any) -> list[dict[str, Any]]:
     out = []
     for op in pipeline.ops:
         declared = getattr(op, "param_encoding", None) or {}
-        for name in op.param_names:
+        specs = getattr(op, "param_specs", None)
+        for position, name in enumerate(op.param_names):
             full = f"{op.name}.{name}"
-            encoding = declared.get(name) or KNOWN_PARAM_ENCODINGS.get(full) or ParamEncoding()
+            encoding = (declared.get(name) or KNOWN_PARAM_ENCODINGS.get(full)
+                        or (encoding_from_spec(specs[position]) if specs else None) or ParamEncoding())
             if isinstance(encoding, Mapping):
                 encoding = ParamEncoding.from_json(encoding)
             out.append({"param": full, **encoding.to_json()})
