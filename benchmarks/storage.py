@@ -12,7 +12,7 @@ The reference-style layout is one pickled file per sample (pickle is used ONLY h
 per record a dict of Python values: pixel crop box, flip, RandAugment (op, magnitude) pairs, erasing box and
 flag, float64 top-k probabilities and int64 indices, as the ImageNet+ release does.
 
-    PYTHONPATH=.:loaders python benchmarks/storage.py [--samples 1024] [--slots 16] [--train-seconds 60]
+    PYTHONPATH=.:loaders python benchmarks/storage.py [--samples 1024] [--slots 16] [--train-steps 600] [--teacher-cache T.npz]
 """
 
 from __future__ import annotations
@@ -106,14 +106,14 @@ class FactorizedNet(torch.nn.Module):
         return (d[:, :, None, None] * r[:, None, :, None] * s[:, None, None, :]).reshape(len(x), NUM_CLASSES)
 
 
-def train_teacher(images: torch.Tensor, digits: np.ndarray, seconds: float) -> FactorizedNet:
+def train_teacher(images: torch.Tensor, digits: np.ndarray, steps: int) -> FactorizedNet:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     net = FactorizedNet()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-4)
     targets = torch.from_numpy(digits)
-    began, step = time.perf_counter(), 0
-    while time.perf_counter() - began < seconds:
+    began = time.perf_counter()
+    for _ in range(steps):
         pick = torch.randint(len(images), (128,), generator=generator)
         rotation = torch.rand(128, generator=generator) * 80 - 40
         scale = 0.7 + torch.rand(128, generator=generator) * 0.6
@@ -124,8 +124,7 @@ def train_teacher(images: torch.Tensor, digits: np.ndarray, seconds: float) -> F
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        step += 1
-    print(f"teacher: {step} steps in {seconds:.0f} s, last loss (sum of 3 heads) {loss.item():.2f}")
+    print(f"teacher: {steps} steps in {time.perf_counter() - began:.0f} s, last loss (sum of 3 heads) {loss.item():.2f}")
     return net.eval()
 
 
@@ -280,7 +279,7 @@ def teacher_records(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, n
         print(f"teacher outputs loaded from {cache}")
         return data["indices"], data["probs"], data["entropy"]
     images, digits = digit_images()
-    net = train_teacher(images, digits, args.train_seconds)
+    net = train_teacher(images, digits, args.train_steps)
     began = time.perf_counter()
     indices, probs, entropy, stats = teacher_outputs(net, images, digits, args.samples, args.slots)
     print(f"teacher outputs: {args.samples} x {args.slots} records in {time.perf_counter() - began:.1f} s; "
@@ -295,7 +294,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=1024)
-    parser.add_argument("--train-seconds", type=float, default=150)
+    parser.add_argument("--train-steps", type=int, default=600)
     parser.add_argument("--teacher-cache", help=".npz to save the teacher outputs to, or to load them from")
     args = parser.parse_args()
     torch.set_num_threads(2)

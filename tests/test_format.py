@@ -81,7 +81,7 @@ def test_encode_decode_fidelity(tmp_path):
     error = np.abs(decoded.probs - expect["topk_probs"]).max()
     assert error <= 0.5 / header.prob_scale + 1e-6 < 1e-3
     np.testing.assert_array_equal(decoded.params, expect["aug_params"])
-    assert np.abs(decoded.entropy - expect["teacher_entropy"]).max() <= math.log(1000) / 255 / 2 + 1e-4
+    assert np.abs(decoded.entropy - expect["teacher_entropy"]).max() <= math.log(1000) / fmt.ENTROPY_LEVELS / 2 + 1e-4
     np.testing.assert_array_equal(group[fmt.LABELS][:], np.concatenate([r.labels for r in results.values()]))
 
 

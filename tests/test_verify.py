@@ -32,7 +32,7 @@ def test_inspect_shows_layout_sizes_and_bytes_per_record(store, capsys):
     ("missing_shard", r"record \(16, 0\) is missing"),
     ("missing_labels", "label of sample 0 is -1"),
     ("incomplete", "build has not finished"),
-    ("bad_probs", "summing to|descending"),
+    ("bad_probs", "negative probabilities"),
 ])
 def test_verify_fails_naming_the_defect(tmp_path, capsys, defect, message):
     header = synthetic_header()
@@ -53,7 +53,7 @@ def test_verify_fails_naming_the_defect(tmp_path, capsys, defect, message):
     elif defect == "bad_probs":
         group = fmt.open_store_group(path, mode="r+")
         rows = group[fmt.RECORDS][0:16]
-        rows[3, 2, header.top_k + 1] = header.prob_scale  # second probability above the first
+        rows[3, 2, header.top_k + 1] = header.prob_scale  # a drop larger than the top-1 probability
         group[fmt.RECORDS][0:16] = rows
     assert main(["verify", str(path)]) == 1
     err = capsys.readouterr().err

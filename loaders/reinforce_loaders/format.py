@@ -53,8 +53,9 @@ LABEL_FILL = -1
 RECORD_FILL_U16 = 0xFFFF
 
 DEFAULT_PROB_SCALE = 1000
-"""Probabilities are stored as ``round(p * prob_scale)``: absolute error at most ``0.5 / prob_scale``."""
-ENTROPY_LEVELS = 255
+"""Probabilities are quantized to ``q = round(p * prob_scale)`` (absolute error at most ``0.5 / prob_scale``)
+and stored as ``q[0]`` then the drops ``q[r-1] - q[r]``, small numbers for the flat tail of the top-k."""
+ENTROPY_LEVELS = 63
 """Teacher entropy is stored as ``round(H / ln(num_classes) * ENTROPY_LEVELS)``."""
 
 ZSTD_LEVEL = 9
@@ -160,7 +161,7 @@ KNOWN_PARAM_ENCODINGS: dict[str, ParamEncoding] = {
 """Encodings of the ops that do not declare ``param_encoding`` themselves, keyed ``op.param``."""
 
 
-REAL_LEVELS = 1023
+REAL_LEVELS = 255
 """Levels of a bounded real parameter that neither the op nor :data:`KNOWN_PARAM_ENCODINGS` encodes."""
 
 
@@ -536,11 +537,18 @@ def decode_records(header: StoreHeader, rows: np.ndarray, heights: np.ndarray, w
     codec = codec or header.param_codec
     return DecodedRecords(
         indices=rows[..., columns["topk_indices"]].astype(np.int64),
-        probs=rows[..., columns["topk_probs"]].astype(np.float32) / np.float32(header.prob_scale),
+        probs=quantized_probs(header, rows).astype(np.float32) / np.float32(header.prob_scale),
         params=codec.decode(rows[..., columns["aug_params"]], heights, widths),
         entropy=rows[..., columns["teacher_entropy"].start].astype(np.float32) / np.float32(header.entropy_levels)
         * np.float32(math.log(header.num_classes)),
     )
+
+
+def quantized_probs(header: StoreHeader, rows: np.ndarray) -> np.ndarray:
+    """Quantized probabilities ``q`` (int64, ``(..., K)``) of raw rows: ``q[0]`` minus the cumulative drops."""
+    stored = rows[..., header.record_columns["topk_probs"]].astype(np.int64)
+    drops = np.cumsum(stored[..., 1:], axis=-1)
+    return np.concatenate([stored[..., :1], stored[..., :1] - drops], axis=-1)
 
 
 def encode_records(header: StoreHeader, indices: np.ndarray, probs: np.ndarray, params: np.ndarray,
@@ -558,7 +566,12 @@ def encode_records(header: StoreHeader, indices: np.ndarray, probs: np.ndarray, 
     out = np.empty(indices.shape[:-1] + (header.record_width,), dtype=header.dtype)
     columns = header.record_columns
     out[..., columns["topk_indices"]] = indices
-    out[..., columns["topk_probs"]] = np.rint(np.clip(probs, 0, 1) * header.prob_scale)
+    q = np.rint(np.clip(probs, 0, 1) * header.prob_scale).astype(np.int64)
+    drops = -np.diff(q, axis=-1)
+    if (drops < 0).any():
+        raise StoreFormatError("top-k probabilities must be in descending order (sort them with their indices)")
+    out[..., columns["topk_probs"].start] = q[..., 0]
+    out[..., columns["topk_probs"].start + 1:columns["topk_probs"].stop] = drops
     out[..., columns["aug_params"]] = codec.encode(params, heights, widths)
     max_entropy = math.log(header.num_classes) if header.num_classes > 1 else 1.0
     normalized = np.clip(np.asarray(entropy, dtype=np.float64) / max_entropy, 0, 1)
