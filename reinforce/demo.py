@@ -100,14 +100,19 @@ def _timm(arch: str, seed: int) -> torch.nn.Module:
     return timm.create_model(arch, num_classes=10)
 
 
-def run_demo(workdir: str | None = None, seed: int = 0, log=print) -> dict[str, float]:
-    """Run the demo; returns the test accuracies (``teacher_*``, ``ensemble``, ``plain``, ``reinforced``)."""
+def run_demo(workdir: str | None = None, seed: int = 0, log=print, *, teacher_epochs: int = TEACHER_EPOCHS,
+             student_steps: int = STUDENT_STEPS, num_augmentations: int = NUM_AUGMENTATIONS,
+             per_class: int | None = None) -> dict[str, float]:
+    """Run the demo; returns the test accuracies (``teacher_<arch>``, ``plain``, ``reinforced``).
+
+    The keyword arguments shrink it for tests (``per_class`` keeps that many digits of each class).
+    """
     began = time.perf_counter()
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="reinforce-demo-") as scratch:
         root = Path(workdir) if workdir else Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
-        train_dir, test_dir = materialize_digits(root / "digits", seed=seed)
+        train_dir, test_dir = materialize_digits(root / "digits", seed=seed, per_class=per_class)
         train_images, train_labels = _load_all(train_dir)
         test_images, test_labels = _load_all(test_dir)
         log(f"[1/4] digits: {len(train_images)} train / {len(test_images)} test images at "
@@ -116,7 +121,7 @@ def run_demo(workdir: str | None = None, seed: int = 0, log=print) -> dict[str, 
         results: dict[str, float] = {}
         teacher_specs = []
         teacher_augment = v2.RandomResizedCrop(IMAGE_SIZE, scale=(0.25, 1.0), antialias=True)
-        steps = TEACHER_EPOCHS * (len(train_images) // BATCH_SIZE)
+        steps = teacher_epochs * (len(train_images) // BATCH_SIZE)
         for number, arch in enumerate(TEACHERS):
             model = train(_timm(arch, seed + number), _augmented_batches(train_images, train_labels,
                                                                           teacher_augment, seed + number),
@@ -131,25 +136,25 @@ def run_demo(workdir: str | None = None, seed: int = 0, log=print) -> dict[str, 
         store = root / "digits-train.reinforce.zarr"
         summary = run_build(BuildConfig(
             source=str(train_dir), out=str(store), teachers=teacher_specs, augment="rrc", image_size=IMAGE_SIZE,
-            num_augmentations=NUM_AUGMENTATIONS, top_k=TOP_K, seed=seed, batch_size=256, block_size=256,
+            num_augmentations=num_augmentations, top_k=TOP_K, seed=seed, batch_size=256, block_size=256,
         ), progress=False)
         log(f"[3/4] reinforce build: {summary}")
 
         student_augment = v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, antialias=True), v2.RandomHorizontalFlip()])
         plain = train(_timm(STUDENT, seed + 10), _augmented_batches(train_images, train_labels, student_augment,
                                                                     seed + 10),
-                      STUDENT_STEPS, hard_label_loss)
+                      student_steps, hard_label_loss)
         results["plain"] = accuracy(plain, _plain_batches(test_images, test_labels))
 
         dataset = ReinforcedDataset(train_dir, store, transform=lambda image: _normalize(image[None])[0])
         loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True,
                                              generator=torch.Generator().manual_seed(seed + 10))
-        reinforced = train(_timm(STUDENT, seed + 10), lambda epoch: loader, STUDENT_STEPS, soft_target_loss,
+        reinforced = train(_timm(STUDENT, seed + 10), lambda epoch: loader, student_steps, soft_target_loss,
                            on_epoch=dataset.set_epoch)
         results["reinforced"] = accuracy(reinforced, _plain_batches(test_images, test_labels))
-        log(f"[4/4] student {STUDENT}, {STUDENT_STEPS} steps of {BATCH_SIZE}:")
+        log(f"[4/4] student {STUDENT}, {student_steps} steps of {BATCH_SIZE}:")
         log(f"      plain labels + RandomResizedCrop/flip   test accuracy {results['plain']:.4f}")
-        log(f"      reinforced store ({NUM_AUGMENTATIONS} aug/image, top-{TOP_K})  "
+        log(f"      reinforced store ({num_augmentations} aug/image, top-{TOP_K})  "
             f"test accuracy {results['reinforced']:.4f}")
         log(f"demo finished in {time.perf_counter() - began:.0f} s")
         return results
