@@ -521,6 +521,16 @@ def read_block_slot(group: zarr.Group, header: StoreHeader, block: int, slot: in
     return rows
 
 
+def read_all_records(group: zarr.Group, header: StoreHeader | None = None) -> DecodedRecords:
+    """Every record of a store decoded, ``(N, A, ...)``, read one shard per block (for tools and tests)."""
+    header = header or read_header(group, require_complete=False)
+    rows = np.concatenate([read_array(group, RECORDS, slice(*header.block_range(b)), what=f"block {b}")
+                           for b in range(header.num_blocks)])
+    check_rows_present(header, rows, "the store")
+    sizes = read_array(group, IMAGE_SIZES).astype(np.int64)
+    return decode_records(header, rows, sizes[:, :1], sizes[:, 1:])
+
+
 def check_rows_present(header: StoreHeader, rows: np.ndarray, where: str) -> None:
     """Raise if any row holds the fill value (its chunk was never written or its file is missing)."""
     fill = np.iinfo(header.dtype).max
