@@ -110,7 +110,8 @@ def train_teacher(images: torch.Tensor, digits: np.ndarray, steps: int) -> Facto
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     net = FactorizedNet()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     targets = torch.from_numpy(digits)
     began = time.perf_counter()
     for _ in range(steps):
@@ -124,6 +125,7 @@ def train_teacher(images: torch.Tensor, digits: np.ndarray, steps: int) -> Facto
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     print(f"teacher: {steps} steps in {time.perf_counter() - began:.0f} s, last loss (sum of 3 heads) {loss.item():.2f}")
     return net.eval()
 
@@ -141,11 +143,15 @@ def teacher_outputs(net, images, digits, samples, slots):
     values, classes = torch.sort(probs, dim=-1, descending=True, stable=True)
     entropy = torch.special.entr(probs).sum(-1)
     truth = fine_labels(torch.from_numpy(digits[pick.numpy()]), rotation, scale)
+    plain = net.probs(random_crops(variant(images[pick], rotation, scale), generator, min_area=0.7, flips=False))
+    plain_digit = (plain.argmax(-1) // 100 == truth // 100).double().mean().item()
     stats = {"mean top-1 prob": values[..., 0].mean().item(),
              "median top-1 prob": values[..., 0].median().item(),
              "mean top-10 mass": values[..., :TOP_K].sum(-1).mean().item(),
              "mean entropy (nats)": entropy.mean().item(),
              "top-1 digit correct": (classes[..., 0] // 100 == truth[:, None] // 100).double().mean().item(),
+             "digit correct on training-like views": plain_digit,
+             "top-1 = true class": (classes[..., 0] == truth[:, None]).double().mean().item(),
              "distinct top-10 classes per sample": np.mean([len(np.unique(c)) for c in classes[..., :TOP_K].numpy()])}
     return classes[..., :TOP_K].numpy(), values[..., :TOP_K].numpy().astype(np.float32), entropy.numpy(), stats
 
@@ -253,6 +259,28 @@ def column_bytes(path: Path, header) -> dict[str, int]:
     return out
 
 
+def vocabulary_estimate(indices: np.ndarray, block: int) -> tuple[float, float]:
+    """NOT format v1: bytes/record if indices were positions in a per-sample, frequency-ranked vocabulary of
+    the classes its slots use (positions, and the vocabulary amortized over the sample's slots)."""
+    import numcodecs
+
+    blosc = numcodecs.Blosc(cname="zstd", clevel=fmt.ZSTD_LEVEL, shuffle=numcodecs.Blosc.BITSHUFFLE)
+    n, a, _ = indices.shape
+    positions = np.empty_like(indices)
+    vocab_bytes = 0
+    for i in range(n):
+        classes, counts = np.unique(indices[i], return_counts=True)
+        ranked = classes[np.lexsort((classes, -counts))]
+        lookup = np.empty(indices.max() + 1, dtype=np.int64)
+        lookup[ranked] = np.arange(len(ranked))
+        positions[i] = lookup[indices[i]]
+        vocab_bytes += len(ranked) * 2
+    position_bytes = sum(len(blosc.encode(np.ascontiguousarray(positions[s:s + block, j].T.astype("<u2")))) + 4
+                         for j in range(a) for s in range(0, n, block))
+    vocab_compressed = len(blosc.encode(np.concatenate([np.unique(indices[i]) for i in range(n)]).astype("<u2")))
+    return position_bytes / (n * a), vocab_compressed / (n * a)
+
+
 def epoch_reads(path: Path, header, epoch: int) -> tuple[int, int, int]:
     """(requests, bytes served, bytes of the chunks used) to read one epoch's records over HTTP."""
     with RangeServer(path.parent) as server:
@@ -327,6 +355,11 @@ def main() -> None:
             print(f"{'reference pickles total':<34}{ref_total:>12,}{ref_total / records:>14.2f}   "
                   f"ratio {ref_total / v1_total:.1f}x")
             print(f"indices exact: yes; max probability error {max_error:.2e}")
+            if name == "rrc":
+                positions, vocabulary = vocabulary_estimate(indices, args.block_size)
+                print(f"(not v1) indices as per-sample vocabulary positions: {positions:.2f} bytes/record + "
+                      f"vocabulary {vocabulary:.2f} bytes/record at A={args.slots} (vs "
+                      f"{column_bytes(store, header)['topk_indices'] / records:.2f} stored)")
             requests, served, used = epoch_reads(store, header, epoch=3)
             records_bytes = sum(f.stat().st_size for f in (store / fmt.RECORDS).rglob("c/*/*/*"))
             print(f"epoch read (HTTP): {requests} requests, {served:,} bytes served for {used:,} bytes of chunks "

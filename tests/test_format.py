@@ -167,6 +167,16 @@ def test_newer_major_version_is_rejected_minor_additions_ignored(digits, store, 
     assert ds.header.format_version == "1.9" and ds[0][0].shape == (3, 32, 32)
 
 
+def test_header_missing_member_is_named(digits, store, tmp_path):
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    meta = json.loads((damaged / "zarr.json").read_text())
+    del meta["attributes"][fmt.ATTRS_KEY]["num_classes"]
+    (damaged / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreFormatError, match="header lacks num_classes"):
+        ReinforcedDataset(digits[0], damaged)
+
+
 def _shard(path: Path, block: int) -> Path:
     return path / fmt.RECORDS / "c" / str(block) / "0" / "0"
 

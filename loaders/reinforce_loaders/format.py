@@ -396,6 +396,12 @@ class StoreHeader:
             )
         check_format_version(str(raw.get("format_version", "")))
         known = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in raw]
+        if missing:
+            raise StoreFormatError(f"the store header lacks {', '.join(missing)}: the store is damaged or was not "
+                                   "written by a reinforce writer; rebuild it")
         # Unknown keys are minor-version additions: ignored by this reader.
         return cls(**{key: value for key, value in raw.items() if key in known})
 
