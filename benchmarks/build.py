@@ -89,6 +89,8 @@ def prepare_forward_only(config: BuildConfig, ensemble: Ensemble, num_images: in
         n, a = len(loaded.images), config.num_augmentations
         params = np.stack([processor.pipeline.sample_slots(config.seed, loaded.start + i, a, im.shape[1], im.shape[2])
                            for i, im in enumerate(loaded.images)])
+        sizes = np.array([im.shape[1:] for im in loaded.images])
+        params = processor.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
         images = [im.to(processor.device) for im in loaded.images]
         rows, cols = np.divmod(np.arange(n * a), a)
         for first in range(0, n * a, config.batch_size):

@@ -208,6 +208,7 @@ class BlockProcessor:
         self.precision = precision
         self.channels_last = channels_last
         self.on_bad_image = on_bad_image
+        self.param_codec = fmt.ParamCodec.for_pipeline(pipeline)
         self._pool = ThreadPoolExecutor(max_workers=max(decode_threads, 1), thread_name_prefix="decode")
 
     def close(self) -> None:
@@ -244,12 +245,17 @@ class BlockProcessor:
         """Augment every slot of every readable sample and keep the ensemble's top-k of each record."""
         n, a, k = len(loaded.images), self.num_augmentations, self.top_k
         present = [i for i, image in enumerate(loaded.images) if image is not None]
+        sizes = np.array([image.shape[1:] if image is not None else fmt.SKIPPED_IMAGE_SIZE
+                          for image in loaded.images], dtype=np.int64).reshape(n, 2)
         params = np.zeros((n, a, self.pipeline.num_params), dtype=np.float64)
         for i in present:
-            image = loaded.images[i]
-            params[i] = self.pipeline.sample_slots(self.seed, loaded.start + i, a, image.shape[1], image.shape[2])
+            params[i] = self.pipeline.sample_slots(self.seed, loaded.start + i, a, sizes[i, 0], sizes[i, 1])
+        # The teacher sees the parameters as the store will hold them, so the student replays the same image.
+        # (A skipped sample's zeros become whatever the encoding stores for them; its (0, 0) size flags it.)
+        params = self.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
         top_indices = np.zeros((n, a, k), dtype=np.int64)
         top_probs = np.zeros((n, a, k), dtype=np.float32)
+        entropy = np.zeros((n, a), dtype=np.float32)
         records = [(i, j) for i in present for j in range(a)]
         if records:
             device_images = {i: loaded.images[i].to(self.device, non_blocking=True) for i in present}
@@ -257,12 +263,10 @@ class BlockProcessor:
             rows, cols = np.array(records).T
             for first in range(0, len(records), self.batch_size):
                 r, c = rows[first:first + self.batch_size], cols[first:first + self.batch_size]
-                values, classes = self._teacher_top_k(
+                values, classes, entropy[r, c] = self._teacher_top_k(
                     [device_images[i] for i in r], params[r, c],
                     None if partners is None else [partners[i][j] for i, j in zip(r, c)])
                 top_indices[r, c], top_probs[r, c] = classes, values
-        sizes = np.array([image.shape[1:] if image is not None else fmt.SKIPPED_IMAGE_SIZE
-                          for image in loaded.images]).reshape(n, 2)
         return BlockResult(
             start=loaded.start,
             labels=loaded.labels,
@@ -271,6 +275,7 @@ class BlockProcessor:
             aug_params=params,
             topk_indices=top_indices,
             topk_probs=top_probs,
+            teacher_entropy=entropy,
         )
 
     def _partner_images(self, params: np.ndarray, present: list[int], loaded: LoadedBlock,
@@ -293,7 +298,8 @@ class BlockProcessor:
 
     @torch.inference_mode()
     def _teacher_top_k(self, images: list[torch.Tensor], params: np.ndarray,
-                       partner_images: list[torch.Tensor] | None) -> tuple[np.ndarray, np.ndarray]:
+                       partner_images: list[torch.Tensor] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k probabilities and classes, and the entropy (nats) of the mean distribution, of each record."""
         by_size = {}
         for size in self.ensemble.input_sizes:
             batch = self.pipeline.apply_batch(images, params, size, partner_images=partner_images)
@@ -308,8 +314,9 @@ class BlockProcessor:
                 f"try --batch-size {max(len(images) // 2, 1)} (on a new --out: a store's micro-batch size is fixed "
                 f"when it is created)"
             ) from error
+        entropy = torch.special.entr(probs).sum(-1)
         values, classes = top_k_stable(probs, self.top_k)
-        return values.cpu().numpy(), classes.cpu().numpy()
+        return values.cpu().numpy(), classes.cpu().numpy(), entropy.cpu().numpy()
 
 
 def prepare_ensemble(ensemble: Ensemble, device: torch.device, *, channels_last: bool, compile: bool) -> Ensemble:

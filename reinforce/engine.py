@@ -129,7 +129,8 @@ class RayEngine:
             if config.ray_address is not None:
                 ray.init(address=config.ray_address, log_to_driver=False)
             else:
-                ray.init(num_cpus=(config.workers or 1) * config.resolved_cpu_threads,
+                # address="local": a new instance even where another cluster runs on this machine.
+                ray.init(address="local", num_cpus=(config.workers or 1) * config.resolved_cpu_threads,
                          include_dashboard=False, log_to_driver=False)
             self.owned = True
         self.num_gpus = 1 if config.device_type == "cuda" else 0
