@@ -1,11 +1,11 @@
 """Engines that run a build's pending blocks: in this process, or on Ray actors.
 
-Both run the same :class:`~reinforce.build.BlockRunner`: a worker decodes, computes and writes its block to
+Both run :class:`~reinforce.build.BlockProcessor`: a worker decodes, computes and writes its block to
 the store and marks it done; the driver only hands out block numbers and collects
 :class:`~reinforce.build.BlockStats`. Ray is imported only when a Ray engine is asked for.
 
-* :class:`InProcessEngine` (no ``--workers``, no ``--ray-address``): no cluster, nothing to configure; two
-  blocks in flight so decoding and writing overlap the teachers.
+* :class:`InProcessEngine` (no ``--workers``, no ``--ray-address``): no cluster, nothing to configure; blocks
+  in order, the next one decoding while the teachers run on this one.
 * :class:`RayEngine`: ``--workers N`` starts a local Ray instance with N actors; ``--ray-address auto|ADDR``
   joins a running cluster. An actor that dies (SIGKILL, node loss, out of host memory) is replaced and its
   blocks are retried, at most ``max_retries`` times each, each retry alone on its actor; errors the project
@@ -17,9 +17,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from reinforce_loaders import format as fmt
@@ -51,14 +52,14 @@ def _block_failed(header: fmt.StoreHeader, block: int, times: int, cause: str) -
 
 
 class InProcessEngine:
-    """Every block in this process, with two in flight."""
+    """Every block in this process, in order; the next block decodes while this one computes."""
 
     retries = 0
 
     def __init__(self, config: BuildConfig, writer: StoreWriter, ensemble: Ensemble, source: ImageSource) -> None:
         self.header = writer.header
+        self.writer = writer
         self.processor = make_processor(config, ensemble, source)
-        self.runner = BlockRunner(self.processor, writer, name="main")
         self.description = f"in-process on {config.device}"
 
     def __enter__(self) -> InProcessEngine:
@@ -68,25 +69,26 @@ class InProcessEngine:
         self.processor.close()
 
     def run(self, pending: list[int]) -> Iterator[BlockStats]:
-        queue = collections.deque(pending)
-        with ThreadPoolExecutor(max_workers=BLOCKS_IN_FLIGHT, thread_name_prefix="block") as pool:
-            in_flight: dict[Future[BlockStats], int] = {}
-            while queue or in_flight:
-                while queue and len(in_flight) < BLOCKS_IN_FLIGHT:
-                    block = queue.popleft()
-                    in_flight[pool.submit(self.runner.run, block)] = block
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    block = in_flight.pop(future)
-                    try:
-                        stats = future.result()
-                    except ReinforceError:
-                        queue.clear()
-                        raise
-                    except Exception as error:
-                        queue.clear()
-                        raise _block_failed(self.header, block, 1, f"{type(error).__name__}: {error}") from error
-                    yield stats
+        if not pending:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
+            following = prefetch.submit(self.processor.load, *self.header.block_range(pending[0]))
+            for position, block in enumerate(pending):
+                began = time.perf_counter()
+                loading = following
+                if position + 1 < len(pending):
+                    following = prefetch.submit(self.processor.load, *self.header.block_range(pending[position + 1]))
+                try:
+                    loaded = loading.result()
+                    self.writer.write_block(block, self.processor.compute(loaded))
+                except ReinforceError:
+                    following.cancel()
+                    raise
+                except Exception as error:
+                    following.cancel()
+                    raise _block_failed(self.header, block, 1, f"{type(error).__name__}: {error}") from error
+                yield BlockStats(block=block, images=len(loaded.images), skipped=loaded.skipped,
+                                 seconds=time.perf_counter() - began, worker="main")
 
 
 class BlockWorker:
