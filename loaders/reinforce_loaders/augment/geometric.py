@@ -1,0 +1,198 @@
+"""Crops (the source ops) and flips.
+
+Every crop resamples its box with :func:`torchvision.ops.roi_align` (``aligned=True``, adaptive sampling
+grid): each output pixel averages ``ceil(box / size)`` x ``ceil(box / size)`` bilinear samples of its bin,
+i.e. an area filter when shrinking and bilinear interpolation when enlarging. ``roi_align`` takes a
+different box per record, so many crops of many images resize in one call on any device, and the per-image
+path is the same call with one box.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+from ..errors import AugmentationError
+from .base import BIT, FRACTION, AugmentOp, ParamSpec, SourceOp, check_probability, check_range
+
+_MAX_TRIES = 10
+
+
+def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample box ``boxes[r]`` = ``(top, left, height, width)`` (fractions of ``images[r]``'s height and width)
+    of each uint8 ``[C, H, W]`` image to uint8 ``[N, C, size, size]``.
+
+    Records that share an image tensor (the build passes the same tensor for every slot of a sample) are
+    resampled from one float copy of it, and images of one shape share one ``roi_align`` call.
+    """
+    device = images[0].device
+    channels = images[0].shape[0]
+    out = torch.empty((len(images), channels, size, size), dtype=torch.uint8, device=device)
+    unique: dict[int, int] = {}
+    sources: list[torch.Tensor] = []
+    owner = []
+    for image in images:
+        key = id(image)
+        if key not in unique:
+            unique[key] = len(sources)
+            sources.append(image)
+        owner.append(unique[key])
+    owner_t = torch.tensor(owner, dtype=torch.int64)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for position, image in enumerate(sources):
+        by_shape.setdefault(tuple(image.shape[-2:]), []).append(position)
+    boxes = boxes.to(torch.float64)
+    for (height, width), members in by_shape.items():
+        batch = torch.stack([sources[m] for m in members]).to(torch.float32)
+        local = torch.full((len(sources),), -1, dtype=torch.int64)
+        local[torch.tensor(members)] = torch.arange(len(members))
+        records = torch.nonzero(local[owner_t] >= 0).flatten()
+        b = boxes[records.to(boxes.device)]
+        rois = torch.stack([
+            local[owner_t[records]].to(boxes.device, torch.float64),
+            b[:, 1] * width, b[:, 0] * height, (b[:, 1] + b[:, 3]) * width, (b[:, 0] + b[:, 2]) * height,
+        ], dim=1).to(torch.float32)
+        resized = roi_align(batch, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1,
+                            aligned=True)
+        out[records.to(device)] = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _box_fractions(top: int, left: int, h: int, w: int, height: int, width: int) -> np.ndarray:
+    return np.array([top / height, left / width, h / height, w / width], dtype=np.float64)
+
+
+class RandomResizedCrop(SourceOp):
+    """Crop a random area and aspect ratio of the source and resize it to the output side (RRC).
+
+    Sampling follows torchvision's ``RandomResizedCrop``: up to ten tries at an area fraction uniform in
+    ``scale`` and a log-uniform aspect ratio in ``ratio``, on whole source pixels; then a central crop.
+
+    Parameters (fractions of the source height / width, all in [0, 1]):
+    ``top``, ``left`` (box corner), ``height``, ``width`` (box size, > 0).
+    """
+
+    name = "random_resized_crop"
+    param_names = ("top", "left", "height", "width")
+    param_specs: tuple[ParamSpec, ...] = (FRACTION,) * 4
+
+    def __init__(self, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
+        self.scale = check_range(self.name, "scale", scale, 0.0, 1.0)
+        self.ratio = check_range(self.name, "ratio", ratio)
+
+    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
+        area = height * width
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for t in range(_MAX_TRIES):
+            target_area = area * (self.scale[0] + u[2 * t] * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(log_lo + u[2 * t + 1] * (log_hi - log_lo))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = min(int(u[2 * _MAX_TRIES + 2 * t] * (height - h + 1)), height - h)
+                left = min(int(u[2 * _MAX_TRIES + 2 * t + 1] * (width - w + 1)), width - w)
+                return _box_fractions(top, left, h, w, height, width)
+        return _box_fractions(*_central_crop(height, width, self.ratio), height, width)
+
+    def apply_sources(self, images: Sequence[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
+        return crop_resize(images, params, size)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"scale": list(self.scale), "ratio": list(self.ratio)}
+
+
+def _central_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, max(1, min(height, int(round(width / ratio[0]))))
+    elif in_ratio > ratio[1]:
+        h, w = height, max(1, min(width, int(round(height * ratio[1]))))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class RandomCrop(SourceOp):
+    """CropFlip's crop: resize the shorter side to ``size / crop_fraction``, then crop ``size`` x ``size``
+    at a random position.
+
+    Implemented as one resample of the equivalent source box: a square of side
+    ``crop_fraction * min(H, W)`` source pixels at a random whole-pixel position.
+
+    Parameters (fractions of the source height / width, in [0, 1]): ``top``, ``left``, ``height``, ``width``.
+    """
+
+    name = "random_crop"
+    param_names = ("top", "left", "height", "width")
+    param_specs: tuple[ParamSpec, ...] = (FRACTION,) * 4
+
+    def __init__(self, crop_fraction: float = 0.875) -> None:
+        self.crop_fraction = check_probability(self.name, "crop_fraction", crop_fraction)
+        if self.crop_fraction == 0:
+            raise AugmentationError("random_crop crop_fraction must be > 0")
+
+    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
+        side = max(1, int(round(self.crop_fraction * min(height, width))))
+        top = min(int(u[0] * (height - side + 1)), height - side)
+        left = min(int(u[1] * (width - side + 1)), width - side)
+        return _box_fractions(top, left, side, side, height, width)
+
+    def apply_sources(self, images: Sequence[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
+        return crop_resize(images, params, size)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"crop_fraction": self.crop_fraction}
+
+
+class CenterCrop(SourceOp):
+    """Evaluation-style crop: the central square of side ``crop_fraction * min(H, W)``. No parameters."""
+
+    name = "center_crop"
+    param_names = ()
+    param_specs: tuple[ParamSpec, ...] = ()
+
+    def __init__(self, crop_fraction: float = 0.875) -> None:
+        self.crop_fraction = check_probability(self.name, "crop_fraction", crop_fraction)
+        if self.crop_fraction == 0:
+            raise AugmentationError("center_crop crop_fraction must be > 0")
+
+    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
+        return np.empty(0, dtype=np.float64)
+
+    def apply_sources(self, images: Sequence[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
+        boxes = []
+        for image in images:
+            height, width = image.shape[-2:]
+            side = max(1, int(round(self.crop_fraction * min(height, width))))
+            boxes.append(_box_fractions((height - side) // 2, (width - side) // 2, side, side, height, width))
+        return crop_resize(images, torch.from_numpy(np.stack(boxes)).to(images[0].device), size)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"crop_fraction": self.crop_fraction}
+
+
+class HorizontalFlip(AugmentOp):
+    """Mirror left-right with probability ``p``. Parameter: ``flip`` (0 or 1)."""
+
+    name = "horizontal_flip"
+    param_names = ("flip",)
+    param_specs: tuple[ParamSpec, ...] = (BIT,)
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = check_probability(self.name, "p", p)
+
+    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
+        return np.array([1.0 if u[0] < self.p else 0.0])
+
+    def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        flip = (params[:, 0] >= 0.5).view(-1, 1, 1, 1)
+        return torch.where(flip, images.flip(-1), images)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"p": self.p}
+
