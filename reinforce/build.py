@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import platform
 import time
 from collections.abc import Sequence
@@ -95,8 +96,10 @@ class BlockProcessor:
             loaded = list(pool.map(self.source.load, indices))
         images = [image for image, _ in loaded]
         n, a = len(images), self.num_augmentations
+        partner = functools.lru_cache(maxsize=None)(lambda p: self.source.load(p)[0].to(self.device))
         params = np.stack([
-            self.pipeline.sample_slots(self.seed, index, a, image.shape[1], image.shape[2])
+            self.pipeline.sample_slots(self.seed, index, a, image.shape[1], image.shape[2],
+                                       num_samples=len(self.source), partner_size=lambda p: partner(p).shape[1:])
             for index, image in zip(indices, images)
         ])
         device_images = [image.to(self.device) for image in images]
@@ -107,7 +110,9 @@ class BlockProcessor:
             batch = records[first:first + self.batch_size]
             batch_images = [device_images[i] for i, _ in batch]
             batch_params = np.stack([params[i, j] for i, j in batch])
-            by_size = {size: self.pipeline.apply_batch(batch_images, batch_params, size)
+            partners = self.pipeline.partner_indices(batch_params)
+            partner_images = None if partners is None else [partner(p) if p >= 0 else None for p in partners]
+            by_size = {size: self.pipeline.apply_batch(batch_images, batch_params, size, partner_images)
                        for size in self.ensemble.input_sizes}
             values, classes = top_k_stable(self.ensemble.probs(by_size), self.top_k)
             top_indices[first:first + len(batch)] = classes.cpu().numpy()
