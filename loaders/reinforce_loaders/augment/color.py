@@ -38,8 +38,9 @@ def _affine(images: torch.Tensor, matrices: list[list[float]]) -> torch.Tensor:
     ys = torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, height, device=images.device)
     base = torch.stack([xs.expand(height, width), ys[:, None].expand(height, width),
                         torch.ones(height, width, device=images.device)], dim=-1)
-    grid = torch.einsum("hwk,njk->nhwj", base, theta)
-    grid = grid / torch.tensor([0.5 * width, 0.5 * height], device=images.device)
+    # Same order of float operations as torchvision's affine, so ties of the nearest lookup round alike.
+    rescaled = theta.transpose(1, 2) / torch.tensor([0.5 * width, 0.5 * height], device=images.device)
+    grid = base.view(1, height * width, 3).expand(n, -1, -1).bmm(rescaled).view(n, height, width, 2)
     warped = nnf.grid_sample(images.to(torch.float32), grid, mode="nearest", padding_mode="zeros",
                              align_corners=False)
     return warped.round_().to(torch.uint8)
