@@ -28,6 +28,9 @@ OPS: dict[str, type[AugmentOp]] = {op.name: op for op in (
     RandomResizedCrop, RandomCrop, CenterCrop, HorizontalFlip, RandAugment, AugMix, RandomErasing, Mix, MixUp, CutMix,
 )}
 
+CPU_CHUNK = 8
+"""Records per chunk of the ops after the crop on the CPU (results do not depend on it)."""
+
 PartnerSize = Callable[[int], Sequence[int]]
 
 
@@ -200,9 +203,17 @@ class AugmentPipeline:
     @staticmethod
     def _run_batch(ops: list[AugmentOp], images: torch.Tensor, params: torch.Tensor,
                    columns: list[tuple[int, int]]) -> torch.Tensor:
-        for op, (lo, hi) in zip(ops, columns):
-            images = op.apply_batch(images, params[:, lo:hi])
-        return images
+        if not ops:
+            return images
+        # Records are independent: on the CPU, chunks that fit in cache beat one pass over a huge batch.
+        step = CPU_CHUNK if images.device.type == "cpu" else len(images)
+        chunks = []
+        for first in range(0, len(images), step):
+            chunk = images[first:first + step]
+            for op, (lo, hi) in zip(ops, columns):
+                chunk = op.apply_batch(chunk, params[first:first + step, lo:hi])
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     # -- configs ----------------------------------------------------------------------------------------------
 
