@@ -22,6 +22,21 @@ def ensemble(teacher_weights):
     return create_ensemble(teacher_weights)
 
 
+@pytest.fixture(scope="module")
+def stores(digits, teacher_weights, tmp_path_factory):
+    """Stores built per preset on first use, shared by this module's tests."""
+    built = {}
+
+    def get(preset: str):
+        if preset not in built:
+            out = tmp_path_factory.mktemp("augment-e2e") / "store.zarr"
+            build(digits, teacher_weights, out, preset)
+            built[preset] = out
+        return built[preset]
+
+    return get
+
+
 def build(digits, teacher_weights, out, augment: str) -> None:
     teachers = [arg for spec in teacher_weights for arg in ("--teacher", spec)]
     code = main(["build", str(digits[0]), *teachers, "--augment", augment, "--image-size", str(SIZE), "-A", "2",
@@ -39,9 +54,8 @@ def assert_replay_matches_teacher(ds: ReinforcedDataset, ensemble, index: int, s
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_preset_builds_and_replays_what_the_teacher_saw(preset, digits, teacher_weights, ensemble, tmp_path):
-    out = tmp_path / "store.zarr"
-    build(digits, teacher_weights, out, preset)
+def test_preset_builds_and_replays_what_the_teacher_saw(preset, digits, ensemble, stores):
+    out = stores(preset)
     ds = ReinforcedDataset(digits[0], out, target="sparse", transform=lambda image: image)
     assert ds.header.augmentation == json.loads(json.dumps(make_pipeline(preset, SIZE).config()))
     mixed = 0
@@ -56,9 +70,8 @@ def test_preset_builds_and_replays_what_the_teacher_saw(preset, digits, teacher_
     assert image.shape == (3, 48, 48) and abs(float(target.sum()) - 1) < 1e-5
 
 
-def test_mixing_replay_needs_the_partner_image(digits, teacher_weights, tmp_path):
-    out = tmp_path / "mix.zarr"
-    build(digits, teacher_weights, out, "rrc+mix")
+def test_mixing_replay_needs_the_partner_image(digits, stores):
+    out = stores("rrc+mix")
     ds = ReinforcedDataset(digits[0], out, transform=lambda image: image)
     params = ds._record(5, 0)[0]
     partner = int(ds.pipeline.partner_indices(params[None])[0])

@@ -190,8 +190,12 @@ class HorizontalFlip(AugmentOp):
         return np.array([1.0 if u[0] < self.p else 0.0])
 
     def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        flip = (params[:, 0] >= 0.5).view(-1, 1, 1, 1)
-        return torch.where(flip, images.flip(-1), images)
+        rows = torch.nonzero(params[:, 0] >= 0.5).flatten()
+        if not len(rows):
+            return images
+        out = images.clone()
+        out[rows] = images[rows].flip(-1)
+        return out
 
     def _kwargs(self) -> dict[str, Any]:
         return {"p": self.p}

@@ -118,11 +118,16 @@ class Mix(AugmentOp):
     def mix(self, images: torch.Tensor, partners: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Mix uint8 ``images[r]`` with ``partners[r]`` by ``params[r]`` (every record here is mixed)."""
         mode = params[:, 1].round()
-        lam = params[:, 2].to(torch.float32).view(-1, 1, 1, 1)
-        mixed = to_uint8(images.to(torch.float32) * lam + partners.to(torch.float32) * (1.0 - lam))
-        cut = box_mask(params[:, 3:7], images.shape[-1])
-        out = torch.where(cut, partners, images)
-        return torch.where((mode == MIXUP).view(-1, 1, 1, 1), mixed, out)
+        out = images.clone()
+        rows = torch.nonzero(mode == MIXUP).flatten()
+        if len(rows):
+            lam = params[rows, 2].to(torch.float32).view(-1, 1, 1, 1)
+            out[rows] = to_uint8(images[rows].to(torch.float32) * lam + partners[rows].to(torch.float32) * (1.0 - lam))
+        rows = torch.nonzero(mode == CUTMIX).flatten()
+        if len(rows):
+            cut = box_mask(params[rows, 3:7], images.shape[-1])
+            out[rows] = torch.where(cut, partners[rows], images[rows])
+        return out
 
     def _kwargs(self) -> dict[str, Any]:
         return {"mixup_alpha": self.mixup_alpha, "cutmix_alpha": self.cutmix_alpha, "p": self.p,

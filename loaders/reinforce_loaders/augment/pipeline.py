@@ -189,8 +189,11 @@ class AugmentPipeline:
                 raise AugmentationError("mixed records need their partner images: pass partner_images "
                                         "(see partner_indices)")
             partners = self._run(self.ops[:stop], [partner_images[r] for r in rows], params[mixed], self._partner, size)
-            out = out.clone()
-            out[mixed] = mix.mix(out[mixed], partners, params[mixed, lo:hi])
+            if len(rows) == len(out):
+                out = mix.mix(out, partners, params[:, lo:hi])
+            else:
+                out = out.clone()
+                out[mixed] = mix.mix(out[mixed], partners, params[mixed, lo:hi])
         rest = range(self.mix_index + 1, len(self.ops))
         return self._run_batch([self.ops[k] for k in rest], out, params, [self._own[k] for k in rest])
 
