@@ -189,11 +189,16 @@ class AugmentPipeline:
                 raise AugmentationError("mixed records need their partner images: pass partner_images "
                                         "(see partner_indices)")
             partners = self._run(self.ops[:stop], [partner_images[r] for r in rows], params[mixed], self._partner, size)
-            if len(rows) == len(out):
-                out = mix.mix(out, partners, params[:, lo:hi])
+            every = len(rows) == len(out)
+            own, own_params = (out, params) if every else (out[mixed], params[mixed])
+            step = CPU_CHUNK if device.type == "cpu" else len(own)
+            result = torch.cat([mix.mix(own[i:i + step], partners[i:i + step], own_params[i:i + step, lo:hi])
+                                for i in range(0, len(own), step)])
+            if every:
+                out = result
             else:
                 out = out.clone()
-                out[mixed] = mix.mix(out[mixed], partners, params[mixed, lo:hi])
+                out[mixed] = result
         rest = range(self.mix_index + 1, len(self.ops))
         return self._run_batch([self.ops[k] for k in rest], out, params, [self._own[k] for k in rest])
 
