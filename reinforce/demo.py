@@ -1,7 +1,7 @@
 """``reinforce demo``: the whole dataset-reinforcement path on real data, on a laptop CPU.
 
 1. Materialize scikit-learn's handwritten digits (1,797 real 8x8 scans) as an ImageFolder at 32x32.
-2. Train a small teacher ensemble (two timm architectures) and save it as .safetensors.
+2. Train a small teacher ensemble (timm resnet10t and resnet14t) and save it as .safetensors.
 3. ``reinforce build`` a store from the training split with the ``rrc`` preset.
 4. Train the same student twice for the same number of steps: hard labels with the same kind of
    augmentation (torchvision RandomResizedCrop + flip), and the reinforced store (stored augmentation,
@@ -30,11 +30,11 @@ from .training import accuracy, hard_label_loss, soft_target_loss, train
 IMAGE_SIZE = 32
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
-TEACHERS = ("resnet10t", "test_convnext")
+TEACHERS = ("resnet10t", "resnet14t")
 STUDENT = "test_efficientnet"
 BATCH_SIZE = 64
 TEACHER_EPOCHS = 25
-STUDENT_STEPS = 1200
+STUDENT_STEPS = 600
 NUM_AUGMENTATIONS = 32
 TOP_K = 5
 
@@ -100,14 +100,19 @@ def _timm(arch: str, seed: int) -> torch.nn.Module:
     return timm.create_model(arch, num_classes=10)
 
 
-def run_demo(workdir: str | None = None, seed: int = 0, log=print) -> dict[str, float]:
-    """Run the demo; returns the test accuracies (``teacher_*``, ``ensemble``, ``plain``, ``reinforced``)."""
+def run_demo(workdir: str | None = None, seed: int = 0, log=print, *, teacher_epochs: int = TEACHER_EPOCHS,
+             student_steps: int = STUDENT_STEPS, num_augmentations: int = NUM_AUGMENTATIONS,
+             per_class: int | None = None, teachers: tuple[str, ...] = TEACHERS) -> dict[str, float]:
+    """Run the demo; returns the test accuracies (``teacher_<arch>``, ``plain``, ``reinforced``).
+
+    The keyword arguments shrink it for tests (``per_class`` keeps that many digits of each class).
+    """
     began = time.perf_counter()
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="reinforce-demo-") as scratch:
         root = Path(workdir) if workdir else Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
-        train_dir, test_dir = materialize_digits(root / "digits", seed=seed)
+        train_dir, test_dir = materialize_digits(root / "digits", seed=seed, per_class=per_class)
         train_images, train_labels = _load_all(train_dir)
         test_images, test_labels = _load_all(test_dir)
         log(f"[1/4] digits: {len(train_images)} train / {len(test_images)} test images at "
@@ -116,40 +121,40 @@ def run_demo(workdir: str | None = None, seed: int = 0, log=print) -> dict[str, 
         results: dict[str, float] = {}
         teacher_specs = []
         teacher_augment = v2.RandomResizedCrop(IMAGE_SIZE, scale=(0.25, 1.0), antialias=True)
-        steps = TEACHER_EPOCHS * (len(train_images) // BATCH_SIZE)
-        for number, arch in enumerate(TEACHERS):
+        steps = teacher_epochs * (len(train_images) // BATCH_SIZE)
+        for number, arch in enumerate(teachers):
             model = train(_timm(arch, seed + number), _augmented_batches(train_images, train_labels,
                                                                           teacher_augment, seed + number),
                           steps, hard_label_loss)
-            results[f"teacher_{arch}"] = accuracy(model, _plain_batches(test_images, test_labels))
+            results[f"teacher_{number}_{arch}"] = accuracy(model, _plain_batches(test_images, test_labels))
             path = root / f"teacher_{number}_{arch}.safetensors"
             save_file(model.state_dict(), str(path), metadata={
                 "input_size": json.dumps(IMAGE_SIZE), "mean": json.dumps(MEAN), "std": json.dumps(STD)})
             teacher_specs.append(f"{arch}={path}")
-            log(f"[2/4] teacher {arch}: test accuracy {results[f'teacher_{arch}']:.4f} ({steps} steps)")
+            log(f"[2/4] teacher {arch}: test accuracy {results[f'teacher_{number}_{arch}']:.4f} ({steps} steps)")
 
         store = root / "digits-train.reinforce.zarr"
         summary = run_build(BuildConfig(
             source=str(train_dir), out=str(store), teachers=teacher_specs, augment="rrc", image_size=IMAGE_SIZE,
-            num_augmentations=NUM_AUGMENTATIONS, top_k=TOP_K, seed=seed, batch_size=256, block_size=256,
+            num_augmentations=num_augmentations, top_k=TOP_K, seed=seed, batch_size=256, block_size=256,
         ), progress=False)
         log(f"[3/4] reinforce build: {summary}")
 
         student_augment = v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, antialias=True), v2.RandomHorizontalFlip()])
         plain = train(_timm(STUDENT, seed + 10), _augmented_batches(train_images, train_labels, student_augment,
                                                                     seed + 10),
-                      STUDENT_STEPS, hard_label_loss)
+                      student_steps, hard_label_loss)
         results["plain"] = accuracy(plain, _plain_batches(test_images, test_labels))
 
         dataset = ReinforcedDataset(train_dir, store, transform=lambda image: _normalize(image[None])[0])
         loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True,
                                              generator=torch.Generator().manual_seed(seed + 10))
-        reinforced = train(_timm(STUDENT, seed + 10), lambda epoch: loader, STUDENT_STEPS, soft_target_loss,
+        reinforced = train(_timm(STUDENT, seed + 10), lambda epoch: loader, student_steps, soft_target_loss,
                            on_epoch=dataset.set_epoch)
         results["reinforced"] = accuracy(reinforced, _plain_batches(test_images, test_labels))
-        log(f"[4/4] student {STUDENT}, {STUDENT_STEPS} steps of {BATCH_SIZE}:")
+        log(f"[4/4] student {STUDENT}, {student_steps} steps of {BATCH_SIZE}:")
         log(f"      plain labels + RandomResizedCrop/flip   test accuracy {results['plain']:.4f}")
-        log(f"      reinforced store ({NUM_AUGMENTATIONS} aug/image, top-{TOP_K})  "
+        log(f"      reinforced store ({num_augmentations} aug/image, top-{TOP_K})  "
             f"test accuracy {results['reinforced']:.4f}")
         log(f"demo finished in {time.perf_counter() - began:.0f} s")
         return results

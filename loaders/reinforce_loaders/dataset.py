@@ -57,11 +57,11 @@ class ReinforcedDataset(torch.utils.data.Dataset):
             raise ValueError(f"target must be 'dense' or 'sparse', got {target!r}")
         if verify not in ("lazy", "full", "none"):
             raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
-        self.source = open_source(source)
         self._store_ref = str(store) if isinstance(store, os.PathLike) else store
         self._storage_options = storage_options
         group = fmt.open_store_group(self._store_ref, storage_options=storage_options)
         self.header = fmt.read_header(group)
+        self.source = open_source(source)
         self.pipeline = AugmentPipeline.from_config(self.header.augmentation)
         self.resolution = int(resolution) if resolution is not None else self.pipeline.size
         self.target = target
