@@ -102,10 +102,13 @@ def compare(pipeline: AugmentPipeline, images: list[torch.Tensor], per_image: in
 
 
 def loader_overhead(images: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Samples/s of ReinforcedDataset (one process) per preset, on JPEG sources of ImageNet-like size."""
+    """Samples/s of ReinforcedDataset (one process) per preset, on JPEG sources of ImageNet-like size, and of a
+    torchvision ImageFolder with RandomResizedCrop + flip (standard training, no store) as the baseline."""
     import timm
     from PIL import Image
     from safetensors.torch import save_file
+    from torchvision import datasets
+    from torchvision.transforms import v2
 
     from reinforce.build import BuildConfig, run_build
 
@@ -118,25 +121,30 @@ def loader_overhead(images: int, repeats: int) -> dict[str, dict[str, float]]:
     weights = root / "test_resnet.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(weights),
               metadata={"input_size": json.dumps(32)})
-    datasets = {}
+    loaders: dict[str, object] = {}
     for preset in ("rrc", "rrc+ra/re", "rrc+mix", "rrc+m*+r*"):
         out = root / f"{preset.replace('/', '_')}.zarr"
         run_build(BuildConfig(source=str(root / "data"), out=str(out), teachers=[f"test_resnet={weights}"],
                               augment=preset, image_size=224, num_augmentations=2, top_k=3, batch_size=64,
                               block_size=64), progress=False)
-        datasets[preset] = ReinforcedDataset(root / "data", out)
-        datasets[preset][0]  # open the store
+        loaders[preset] = ReinforcedDataset(root / "data", out)
+        loaders[preset][0]  # open the store
 
-    def epoch(ds: ReinforcedDataset) -> None:
+    # Baseline: standard training's loader with the same kind of augmentation and no store.
+    loaders["torchvision rrc"] = datasets.ImageFolder(str(root / "data"), transform=v2.Compose([
+        v2.PILToTensor(), v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True)]))
+
+    def epoch(ds) -> None:
         for index in range(len(ds)):
             ds[index]
 
-    seconds: dict[str, list[float]] = {preset: [] for preset in datasets}
+    seconds: dict[str, list[float]] = {preset: [] for preset in loaders}
     for _ in range(repeats):  # interleaved presets
-        for preset, ds in datasets.items():
+        for preset, ds in loaders.items():
             seconds[preset].append(median_seconds(lambda: epoch(ds), 1))
     results = {preset: {"samples_per_s": images / statistics.median(times)} for preset, times in seconds.items()}
-    for preset, base in (("rrc+mix", "rrc"), ("rrc+m*+r*", "rrc+ra/re")):
+    for preset, base in (("rrc", "torchvision rrc"), ("rrc+mix", "rrc"), ("rrc+m*+r*", "rrc+ra/re")):
         results[preset]["overhead_vs_" + base] = results[base]["samples_per_s"] / results[preset]["samples_per_s"] - 1
     return results
 
@@ -174,7 +182,7 @@ def main() -> None:
               f"one process, median of {args.repeats} epochs")
         for preset, r in loader_overhead(args.loader_images, args.repeats).items():
             extra = "  ".join(f"{key} {value:+.1%}" for key, value in r.items() if key.startswith("overhead"))
-            print(f"{preset:12s} {r['samples_per_s']:8.1f} samples/s  {extra}")
+            print(f"{preset:16s} {r['samples_per_s']:8.1f} samples/s  {extra}")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ def test_sampled_params_in_range(seed, sample, height, width, preset):
                 assert names[f"{prefix}.width"] * width >= 1 - 1e-4
         if "mix.partner" in names and names["mix.partner"] >= 0:
             assert names["mix.partner"] != sample
+        if "augmix.weight0" in names:
+            assert sum(v for n, v in names.items() if n.startswith("augmix.weight")) == pytest.approx(1, abs=1e-6)
         if "random_erasing.height" in names:
             assert names["random_erasing.top"] + names["random_erasing.height"] <= 1 + 1e-6
 
@@ -263,3 +265,18 @@ def test_custom_pipeline_from_json_file(tmp_path):
 
 def test_every_op_is_registered():
     assert {op.name for op in OP_INSTANCES} == set(OPS)
+
+
+def test_partner_params_are_sampled_for_the_partners_size():
+    pipeline = make_pipeline("rrc+mix", 32)
+    wide = pipeline.sample_slots(4, 0, 6, 50, 50, num_samples=2, partner_size=lambda p: (20, 400))
+    square = pipeline.sample_slots(4, 0, 6, 50, 50, num_samples=2, partner_size=lambda p: (100, 100))
+    own = [k for k, n in enumerate(pipeline.param_names) if not n.startswith("partner.")]
+    partner = [k for k, n in enumerate(pipeline.param_names) if n.startswith("partner.random_resized_crop")]
+    np.testing.assert_array_equal(wide[:, own], square[:, own])
+    assert not np.array_equal(wide[:, partner], square[:, partner])
+    # In partner pixels the wide partner's crops keep RandomResizedCrop's aspect ratios (3/4..4/3) where fitted.
+    names = pipeline.param_names
+    h = wide[:, names.index("partner.random_resized_crop.height")] * 20
+    w = wide[:, names.index("partner.random_resized_crop.width")] * 400
+    assert ((w / h > 0.7) & (w / h < 1.4)).all()
