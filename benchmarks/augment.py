@@ -32,6 +32,7 @@ from reinforce_loaders.augment import (PRESETS, AugmentPipeline, AugMix, CutMix,
 
 OPS = {
     "random_resized_crop": lambda: [RandomResizedCrop()],
+    "random_resized_crop_antialias": lambda: [RandomResizedCrop(resample="antialias")],
     "random_crop": lambda: [RandomCrop()],
     "horizontal_flip": lambda: [RandomResizedCrop(), HorizontalFlip()],
     "rand_augment": lambda: [RandomResizedCrop(), RandAugment()],
@@ -121,11 +122,15 @@ def loader_overhead(images: int, repeats: int) -> dict[str, dict[str, float]]:
     weights = root / "test_resnet.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(weights),
               metadata={"input_size": json.dumps(32)})
+    antialias = root / "rrc_antialias.json"
+    antialias.write_text(json.dumps({"ops": [{"name": "random_resized_crop", "resample": "antialias"},
+                                             {"name": "horizontal_flip"}]}))
     loaders: dict[str, object] = {}
-    for preset in ("rrc", "rrc+ra/re", "rrc+mix", "rrc+m*+r*"):
-        out = root / f"{preset.replace('/', '_')}.zarr"
+    for preset, augment in (("rrc", "rrc"), ("rrc antialias", str(antialias)), ("rrc+ra/re", "rrc+ra/re"),
+                            ("rrc+mix", "rrc+mix"), ("rrc+m*+r*", "rrc+m*+r*")):
+        out = root / f"{preset.replace('/', '_').replace(' ', '_')}.zarr"
         run_build(BuildConfig(source=str(root / "data"), out=str(out), teachers=[f"test_resnet={weights}"],
-                              augment=preset, image_size=224, num_augmentations=2, top_k=3, batch_size=64,
+                              augment=augment, image_size=224, num_augmentations=2, top_k=3, batch_size=64,
                               block_size=64), progress=False)
         loaders[preset] = ReinforcedDataset(root / "data", out)
         loaders[preset][0]  # open the store
@@ -144,7 +149,7 @@ def loader_overhead(images: int, repeats: int) -> dict[str, dict[str, float]]:
         for preset, ds in loaders.items():
             seconds[preset].append(median_seconds(lambda: epoch(ds), 1))
     results = {preset: {"samples_per_s": images / statistics.median(times)} for preset, times in seconds.items()}
-    for preset, base in (("rrc", "torchvision rrc"), ("rrc+mix", "rrc"), ("rrc+m*+r*", "rrc+ra/re")):
+    for preset, base in (("rrc", "torchvision rrc"), ("rrc antialias", "torchvision rrc"), ("rrc+mix", "rrc"), ("rrc+m*+r*", "rrc+ra/re")):
         results[preset]["overhead_vs_" + base] = results[base]["samples_per_s"] / results[preset]["samples_per_s"] - 1
     return results
 

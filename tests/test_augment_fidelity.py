@@ -52,6 +52,8 @@ def replay_difference(pipeline, per_record, params, partner_images, size=None, d
 
 OPS_UNDER_TEST = {
     "random_resized_crop": [RandomResizedCrop()],
+    "random_resized_crop_antialias": [RandomResizedCrop(resample="antialias"), HorizontalFlip(),
+                                      RandAugment(magnitude=15, magnitude_std=3.0)],
     "random_crop": [RandomCrop()],
     "center_crop": [CenterCrop()],
     "horizontal_flip": [RandomResizedCrop(), HorizontalFlip()],

@@ -21,7 +21,7 @@ from reinforce_loaders.source import decode_image
 
 # One instance of every op with non-default arguments, behind a crop when it is not one.
 OP_INSTANCES = [
-    RandomResizedCrop(scale=(0.2, 0.9), ratio=(0.5, 2.0)), RandomCrop(0.75), CenterCrop(0.9), HorizontalFlip(0.3),
+    RandomResizedCrop(scale=(0.2, 0.9), ratio=(0.5, 2.0), resample="antialias"), RandomCrop(0.75), CenterCrop(0.9), HorizontalFlip(0.3),
     RandAugment(num_ops=3, magnitude=12, num_magnitude_bins=21, p=0.8, magnitude_std=1.0), AugMix(severity=2, width=2),
     RandomErasing(p=0.6, scale=(0.05, 0.2), ratio=(0.5, 2.0), value=[10, 20, 30]),
     Mix(mixup_alpha=0.4, cutmix_alpha=0.8, p=0.9, switch_prob=0.3), MixUp(0.3), CutMix(0.7),
@@ -230,6 +230,8 @@ def test_errors_name_the_problem(tmp_path):
         AugmentPipeline([RandomResizedCrop(), MixUp(), CutMix()], 8)
     with pytest.raises(AugmentationError, match="scale"):
         RandomResizedCrop(scale=(0.5, 0.1))
+    with pytest.raises(AugmentationError, match="resample must be one of"):
+        RandomCrop(resample="bicubic")
     with pytest.raises(AugmentationError, match="alpha=1.0 only"):
         AugMix(alpha=0.5)
     with pytest.raises(AugmentationError, match="unknown augmentation op"):

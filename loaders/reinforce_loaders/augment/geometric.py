@@ -5,6 +5,10 @@ grid): each output pixel averages ``ceil(box / size)`` x ``ceil(box / size)`` bi
 i.e. an area filter when shrinking and bilinear interpolation when enlarging. ``roi_align`` takes a
 different box per record, so many crops of many images resize in one call on any device, and the per-image
 path is the same call with one box.
+
+``resample="antialias"`` instead crops whole pixels and resizes each record with torchvision's antialiased
+bilinear ``resized_crop`` (its fast uint8 path on the CPU): about the cost of a standard torchvision loader
+on the student side, but the build then loops over records for the crop.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as F
 
 from ..errors import AugmentationError
 from .base import BIT, FRACTION, AugmentOp, ParamSpec, SourceOp, check_probability, check_range
@@ -23,13 +28,19 @@ from .base import BIT, FRACTION, AugmentOp, ParamSpec, SourceOp, check_probabili
 _MAX_TRIES = 10
 
 
-def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+RESAMPLERS = ("roi_align", "antialias")
+
+
+def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, resample: str = "roi_align",
+                ) -> torch.Tensor:
     """Resample box ``boxes[r]`` = ``(top, left, height, width)`` (fractions of ``images[r]``'s height and width)
     of each uint8 ``[C, H, W]`` image to uint8 ``[N, C, size, size]``.
 
     Records that share an image tensor (the build passes the same tensor for every slot of a sample) are
     resampled from one float copy of it, and images of one shape share one ``roi_align`` call.
     """
+    if resample == "antialias":
+        return _resized_crops(images, boxes, size)
     device = images[0].device
     channels = images[0].shape[0]
     out = torch.empty((len(images), channels, size, size), dtype=torch.uint8, device=device)
@@ -63,6 +74,24 @@ def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) 
     return out
 
 
+def _resized_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Per record: whole-pixel crop of the box, antialiased bilinear resize (torchvision) to ``size``."""
+    out = []
+    for image, box in zip(images, boxes.tolist()):
+        height, width = image.shape[-2:]
+        top, left = min(int(round(box[0] * height)), height - 1), min(int(round(box[1] * width)), width - 1)
+        h = min(max(int(round(box[2] * height)), 1), height - top)
+        w = min(max(int(round(box[3] * width)), 1), width - left)
+        out.append(F.resized_crop(image, top, left, h, w, [size, size], antialias=True))
+    return torch.stack(out)
+
+
+def _check_resample(op: str, resample: str) -> str:
+    if resample not in RESAMPLERS:
+        raise AugmentationError(f"{op} resample must be one of {', '.join(RESAMPLERS)}, got {resample!r}")
+    return resample
+
+
 def _box_fractions(top: int, left: int, h: int, w: int, height: int, width: int) -> np.ndarray:
     return np.array([top / height, left / width, h / height, w / width], dtype=np.float64)
 
@@ -81,9 +110,11 @@ class RandomResizedCrop(SourceOp):
     param_names = ("top", "left", "height", "width")
     param_specs: tuple[ParamSpec, ...] = (FRACTION,) * 4
 
-    def __init__(self, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
+    def __init__(self, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 resample: str = "roi_align") -> None:
         self.scale = check_range(self.name, "scale", scale, 0.0, 1.0)
         self.ratio = check_range(self.name, "ratio", ratio)
+        self.resample = _check_resample(self.name, resample)
 
     def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
         area = height * width
@@ -100,10 +131,10 @@ class RandomResizedCrop(SourceOp):
         return _box_fractions(*_central_crop(height, width, self.ratio), height, width)
 
     def apply_sources(self, images: Sequence[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
-        return crop_resize(images, params, size)
+        return crop_resize(images, params, size, self.resample)
 
     def _kwargs(self) -> dict[str, Any]:
-        return {"scale": list(self.scale), "ratio": list(self.ratio)}
+        return {"scale": list(self.scale), "ratio": list(self.ratio), "resample": self.resample}
 
 
 def _central_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
@@ -131,8 +162,9 @@ class RandomCrop(SourceOp):
     param_names = ("top", "left", "height", "width")
     param_specs: tuple[ParamSpec, ...] = (FRACTION,) * 4
 
-    def __init__(self, crop_fraction: float = 0.875) -> None:
+    def __init__(self, crop_fraction: float = 0.875, resample: str = "roi_align") -> None:
         self.crop_fraction = check_probability(self.name, "crop_fraction", crop_fraction)
+        self.resample = _check_resample(self.name, resample)
         if self.crop_fraction == 0:
             raise AugmentationError("random_crop crop_fraction must be > 0")
 
@@ -143,10 +175,10 @@ class RandomCrop(SourceOp):
         return _box_fractions(top, left, side, side, height, width)
 
     def apply_sources(self, images: Sequence[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
-        return crop_resize(images, params, size)
+        return crop_resize(images, params, size, self.resample)
 
     def _kwargs(self) -> dict[str, Any]:
-        return {"crop_fraction": self.crop_fraction}
+        return {"crop_fraction": self.crop_fraction, "resample": self.resample}
 
 
 class CenterCrop(SourceOp):
@@ -156,8 +188,9 @@ class CenterCrop(SourceOp):
     param_names = ()
     param_specs: tuple[ParamSpec, ...] = ()
 
-    def __init__(self, crop_fraction: float = 0.875) -> None:
+    def __init__(self, crop_fraction: float = 0.875, resample: str = "roi_align") -> None:
         self.crop_fraction = check_probability(self.name, "crop_fraction", crop_fraction)
+        self.resample = _check_resample(self.name, resample)
         if self.crop_fraction == 0:
             raise AugmentationError("center_crop crop_fraction must be > 0")
 
@@ -170,10 +203,10 @@ class CenterCrop(SourceOp):
             height, width = image.shape[-2:]
             side = max(1, int(round(self.crop_fraction * min(height, width))))
             boxes.append(_box_fractions((height - side) // 2, (width - side) // 2, side, side, height, width))
-        return crop_resize(images, torch.from_numpy(np.stack(boxes)).to(images[0].device), size)
+        return crop_resize(images, torch.from_numpy(np.stack(boxes)).to(images[0].device), size, self.resample)
 
     def _kwargs(self) -> dict[str, Any]:
-        return {"crop_fraction": self.crop_fraction}
+        return {"crop_fraction": self.crop_fraction, "resample": self.resample}
 
 
 class HorizontalFlip(AugmentOp):
