@@ -106,3 +106,21 @@ def test_unknown_preset_is_a_clear_cli_error(digits, teacher_weights, tmp_path, 
                  "--out", str(tmp_path / "x.zarr"), "--no-progress"])
     assert code == 2
     assert "unknown augmentation preset 'rrc+everything'" in capsys.readouterr().err
+
+
+def test_damaged_partner_index_is_a_clear_error(digits, stores, tmp_path):
+    import shutil
+
+    import zarr
+
+    from reinforce_loaders import format as fmt
+    from reinforce_loaders.errors import StoreFormatError
+
+    out = tmp_path / "damaged.zarr"
+    shutil.copytree(stores("rrc+mix"), out)
+    ds = ReinforcedDataset(digits[0], out)
+    column = ds.pipeline.param_names.index("mix.partner")
+    params = zarr.open_group(str(out), mode="r+")[fmt.AUG_PARAMS]
+    params[2, 0, column] = 10_000
+    with pytest.raises(StoreFormatError, match="mixes with sample 10000"):
+        ReinforcedDataset(digits[0], out).replay(2, 0)
