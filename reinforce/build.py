@@ -89,6 +89,7 @@ class BlockProcessor:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.decode_threads = decode_threads
+        self.param_codec = fmt.ParamCodec.for_pipeline(pipeline)
 
     def process(self, start: int, stop: int) -> BlockResult:
         indices = range(start, stop)
@@ -102,10 +103,14 @@ class BlockProcessor:
                                        num_samples=len(self.source), partner_size=lambda p: partner(p).shape[1:])
             for index, image in zip(indices, images)
         ])
+        # The teacher sees the parameters as the store will hold them, so the student replays the same image.
+        sizes = np.array([image.shape[1:] for image in images], dtype=np.int64).reshape(n, 2)
+        params = self.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
         device_images = [image.to(self.device) for image in images]
         records = [(i, j) for i in range(n) for j in range(a)]
         top_indices = np.empty((n * a, self.top_k), dtype=np.int64)
         top_probs = np.empty((n * a, self.top_k), dtype=np.float32)
+        entropy = np.empty(n * a, dtype=np.float32)
         for first in range(0, len(records), self.batch_size):
             batch = records[first:first + self.batch_size]
             batch_images = [device_images[i] for i, _ in batch]
@@ -114,17 +119,20 @@ class BlockProcessor:
             partner_images = None if partners is None else [partner(p) if p >= 0 else None for p in partners]
             by_size = {size: self.pipeline.apply_batch(batch_images, batch_params, size, partner_images)
                        for size in self.ensemble.input_sizes}
-            values, classes = top_k_stable(self.ensemble.probs(by_size), self.top_k)
+            probs = self.ensemble.probs(by_size)
+            entropy[first:first + len(batch)] = torch.special.entr(probs).sum(-1).cpu().numpy()
+            values, classes = top_k_stable(probs, self.top_k)
             top_indices[first:first + len(batch)] = classes.cpu().numpy()
             top_probs[first:first + len(batch)] = values.cpu().numpy()
         return BlockResult(
             start=start,
             labels=np.array([label for _, label in loaded]),
             fingerprints=np.array([fingerprint(image) for image in images], dtype=np.uint64),
-            image_sizes=np.array([image.shape[1:] for image in images]),
+            image_sizes=sizes,
             aug_params=params,
             topk_indices=top_indices.reshape(n, a, self.top_k),
             topk_probs=top_probs.reshape(n, a, self.top_k),
+            teacher_entropy=entropy.reshape(n, a),
         )
 
 

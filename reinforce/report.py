@@ -18,17 +18,18 @@ class VerificationError(ReinforceError):
 
 
 def describe_store(store: str | os.PathLike[str]) -> str:
-    """Human-readable description of a store: header, arrays, sizes and bytes per record."""
+    """Human-readable description of a store: header, layout, sizes per array and bytes per record."""
     group = fmt.open_store_group(store)
     header = fmt.read_header(group, require_complete=False)
     records = header.num_samples * header.num_augmentations
+    columns = header.record_columns
     lines = [
         f"store            {store}",
         f"format           {header.format_name} {header.format_version}"
         f" ({'complete' if header.complete else 'INCOMPLETE'})",
         f"samples          {header.num_samples} in {header.num_blocks} blocks of {header.block_size}",
         f"records          {records} ({header.num_augmentations} augmentations per sample)",
-        f"classes          {header.num_classes}, top-{header.top_k} stored",
+        f"classes          {header.num_classes}, top-{header.top_k} stored, probabilities x{header.prob_scale}",
         f"seed             {header.seed}",
         f"augmentation     size {header.augmentation['size']}: "
         + ", ".join(_op_text(op) for op in header.augmentation["ops"]),
@@ -36,17 +37,23 @@ def describe_store(store: str | os.PathLike[str]) -> str:
             f"{t['name']} @{t['input_size']} sha256 {t['weights_sha256'][:12]}" for t in header.teachers),
         f"built            {header.provenance.get('created', '?')} by {header.provenance.get('tool', '?')}"
         f" on {header.provenance.get('device', '?')}",
+        f"record row       {header.record_width} x {header.dtype}: "
+        + ", ".join(f"{name} [{cols.start}:{cols.stop})" for name, cols in columns.items()),
+        "param encodings  " + ", ".join(_encoding_text(item) for item in header.param_encodings or []),
         "",
-        f"{'array':<14}{'shape':<20}{'dtype':<9}{'chunks':<18}{'bytes':>14}{'bytes/record':>14}",
+        f"{'array':<14}{'shape':<20}{'dtype':<8}{'chunks':<16}{'shards':<18}{'files':>7}{'bytes':>14}"
+        f"{'bytes/record':>14}",
     ]
-    total = 0
-    for name in fmt.PER_SAMPLE_ARRAYS + fmt.PER_RECORD_ARRAYS + (fmt.BLOCKS_DONE,):
+    total = files_total = 0
+    for name in fmt.ALL_ARRAYS:
         array = group[name]
-        size = _array_bytes(store, name)
+        size, files = _array_bytes(store, name)
         total += size
-        lines.append(f"{name:<14}{str(array.shape):<20}{str(array.dtype):<9}{str(array.chunks):<18}"
-                     f"{size:>14,}{size / max(records, 1):>14.2f}")
-    lines.append(f"{'total':<61}{total:>14,}{total / max(records, 1):>14.2f}")
+        files_total += files
+        shards = str(array.shards) if array.shards is not None else "-"
+        lines.append(f"{name:<14}{str(array.shape):<20}{str(array.dtype):<8}{str(array.chunks):<16}{shards:<18}"
+                     f"{files:>7}{size:>14,}{size / max(records, 1):>14.2f}")
+    lines.append(f"{'total (data files)':<76}{files_total:>7}{total:>14,}{total / max(records, 1):>14.2f}")
     return "\n".join(lines)
 
 
@@ -55,69 +62,128 @@ def _op_text(op: dict[str, Any]) -> str:
     return f"{op['name']}({args})"
 
 
-def _array_bytes(store: str | os.PathLike[str], name: str) -> int:
+def _encoding_text(item: dict[str, Any]) -> str:
+    args = ",".join(f"{key}={value}" for key, value in item.items() if key not in ("param", "kind"))
+    return f"{item['param']}:{item['kind']}" + (f"({args})" if args else "")
+
+
+def _array_bytes(store: str | os.PathLike[str], name: str) -> tuple[int, int]:
+    """(bytes, files) of an array's chunk/shard files; (0, 0) for a remote store."""
     root = Path(store) / name
-    return sum(file.stat().st_size for file in root.rglob("*") if file.is_file()) if root.exists() else 0
+    if not root.exists():
+        return 0, 0
+    files = [file for file in root.rglob("*") if file.is_file() and file.name != "zarr.json"]
+    return sum(file.stat().st_size for file in files), len(files)
 
 
 def verify_store(store: str | os.PathLike[str], source: Any | None = None) -> list[str]:
     """Check a store (and optionally its source); return lines describing the checks that passed.
 
-    Raises :class:`VerificationError` naming the first defect found.
+    Raises :class:`VerificationError` naming the first defect found: an incomplete build, a missing or
+    damaged (checksum) chunk, a shape that disagrees with the header, or a value out of range.
     """
     group = fmt.open_store_group(store)
-    header = fmt.read_header(group)
+    try:
+        header = fmt.read_header(group)
+    except fmt.IncompleteStoreError as error:
+        raise VerificationError(str(error)) from None
     passed = [f"header: {header.format_name} {header.format_version}, complete"]
-    n, a, k = header.num_samples, header.num_augmentations, header.top_k
+    n, a, w = header.num_samples, header.num_augmentations, header.record_width
     pipeline = AugmentPipeline.from_config(header.augmentation)
-    expected = {
-        fmt.LABELS: (n,), fmt.FINGERPRINTS: (n,), fmt.IMAGE_SIZES: (n, 2),
-        fmt.AUG_PARAMS: (n, a, pipeline.num_params), fmt.TOPK_INDICES: (n, a, k), fmt.TOPK_PROBS: (n, a, k),
-        fmt.BLOCKS_DONE: (header.num_blocks,),
-    }
-    for name, shape in expected.items():
+    if len(header.param_encodings or []) != pipeline.num_params:
+        raise VerificationError(f"header has {len(header.param_encodings or [])} param encodings for a pipeline "
+                                f"of {pipeline.num_params} parameters")
+    specs = fmt.array_specs(header)
+    for name, spec in specs.items():
         if name not in group:
-            raise VerificationError(f"array '{name}' is missing from the store: rebuild it")
-        if group[name].shape != shape:
-            raise VerificationError(f"array '{name}' has shape {group[name].shape}, expected {shape}")
-    passed.append("arrays: all present with the expected shapes")
-    done = group[fmt.BLOCKS_DONE][:]
+            raise VerificationError(f"array '{name}' is missing from the store: re-download or rebuild it")
+        array = group[name]
+        if array.shape != spec["shape"] or array.dtype != spec["dtype"]:
+            raise VerificationError(f"array '{name}' is {array.shape} {array.dtype}, the header implies "
+                                    f"{spec['shape']} {spec['dtype']}")
+        if array.chunks != spec["chunks"] or array.shards != spec.get("shards"):
+            raise VerificationError(f"array '{name}' has chunks {array.chunks} / shards {array.shards}, format v1 "
+                                    f"requires {spec['chunks']} / {spec.get('shards')}")
+    passed.append(f"arrays: {len(specs)} present with the shapes, dtypes, chunks and shards of format v1")
+    done = _read(group, fmt.BLOCKS_DONE)
     if not done.all():
         raise VerificationError(f"{int((done == 0).sum())} blocks are not written (first: {int(np.argmin(done))})")
     passed.append(f"blocks: {header.num_blocks} of {header.num_blocks} written")
-    labels = group[fmt.LABELS][:]
+    labels = _read(group, fmt.LABELS)
+    sizes = _read(group, fmt.IMAGE_SIZES).astype(np.int64)
+    fingerprints = _read(group, fmt.FINGERPRINTS)
     if labels.min(initial=0) < 0 or labels.max(initial=0) >= header.num_classes:
-        raise VerificationError(f"labels outside [0, {header.num_classes}) in the store")
-    for start in range(0, n, header.block_size):
-        stop = min(start + header.block_size, n)
-        _check_records(group, start, stop, header.num_classes)
-    passed.append(f"records: {n * a} with valid class indices, sorted probabilities in [0, 1] summing to <= 1")
+        first = int(np.argmax((labels < 0) | (labels >= header.num_classes)))
+        raise VerificationError(f"label of sample {first} is {int(labels[first])}, outside [0, {header.num_classes})"
+                                " (a negative label is a missing chunk)")
+    if (sizes <= 0).any() or (fingerprints == 0).any():
+        first = int(np.argmax((sizes <= 0).any(-1) | (fingerprints == 0)))
+        raise VerificationError(f"image size or fingerprint of sample {first} is missing (chunk absent)")
+    passed.append(f"samples: {n} labels in range, sizes and fingerprints present")
+    codec = header.param_codec
+    for block in range(header.num_blocks):
+        start, stop = header.block_range(block)
+        rows = _read(group, fmt.RECORDS, slice(start, stop), what=f"block {block} (samples [{start}, {stop}))")
+        _check_records(header, codec, rows, start, sizes[start:stop])
+    passed.append(f"records: {n * a} rows of {w} checksummed columns; valid class indices, sorted probabilities "
+                  "in [0, 1] summing to <= 1, entropies in range, parameters that decode to themselves")
     if source is not None:
         passed.extend(_check_source(open_source(source), group, header))
     return passed
 
 
-_PROB_TOLERANCE = 1e-3
+def _read(group: Any, name: str, selection: Any = slice(None), what: str = "") -> np.ndarray:
+    try:
+        return fmt.read_array(group, name, selection, what=what)
+    except ReinforceError as error:
+        raise VerificationError(str(error)) from None
 
 
-def _check_records(group: Any, start: int, stop: int, num_classes: int) -> None:
-    indices = group[fmt.TOPK_INDICES][start:stop].astype(np.int64)
-    probs = group[fmt.TOPK_PROBS][start:stop].astype(np.float64)
-    if indices.max(initial=0) >= num_classes:
-        raise VerificationError(f"class index >= {num_classes} among samples [{start}, {stop})")
-    duplicate = (np.sort(indices, axis=-1)[..., 1:] == np.sort(indices, axis=-1)[..., :-1]).any(axis=-1)
+def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndarray, start: int,
+                   sizes: np.ndarray) -> None:
+    columns = header.record_columns
+    fill = np.iinfo(header.dtype).max
+    where = f"samples [{start}, {start + len(rows)})"
+    missing = (rows[..., 0] == fill)
+    if missing.any():
+        sample, slot = np.argwhere(missing)[0]
+        raise VerificationError(f"record ({start + sample}, {slot}) is missing (its chunk is absent)")
+    indices = rows[..., columns["topk_indices"]].astype(np.int64)
+    q = fmt.quantized_probs(header, rows)
+    if indices.max(initial=0) >= header.num_classes:
+        sample, slot = np.argwhere((indices >= header.num_classes).any(-1))[0]
+        raise VerificationError(f"record ({start + sample}, {slot}) has a class index >= {header.num_classes}")
+    ordered = np.sort(indices, axis=-1)
+    duplicate = (ordered[..., 1:] == ordered[..., :-1]).any(axis=-1)
     if duplicate.any():
         sample, slot = np.argwhere(duplicate)[0]
         raise VerificationError(f"record ({start + sample}, {slot}) repeats a class index")
-    if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1 + _PROB_TOLERANCE:
-        raise VerificationError(f"probabilities outside [0, 1] among samples [{start}, {stop})")
-    if (np.diff(probs, axis=-1) > _PROB_TOLERANCE).any():
-        raise VerificationError(f"top-k probabilities not in descending order among samples [{start}, {stop})")
-    sums = probs.sum(axis=-1)
-    if (sums > 1 + _PROB_TOLERANCE).any() or (sums <= 0).any():
-        sample, slot = np.argwhere((sums > 1 + _PROB_TOLERANCE) | (sums <= 0))[0]
+    if q.max(initial=0) > header.prob_scale:
+        sample, slot = np.argwhere((q > header.prob_scale).any(-1))[0]
+        raise VerificationError(f"record ({start + sample}, {slot}) has a probability above 1")
+    if (q < 0).any():  # drops are unsigned, so the order is descending by construction; they can overshoot
+        sample, slot = np.argwhere((q < 0).any(-1))[0]
+        raise VerificationError(f"record ({start + sample}, {slot}) has probability drops larger than its top-1 "
+                                "probability (negative probabilities)")
+    sums = q.sum(axis=-1)
+    # Each of the k rounded probabilities may be up to half a step high.
+    limit = header.prob_scale + (header.top_k + 1) // 2
+    bad = (sums > limit) | (sums <= 0)
+    if bad.any():
+        sample, slot = np.argwhere(bad)[0]
         raise VerificationError(f"record ({start + sample}, {slot}) has top-k probabilities summing to "
-                                f"{sums[sample, slot]:.4f}, outside (0, 1]")
+                                f"{sums[sample, slot] / header.prob_scale:.4f}, outside (0, 1]")
+    entropy = rows[..., columns["teacher_entropy"].start].astype(np.int64)
+    if entropy.max(initial=0) > header.entropy_levels:
+        sample, slot = np.argwhere(entropy > header.entropy_levels)[0]
+        raise VerificationError(f"record ({start + sample}, {slot}) has an entropy above log(num_classes)")
+    heights, widths = sizes[:, :1], sizes[:, 1:]
+    params = codec.decode(rows[..., columns["aug_params"]], heights, widths)
+    if not np.isfinite(params).all() or not np.array_equal(codec.quantize(params, heights, widths), params):
+        bad = ~np.isfinite(params) | (codec.quantize(np.nan_to_num(params), heights, widths) != params)
+        sample, slot, p = np.argwhere(bad)[0]
+        raise VerificationError(f"record ({start + sample}, {slot}) parameter {codec.names[p]} does not decode "
+                                f"to a representable value ({params[sample, slot, p]}) in {where}")
 
 
 def _check_source(source: Any, group: Any, header: fmt.StoreHeader) -> list[str]:

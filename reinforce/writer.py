@@ -1,7 +1,7 @@
 """Writing a reinforced store: create or resume, write whole blocks, mark them done, finalize.
 
-Layout facts (names, dtypes, header) come from :mod:`reinforce_loaders.format`; this module only decides
-chunking and the order of writes. A block's data is written before its ``blocks_done`` flag, and the
+Layout facts (names, dtypes, chunks, codecs, header, record encoding) come from
+:mod:`reinforce_loaders.format`; this module only decides the order of writes. A block's data is written before its ``blocks_done`` flag, and the
 header says ``complete`` only after every flag is set, so a crash at any moment leaves a store that a resumed
 build completes and that readers refuse until then.
 """
@@ -17,12 +17,17 @@ from typing import Any
 import numpy as np
 import zarr
 from reinforce_loaders import format as fmt
+from reinforce_loaders.augment import AugmentPipeline
 from reinforce_loaders.errors import StoreFormatError
 
 
 @dataclasses.dataclass
 class BlockResult:
-    """Everything a block of samples ``[start, start + n)`` contributes to the store."""
+    """Everything a block of samples ``[start, start + n)`` contributes to the store.
+
+    ``aug_params`` must be the parameters the teacher was shown, i.e. already passed through
+    :meth:`~reinforce_loaders.format.ParamCodec.quantize` (the writer checks this).
+    """
 
     start: int
     labels: np.ndarray          # (n,)
@@ -31,27 +36,39 @@ class BlockResult:
     aug_params: np.ndarray      # (n, A, P)
     topk_indices: np.ndarray    # (n, A, K)
     topk_probs: np.ndarray      # (n, A, K)
+    teacher_entropy: np.ndarray | None = None  # (n, A) entropy in nats of the full ensemble distribution
 
 
 class StoreWriter:
-    """Writes blocks of a store whose header is fixed at creation."""
+    """Writes blocks of a store whose header is fixed at creation.
+
+    Block ``b`` maps to whole chunks of the per-sample arrays, one whole shard of ``records`` and chunk ``b``
+    of ``blocks_done``, so writers of different blocks (in different processes) never touch the same file.
+    """
 
     def __init__(self, group: zarr.Group, header: fmt.StoreHeader) -> None:
         self.group = group
         self.header = header
+        self.codec = header.param_codec
 
     @classmethod
     def create_or_resume(cls, path: str | os.PathLike[str], header: fmt.StoreHeader, num_params: int) -> StoreWriter:
         """Open ``path`` for writing: create a new store, or resume one built with the same settings."""
         path = Path(path)
+        header = with_param_encodings(header)
+        if len(header.param_encodings) != num_params:
+            raise StoreFormatError(f"the augmentation pipeline has {len(header.param_encodings)} parameters, "
+                                   f"the build passed num_params={num_params}")
         if path.exists() and any(path.iterdir()):
             try:
                 group = zarr.open_group(str(path), mode="r+", zarr_format=3)
                 existing = fmt.StoreHeader.from_attrs(group.attrs.asdict())
             except (StoreFormatError, FileNotFoundError, zarr.errors.GroupNotFoundError,
-                    zarr.errors.NodeTypeValidationError):
+                    zarr.errors.NodeTypeValidationError) as error:
+                reason = str(error) if isinstance(error, StoreFormatError) else "no reinforce header"
                 raise StoreFormatError(
-                    f"--out {path} exists and is not a reinforce store: choose another path or remove it"
+                    f"--out {path} exists and is not a reinforce store this version can resume ({reason}): "
+                    "choose another path or remove it"
                 ) from None
             differences = _differences(existing.settings(), header.settings())
             if differences:
@@ -61,7 +78,8 @@ class StoreWriter:
                 )
             return cls(group, existing)
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        _create_arrays(group, header, num_params)
+        for name, spec in fmt.array_specs(header).items():
+            group.create_array(name, **spec)
         group.attrs[fmt.ATTRS_KEY] = header.to_attrs()
         return cls(group, header)
 
@@ -70,12 +88,37 @@ class StoreWriter:
         return [int(block) for block in np.flatnonzero(done == 0)]
 
     def write_block(self, block: int, result: BlockResult) -> None:
-        start, stop = self.header.block_range(block)
-        if result.start != start or len(result.labels) != stop - start:
+        """Encode and write one block, then mark it done (data first, so a crash leaves it pending)."""
+        header = self.header
+        start, stop = header.block_range(block)
+        n, a, k = stop - start, header.num_augmentations, header.top_k
+        if result.start != start or len(result.labels) != n:
             raise ValueError(f"block {block} covers samples [{start}, {stop}), got {len(result.labels)} from {result.start}")
-        for name in fmt.PER_SAMPLE_ARRAYS + fmt.PER_RECORD_ARRAYS:
-            array = self.group[name]
-            array[start:stop] = np.asarray(getattr(result, name), dtype=array.dtype)
+        if result.teacher_entropy is None:
+            raise ValueError("BlockResult.teacher_entropy is missing: the format stores the entropy of every record")
+        expected = {"aug_params": (n, a, len(self.codec.names)), "topk_indices": (n, a, k), "topk_probs": (n, a, k),
+                    "teacher_entropy": (n, a), "image_sizes": (n, 2), "fingerprints": (n,)}
+        for name, shape in expected.items():
+            if np.shape(getattr(result, name)) != shape:
+                raise ValueError(f"block {block}: {name} has shape {np.shape(getattr(result, name))}, expected {shape}")
+        sizes = np.asarray(result.image_sizes, dtype=np.int64)
+        heights, widths = sizes[:, 0, None], sizes[:, 1, None]
+        params = np.asarray(result.aug_params, dtype=np.float64)
+        quantized = self.codec.quantize(params, heights, widths)
+        if not np.array_equal(quantized, params):
+            bad = np.argwhere(quantized != params)[0]
+            raise ValueError(
+                f"block {block}: aug_params of record ({start + bad[0]}, {bad[1]}) param "
+                f"{self.codec.names[bad[2]]} = {params[tuple(bad)]} is not representable in the store "
+                f"(would be stored as {quantized[tuple(bad)]}): apply ParamCodec.quantize before the teacher sees "
+                "the parameters, so the student replays what the teacher saw"
+            )
+        records = fmt.encode_records(header, result.topk_indices, result.topk_probs, params,
+                                     result.teacher_entropy, heights, widths, codec=self.codec)
+        self.group[fmt.LABELS][start:stop] = np.asarray(result.labels, dtype=fmt.LABEL_DTYPE)
+        self.group[fmt.FINGERPRINTS][start:stop] = np.asarray(result.fingerprints, dtype=fmt.FINGERPRINT_DTYPE)
+        self.group[fmt.IMAGE_SIZES][start:stop] = sizes.astype(fmt.IMAGE_SIZE_DTYPE)
+        self.group[fmt.RECORDS][start:stop] = records
         self.group[fmt.BLOCKS_DONE][block] = 1
 
     def finalize(self) -> fmt.StoreHeader:
@@ -92,20 +135,12 @@ class StoreWriter:
         return self.header
 
 
-def _create_arrays(group: zarr.Group, header: fmt.StoreHeader, num_params: int) -> None:
-    n, a, k, b = header.num_samples, header.num_augmentations, header.top_k, header.block_size
-    specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {
-        fmt.LABELS: ((n,), fmt.LABEL_DTYPE),
-        fmt.FINGERPRINTS: ((n,), fmt.FINGERPRINT_DTYPE),
-        fmt.IMAGE_SIZES: ((n, 2), fmt.IMAGE_SIZE_DTYPE),
-        fmt.AUG_PARAMS: ((n, a, num_params), fmt.AUG_PARAMS_DTYPE),
-        fmt.TOPK_INDICES: ((n, a, k), header.index_dtype),
-        fmt.TOPK_PROBS: ((n, a, k), fmt.TOPK_PROBS_DTYPE),
-    }
-    for name, (shape, dtype) in specs.items():
-        group.create_array(name, shape=shape, chunks=(b, *shape[1:]), dtype=dtype, fill_value=0)
-    group.create_array(fmt.BLOCKS_DONE, shape=(header.num_blocks,), chunks=(1,), dtype=fmt.BLOCK_DONE_DTYPE,
-                       fill_value=0)
+def with_param_encodings(header: fmt.StoreHeader) -> fmt.StoreHeader:
+    """``header`` with ``param_encodings`` filled from its augmentation pipeline when not given."""
+    if header.param_encodings is not None:
+        return header
+    pipeline = AugmentPipeline.from_config(header.augmentation)
+    return dataclasses.replace(header, param_encodings=fmt.pipeline_param_encodings(pipeline))
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -27,8 +27,7 @@ def test_build_inspect_verify(digits, teacher_weights, tmp_path, capsys):
     assert main(["verify", str(out), "--data", str(digits[0])]) == 0
     assert "verified" in capsys.readouterr().out
 
-    group = zarr.open_group(str(out), mode="r")
-    probs = group[fmt.TOPK_PROBS][:]
+    probs = fmt.read_all_records(fmt.open_store_group(out)).probs
     assert probs.shape == (45, 3, 4)
     assert np.all(np.diff(probs, axis=-1) <= 0)
     ds = ReinforcedDataset(digits[0], out, verify="full")
@@ -45,6 +44,6 @@ def test_resume_on_complete_store_is_a_no_op(digits, teacher_weights, tmp_path):
     from conftest import build_store
 
     out = build_store(digits[0], tmp_path / "s.zarr", teacher_weights)
-    before = zarr.open_group(str(out), mode="r")[fmt.TOPK_PROBS][:]
+    before = zarr.open_group(str(out), mode="r")[fmt.RECORDS][:]
     build_store(digits[0], out, teacher_weights)
-    assert np.array_equal(zarr.open_group(str(out), mode="r")[fmt.TOPK_PROBS][:], before)
+    assert np.array_equal(zarr.open_group(str(out), mode="r")[fmt.RECORDS][:], before)

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from reinforce_loaders import ReinforcedDataset, dense_target
 from reinforce_loaders import format as fmt
@@ -16,12 +15,12 @@ from reinforce_loaders.rng import slot_for_epoch
 
 
 def test_dense_and_sparse_targets(digits, store):
-    group = zarr.open_group(str(store), mode="r")
+    records = fmt.read_all_records(fmt.open_store_group(store))
     sparse = ReinforcedDataset(digits[0], store, target="sparse")
     _, (indices, probs) = sparse[3]
     slot = sparse.slot(3)
-    assert np.array_equal(indices.numpy(), group[fmt.TOPK_INDICES][3, slot])
-    assert np.allclose(probs.numpy(), group[fmt.TOPK_PROBS][3, slot])
+    assert np.array_equal(indices.numpy(), records.indices[3, slot])
+    assert np.allclose(probs.numpy(), records.probs[3, slot])
 
     _, renormalized = ReinforcedDataset(digits[0], store)[3]
     assert renormalized.sum().item() == pytest.approx(1.0, abs=1e-6)

@@ -69,12 +69,21 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         self.transform = transform if transform is not None else v2.ToDtype(torch.float32, scale=True)
         self.seed = self.header.seed if seed is None else int(seed)
         self.verify = verify
-        # A shared tensor, so set_epoch reaches worker processes that already exist.
+        # Shared tensors, so set_epoch and records loaded by one DataLoader worker reach all of them.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._arrays: dict[str, Any] | None = None
-        self._blocks: collections.OrderedDict[int, tuple[np.ndarray, ...]] = collections.OrderedDict()
-        self._labels = np.asarray(group[fmt.LABELS][:])
-        self._fingerprints = np.asarray(group[fmt.FINGERPRINTS][:]) if verify != "none" else None
+        self._group: Any = group
+        self._codec = self.header.param_codec
+        self._labels = fmt.read_array(group, fmt.LABELS)
+        self._image_sizes = fmt.read_array(group, fmt.IMAGE_SIZES).astype(np.int64)
+        self._fingerprints = fmt.read_array(group, fmt.FINGERPRINTS) if verify != "none" else None
+        _check_per_sample_arrays(self._labels, self._image_sizes, self._fingerprints)
+        # The current epoch's records, one row per sample, filled a block at a time as samples are asked for;
+        # _block_epoch[b] is the epoch whose slot block b's rows hold (-1: none yet).
+        itemsize = self.header.dtype.itemsize
+        self._epoch_rows = torch.zeros((len(self._labels), self.header.record_width * itemsize),
+                                       dtype=torch.uint8).share_memory_()
+        self._block_epoch = torch.full((self.header.num_blocks,), -1, dtype=torch.int64).share_memory_()
+        self._other_slots: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
         self._check_source_matches()
         if verify == "full":
             self.verify_fingerprints()
@@ -166,25 +175,63 @@ class ReinforcedDataset(torch.utils.data.Dataset):
             )
 
     def _record(self, index: int, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(aug params, top-k indices, top-k probs) of a record, read a whole block at a time."""
+        """(aug params, top-k indices, top-k probs) of a record.
+
+        Records are read one (block, slot) chunk at a time: the current epoch's slot into the shared table
+        (so each chunk is read once per epoch across all workers), any other slot into a small LRU cache.
+        """
+        row = self._raw_row(index, slot)
+        height, width = self._image_sizes[index]
+        decoded = fmt.decode_records(self.header, row, np.array(height), np.array(width), codec=self._codec)
+        return decoded.params, decoded.indices, decoded.probs
+
+    def teacher_entropy(self, index: int, slot: int) -> float:
+        """Entropy (nats) of the full teacher distribution of record (index, slot), as stored."""
+        row = self._raw_row(index, slot)
+        return float(row[self.header.record_columns["teacher_entropy"].start]) / self.header.entropy_levels \
+            * float(np.log(self.header.num_classes))
+
+    def _raw_row(self, index: int, slot: int) -> np.ndarray:
         block = index // self.header.block_size
-        cached = self._blocks.get(block)
-        if cached is None:
-            if self._arrays is None:  # opened lazily so that each DataLoader worker has its own handles
-                group = fmt.open_store_group(self._store_ref, storage_options=self._storage_options)
-                self._arrays = {name: group[name] for name in fmt.PER_RECORD_ARRAYS}
-            start, stop = self.header.block_range(block)
-            cached = tuple(np.asarray(self._arrays[name][start:stop]) for name in fmt.PER_RECORD_ARRAYS)
-            self._blocks[block] = cached
-            if len(self._blocks) > self._MAX_CACHED_BLOCKS:
-                self._blocks.popitem(last=False)
+        epoch = self.epoch
+        if slot == self.slot(index, epoch):
+            table = self._epoch_rows.numpy().view(self.header.dtype)
+            if int(self._block_epoch[block]) != epoch:
+                start, stop = self.header.block_range(block)
+                table[start:stop] = fmt.read_block_slot(self._store_group(), self.header, block, slot)
+                self._block_epoch[block] = epoch  # after the rows, so other workers never see a half block
+            return table[index]
+        key = (block, slot)
+        rows = self._other_slots.get(key)
+        if rows is None:
+            rows = fmt.read_block_slot(self._store_group(), self.header, block, slot)
+            self._other_slots[key] = rows
+            if len(self._other_slots) > self._MAX_CACHED_BLOCKS:
+                self._other_slots.popitem(last=False)
         else:
-            self._blocks.move_to_end(block)
-        row = index - block * self.header.block_size
-        return tuple(array[row, slot] for array in cached)
+            self._other_slots.move_to_end(key)
+        return rows[index - block * self.header.block_size]
+
+    def _store_group(self) -> Any:
+        if self._group is None:  # opened lazily so that each DataLoader worker has its own handles
+            self._group = fmt.open_store_group(self._store_ref, storage_options=self._storage_options)
+        return self._group
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_arrays"] = None
-        state["_blocks"] = collections.OrderedDict()
+        state["_group"] = None
+        state["_other_slots"] = collections.OrderedDict()
         return state
+
+
+def _check_per_sample_arrays(labels: np.ndarray, sizes: np.ndarray, fingerprints: np.ndarray | None) -> None:
+    """Missing chunks read as fill values (label -1, size 0, fingerprint 0): refuse them, never use them."""
+    missing = (labels < 0) | (sizes <= 0).any(axis=-1)
+    if fingerprints is not None:
+        missing |= fingerprints == 0
+    if missing.any():
+        first = int(np.argmax(missing))
+        raise StoreFormatError(
+            f"per-sample data of sample {first} ({int(missing.sum())} samples in all) is missing from the store "
+            "(chunk absent): the store is damaged or truncated; re-download it or rebuild it"
+        )

@@ -1,23 +1,32 @@
-"""Single source of truth for the layout of a reinforced store (see ``format_spec.md``).
+"""Single source of truth for the layout of a reinforced store (normative text: ``format_spec.md``).
 
-The builder (``reinforce``) writes with these names, dtypes and attributes and the readers in this package
-read with them; nothing about the layout is written down anywhere else in code.
+The builder (``reinforce``) writes with these names, dtypes, codecs and attributes and the readers in this
+package read with them; nothing about the layout is written down anywhere else in code.
+
+Layout in one paragraph: every (sample, slot) record is one row of ``W`` unsigned integers in the array
+``records`` of shape ``(num_samples, num_augmentations, W)``: top-k class indices, quantized top-k
+probabilities, encoded augmentation parameters and the quantized teacher entropy. Records are chunked one
+slot of one block of samples per chunk, and sharded one block (all slots) per shard, so a build worker owns
+whole shards and a reader fetches an epoch (one slot per sample, :func:`~reinforce_loaders.rng.slot_for_epoch`)
+with one chunk per block.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 from .errors import IncompleteStoreError, StoreFormatError
 
 FORMAT_NAME = "reinforce-store"
-FORMAT_VERSION = (0, 1)
+FORMAT_VERSION = (1, 0)
 """(major, minor). Readers reject another major version and accept any minor version of their major."""
 
 ATTRS_KEY = "reinforce"
@@ -27,20 +36,35 @@ ATTRS_KEY = "reinforce"
 LABELS = "labels"
 FINGERPRINTS = "fingerprints"
 IMAGE_SIZES = "image_sizes"
-AUG_PARAMS = "aug_params"
-TOPK_INDICES = "topk_indices"
-TOPK_PROBS = "topk_probs"
+RECORDS = "records"
 BLOCKS_DONE = "blocks_done"
 
 PER_SAMPLE_ARRAYS = (LABELS, FINGERPRINTS, IMAGE_SIZES)
-PER_RECORD_ARRAYS = (AUG_PARAMS, TOPK_INDICES, TOPK_PROBS)
+PER_RECORD_ARRAYS = (RECORDS,)
+ALL_ARRAYS = PER_SAMPLE_ARRAYS + PER_RECORD_ARRAYS + (BLOCKS_DONE,)
 
 LABEL_DTYPE = np.dtype("<i4")
 FINGERPRINT_DTYPE = np.dtype("<u8")
 IMAGE_SIZE_DTYPE = np.dtype("<u4")
-AUG_PARAMS_DTYPE = np.dtype("<f4")
-TOPK_PROBS_DTYPE = np.dtype("<f4")
 BLOCK_DONE_DTYPE = np.dtype("u1")
+
+# Fill values a reader can tell from real data: a chunk that is missing reads as these.
+LABEL_FILL = -1
+RECORD_FILL_U16 = 0xFFFF
+
+DEFAULT_PROB_SCALE = 1000
+"""Probabilities are quantized to ``q = round(p * prob_scale)`` (absolute error at most ``0.5 / prob_scale``)
+and stored as ``q[0]`` then the drops ``q[r-1] - q[r]``, small numbers for the flat tail of the top-k."""
+ENTROPY_LEVELS = 63
+"""Teacher entropy is stored as ``round(H / ln(num_classes) * ENTROPY_LEVELS)``."""
+
+ZSTD_LEVEL = 9
+"""zstd level of the blosc codec of ``records``; readers need not know it."""
+
+
+def record_dtype(num_classes: int) -> np.dtype:
+    """Element type of ``records``: uint16 when every class index fits (num_classes <= 65,535), else uint32."""
+    return np.dtype("<u2") if num_classes <= RECORD_FILL_U16 else np.dtype("<u4")
 
 
 def topk_index_dtype(num_classes: int) -> np.dtype:
@@ -51,6 +75,229 @@ def topk_index_dtype(num_classes: int) -> np.dtype:
         return np.dtype("<u2")
     return np.dtype("<u4")
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentation parameter encodings
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ParamEncoding:
+    """How one augmentation parameter (a float64 in the pipeline) becomes unsigned 16-bit record columns.
+
+    ``kind`` is one of:
+
+    * ``"float16"`` (default for undeclared params): the IEEE binary16 bit pattern of the value.
+    * ``"int"``: an integer value ``v`` in ``[offset, offset + 2**(16 * width))`` stored as ``v - offset``
+      in ``width`` (1 or 2) columns, low 16 bits first.
+    * ``"linear"``: a float in ``[lo, hi]`` stored as ``round((v - lo) / (hi - lo) * levels)``.
+    * ``"relative"``: an integer pixel coordinate or extent in ``[0, ref]`` stored as
+      ``round(v * levels / ref)`` where ``ref`` is the source image's height or width
+      (``"source_height"`` / ``"source_width"``) or the pipeline's output size (``"output"``). An extent
+      names its ``start`` param: it decodes to at least 1, and the encoder keeps ``start + extent <= ref``.
+
+    An op declares encodings with the optional attribute ``param_encoding: dict[str, ParamEncoding]``
+    (keyed by its param names); else :data:`KNOWN_PARAM_ENCODINGS` (source-pixel crop boxes), else the op's
+    ``param_specs`` (see :func:`encoding_from_spec`), else ``float16``. The build applies the *decoded* parameters, so teacher and student see the same image
+    whatever the precision.
+    """
+
+    kind: str = "float16"
+    offset: int = 0
+    width: int = 1
+    lo: float = 0.0
+    hi: float = 1.0
+    levels: int = 255
+    ref: str = ""
+    start: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("float16", "int", "linear", "relative"):
+            raise StoreFormatError(f"unknown parameter encoding kind {self.kind!r}")
+        if self.kind == "int" and self.width not in (1, 2):
+            raise StoreFormatError(f"int parameter encoding width must be 1 or 2, got {self.width}")
+        if self.kind in ("linear", "relative") and not 1 <= self.levels <= RECORD_FILL_U16 - 1:
+            raise StoreFormatError(f"parameter encoding levels must be in [1, 65534], got {self.levels}")
+        if self.kind == "linear" and not self.hi > self.lo:
+            raise StoreFormatError(f"linear parameter encoding needs hi > lo, got [{self.lo}, {self.hi}]")
+        if self.kind == "relative" and self.ref not in ("source_height", "source_width", "output"):
+            raise StoreFormatError(f"relative parameter encoding ref must be source_height, source_width or "
+                                   f"output, got {self.ref!r}")
+
+    @property
+    def columns(self) -> int:
+        return self.width if self.kind == "int" else 1
+
+    def to_json(self) -> dict[str, Any]:
+        keys = {"float16": (), "int": ("offset", "width"), "linear": ("lo", "hi", "levels"),
+                "relative": ("ref", "levels", "start")}[self.kind]
+        out: dict[str, Any] = {"kind": self.kind}
+        out.update({key: getattr(self, key) for key in keys if not (key == "start" and not self.start)})
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ParamEncoding:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def rel(ref: str, levels: int = 255, start: str = "") -> ParamEncoding:
+    """Shorthand for a ``relative`` encoding."""
+    return ParamEncoding(kind="relative", ref=ref, levels=levels, start=start)
+
+
+FLAG = ParamEncoding(kind="int")
+
+KNOWN_PARAM_ENCODINGS: dict[str, ParamEncoding] = {
+    "random_resized_crop.top": rel("source_height"),
+    "random_resized_crop.left": rel("source_width"),
+    "random_resized_crop.height": rel("source_height", start="random_resized_crop.top"),
+    "random_resized_crop.width": rel("source_width", start="random_resized_crop.left"),
+    "random_crop.top": rel("source_height"),
+    "random_crop.left": rel("source_width"),
+    "random_crop.height": rel("source_height", start="random_crop.top"),
+    "random_crop.width": rel("source_width", start="random_crop.left"),
+    "horizontal_flip.flip": FLAG,
+}
+"""Encodings of the ops that do not declare ``param_encoding`` themselves, keyed ``op.param``."""
+
+
+REAL_LEVELS = 255
+"""Levels of a bounded real parameter that neither the op nor :data:`KNOWN_PARAM_ENCODINGS` encodes."""
+
+
+def encoding_from_spec(spec: Any) -> ParamEncoding | None:
+    """Default encoding from an op's ``param_specs`` entry (``low``, ``high``, ``integer``), if it has one.
+
+    Integers become ``int`` (two columns when the range may exceed 16 bits), bounded reals ``linear`` with
+    :data:`REAL_LEVELS` levels, unbounded reals ``float16``.
+    """
+    low, high, integer = getattr(spec, "low", None), getattr(spec, "high", None), getattr(spec, "integer", None)
+    if low is None or integer is None:
+        return None
+    if integer:
+        width = 1 if high is not None and high - low <= RECORD_FILL_U16 - 1 else 2
+        return ParamEncoding(kind="int", offset=int(low), width=width)
+    if high is None:
+        return ParamEncoding()
+    return ParamEncoding(kind="linear", lo=float(low), hi=float(high), levels=REAL_LEVELS)
+
+
+def pipeline_param_encodings(pipeline: Any) -> list[dict[str, Any]]:
+    """``[{"param": "op.name", **encoding}, ...]`` for every parameter of an ``AugmentPipeline``, in order."""
+    out = []
+    for op in pipeline.ops:
+        declared = getattr(op, "param_encoding", None) or {}
+        specs = getattr(op, "param_specs", None)
+        for position, name in enumerate(op.param_names):
+            full = f"{op.name}.{name}"
+            encoding = (declared.get(name) or KNOWN_PARAM_ENCODINGS.get(full)
+                        or (encoding_from_spec(specs[position]) if specs else None) or ParamEncoding())
+            if isinstance(encoding, Mapping):
+                encoding = ParamEncoding.from_json(encoding)
+            out.append({"param": full, **encoding.to_json()})
+    return out
+
+
+class ParamCodec:
+    """Encodes ``(n, P)`` float64 parameters to ``(n, columns)`` integers and back, per the header's encodings."""
+
+    def __init__(self, encodings: Sequence[Mapping[str, Any]], output_size: int) -> None:
+        self.names = [str(item["param"]) for item in encodings]
+        self.encodings = [ParamEncoding.from_json(item) for item in encodings]
+        self.output_size = int(output_size)
+        self.columns = int(sum(e.columns for e in self.encodings))
+        for name, encoding in zip(self.names, self.encodings):
+            if encoding.start and encoding.start not in self.names[:self.names.index(name)]:
+                raise StoreFormatError(f"parameter {name} is an extent of {encoding.start!r}, which must come "
+                                       "before it in the pipeline")
+
+    @classmethod
+    def for_pipeline(cls, pipeline: Any) -> ParamCodec:
+        return cls(pipeline_param_encodings(pipeline), pipeline.size)
+
+    def _ref(self, encoding: ParamEncoding, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        if encoding.ref == "source_height":
+            return heights.astype(np.int64)
+        if encoding.ref == "source_width":
+            return widths.astype(np.int64)
+        return np.full(heights.shape, self.output_size, dtype=np.int64)
+
+    def encode(self, params: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        """``params`` ``(..., P)`` and per-row source ``heights``/``widths`` ``(...)`` -> ``(..., columns)`` int64."""
+        params = np.asarray(params, dtype=np.float64)
+        heights, widths = np.broadcast_to(heights, params.shape[:-1]), np.broadcast_to(widths, params.shape[:-1])
+        out = np.empty(params.shape[:-1] + (self.columns,), dtype=np.int64)
+        q_start: dict[str, np.ndarray] = {}
+        column = 0
+        for p, (name, encoding) in enumerate(zip(self.names, self.encodings)):
+            value = params[..., p]
+            if not np.isfinite(value).all():
+                raise StoreFormatError(f"augmentation parameter {name} has non-finite values")
+            if encoding.kind == "float16":
+                with np.errstate(over="ignore"):
+                    half = value.astype(np.float16)
+                if not np.isfinite(half).all():
+                    raise StoreFormatError(f"augmentation parameter {name} overflows float16: declare a "
+                                           "param_encoding for it")
+                out[..., column] = half.view(np.uint16)
+            elif encoding.kind == "int":
+                q = np.rint(value).astype(np.int64) - encoding.offset
+                if (q < 0).any() or (q >= 1 << (16 * encoding.width)).any():
+                    raise StoreFormatError(f"augmentation parameter {name} is outside its int encoding range")
+                out[..., column] = q & 0xFFFF
+                if encoding.width == 2:
+                    out[..., column + 1] = q >> 16
+            elif encoding.kind == "linear":
+                scaled = (np.clip(value, encoding.lo, encoding.hi) - encoding.lo) / (encoding.hi - encoding.lo)
+                out[..., column] = np.rint(scaled * encoding.levels).astype(np.int64)
+            else:
+                ref = self._ref(encoding, heights, widths)
+                v = np.clip(np.rint(value).astype(np.int64), 0, ref)
+                q = (2 * v * encoding.levels + ref) // (2 * ref)
+                if encoding.start:  # choose the extent so the decoded box stays inside the image
+                    limit = ref - _grid(q_start[encoding.start], ref, encoding.levels)
+                    for _ in range(2):
+                        q = np.where((_grid(q, ref, encoding.levels) > limit) & (q > 0), q - 1, q)
+                out[..., column] = q
+                q_start[name] = q
+            column += encoding.columns
+        return out
+
+    def decode(self, columns: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`encode` (up to the declared precision): ``(..., columns)`` -> ``(..., P)`` float64."""
+        columns = np.asarray(columns).astype(np.int64)
+        heights, widths = np.broadcast_to(heights, columns.shape[:-1]), np.broadcast_to(widths, columns.shape[:-1])
+        out = np.empty(columns.shape[:-1] + (len(self.encodings),), dtype=np.float64)
+        column = 0
+        for p, encoding in enumerate(self.encodings):
+            q = columns[..., column]
+            if encoding.kind == "float16":
+                out[..., p] = q.astype(np.uint16).view(np.float16).astype(np.float64)
+            elif encoding.kind == "int":
+                if encoding.width == 2:
+                    q = q | (columns[..., column + 1] << 16)
+                out[..., p] = q + encoding.offset
+            elif encoding.kind == "linear":
+                out[..., p] = encoding.lo + q * ((encoding.hi - encoding.lo) / encoding.levels)
+            else:
+                v = _grid(q, self._ref(encoding, heights, widths), encoding.levels)
+                out[..., p] = np.maximum(v, 1) if encoding.start else v
+            column += encoding.columns
+        return out
+
+    def quantize(self, params: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        """``decode(encode(params))``: the parameters a student will replay. The build applies these."""
+        return self.decode(self.encode(params, heights, widths), heights, widths)
+
+
+def _grid(q: np.ndarray, ref: np.ndarray, levels: int) -> np.ndarray:
+    """Pixel value of quantized level ``q``: ``round_half_up(q * ref / levels)`` in integers."""
+    return (2 * q * ref + levels) // (2 * levels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Header
+# ----------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class StoreHeader:
@@ -70,6 +317,9 @@ class StoreHeader:
     teachers: list[dict[str, Any]]
     class_names: list[str] | None = None
     fingerprint: str = "blake2b-64 of the decoded RGB uint8 CHW pixels, prefixed by the shape"
+    param_encodings: list[dict[str, Any]] | None = None
+    prob_scale: int = DEFAULT_PROB_SCALE
+    entropy_levels: int = ENTROPY_LEVELS
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
     complete: bool = False
     format_name: str = FORMAT_NAME
@@ -82,6 +332,9 @@ class StoreHeader:
             raise StoreFormatError(f"num_augmentations={self.num_augmentations} must be at least 1")
         if self.block_size < 1:
             raise StoreFormatError(f"block_size={self.block_size} must be at least 1")
+        if not 500 < self.prob_scale < RECORD_FILL_U16:
+            raise StoreFormatError(f"prob_scale={self.prob_scale} must be in (500, 65535) so probabilities keep "
+                                   "an error below 1e-3")
 
     @property
     def num_blocks(self) -> int:
@@ -90,6 +343,29 @@ class StoreHeader:
     @property
     def index_dtype(self) -> np.dtype:
         return topk_index_dtype(self.num_classes)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Element type of the ``records`` array."""
+        return record_dtype(self.num_classes)
+
+    @property
+    def param_codec(self) -> ParamCodec:
+        if self.param_encodings is None:
+            raise StoreFormatError("the store header has no param_encodings: it was not written by a v1 writer")
+        return ParamCodec(self.param_encodings, self.augmentation["size"])
+
+    @property
+    def record_columns(self) -> dict[str, slice]:
+        """Column ranges of one ``records`` row."""
+        k = self.top_k
+        p = self.param_codec.columns
+        return {"topk_indices": slice(0, k), "topk_probs": slice(k, 2 * k), "aug_params": slice(2 * k, 2 * k + p),
+                "teacher_entropy": slice(2 * k + p, 2 * k + p + 1)}
+
+    @property
+    def record_width(self) -> int:
+        return self.record_columns["teacher_entropy"].stop
 
     def block_range(self, block: int) -> tuple[int, int]:
         """Sample range ``[start, stop)`` covered by ``block``."""
@@ -120,6 +396,12 @@ class StoreHeader:
             )
         check_format_version(str(raw.get("format_version", "")))
         known = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in raw]
+        if missing:
+            raise StoreFormatError(f"the store header lacks {', '.join(missing)}: the store is damaged or was not "
+                                   "written by a reinforce writer; rebuild it")
         # Unknown keys are minor-version additions: ignored by this reader.
         return cls(**{key: value for key, value in raw.items() if key in known})
 
@@ -143,11 +425,55 @@ def check_format_version(version: str) -> tuple[int, int]:
     return major, minor
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Arrays: creation (writer side) and reading (both sides)
+# ----------------------------------------------------------------------------------------------------------
+
+def array_specs(header: StoreHeader) -> dict[str, dict[str, Any]]:
+    """``zarr.Group.create_array`` keyword arguments of every array of a store with this header."""
+    n, a, b, w = header.num_samples, header.num_augmentations, header.block_size, header.record_width
+    dtype = header.dtype
+    per_sample = {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
+    return {
+        LABELS: dict(shape=(n,), chunks=(b,), dtype=LABEL_DTYPE, fill_value=LABEL_FILL, **per_sample),
+        FINGERPRINTS: dict(shape=(n,), chunks=(b,), dtype=FINGERPRINT_DTYPE, fill_value=0, **per_sample),
+        IMAGE_SIZES: dict(shape=(n, 2), chunks=(b, 2), dtype=IMAGE_SIZE_DTYPE, fill_value=0, **per_sample),
+        RECORDS: dict(
+            shape=(n, a, w), shards=(b, a, w), chunks=(b, 1, w), dtype=dtype, fill_value=int(np.iinfo(dtype).max),
+            # Column-major inside a chunk (every column of the block contiguous), bit planes, zstd, checksum.
+            filters=[TransposeCodec(order=(2, 1, 0))], serializer=BytesCodec(endian="little"),
+            compressors=[BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle="bitshuffle", typesize=dtype.itemsize),
+                         Crc32cCodec()],
+        ),
+        BLOCKS_DONE: dict(shape=(header.num_blocks,), chunks=(1,), dtype=BLOCK_DONE_DTYPE, fill_value=0,
+                          compressors=[Crc32cCodec()]),
+    }
+
+
+def expected_file_count(header: StoreHeader) -> int:
+    """Files of a complete store: one per array chunk/shard plus one ``zarr.json`` per node."""
+    return header.num_blocks * len(ALL_ARRAYS) + len(ALL_ARRAYS) + 1
+
+
 def open_store_group(store: Any, mode: str = "r", storage_options: dict[str, Any] | None = None) -> zarr.Group:
-    """Open the root group of a store given as a path, an fsspec URL or a zarr store object."""
+    """Open the root group of a store given as a path, an fsspec URL or a zarr store object.
+
+    Reading uses the consolidated metadata in the root ``zarr.json`` when present, so opening a remote store
+    costs one request.
+    """
+    if hasattr(store, "__fspath__"):
+        store = str(store)
+    is_url = isinstance(store, str) and "://" in store and not store.startswith("file://")
+    kwargs: dict[str, Any] = {"storage_options": storage_options} if is_url and storage_options else {}
+    if isinstance(store, str) and store.startswith("file://"):
+        store = store[len("file://"):]
     try:
-        return zarr.open_group(store=str(store) if hasattr(store, "__fspath__") else store, mode=mode,
-                               storage_options=storage_options, zarr_format=3)
+        if mode == "r":
+            try:
+                return zarr.open_consolidated(store=store, mode="r", zarr_format=3, **kwargs)
+            except ValueError:  # no consolidated metadata (a build in progress): read the nodes themselves
+                pass
+        return zarr.open_group(store=store, mode=mode, zarr_format=3, **kwargs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise StoreFormatError(
             f"no reinforce store at {store!s}: check the path or URL (it must be the directory written by "
@@ -164,6 +490,109 @@ def read_header(group: zarr.Group, *, require_complete: bool = True) -> StoreHea
             "re-run the same `reinforce build` command to resume it"
         )
     return header
+
+
+def read_array(group: zarr.Group, name: str, selection: Any = slice(None), what: str = "") -> np.ndarray:
+    """``group[name][selection]``, turning a damaged chunk (checksum, truncation) into a StoreFormatError."""
+    try:
+        return np.asarray(group[name][selection])
+    except KeyError:
+        raise StoreFormatError(f"array '{name}' is missing from the store: the store is damaged; re-download "
+                               "or rebuild it") from None
+    except Exception as error:  # zarr reports damage as ValueError, RuntimeError or struct/codec errors
+        raise StoreFormatError(
+            f"cannot read {what or 'data'} of array '{name}' ({type(error).__name__}: {error}): the store is "
+            "damaged or truncated; re-download it, or run `reinforce verify` to find every damaged block"
+        ) from error
+
+
+@dataclasses.dataclass
+class DecodedRecords:
+    """Records of some (sample, slot) pairs: ``indices``/``probs`` ``(..., K)``, ``params`` ``(..., P)``."""
+
+    indices: np.ndarray
+    probs: np.ndarray
+    params: np.ndarray
+    entropy: np.ndarray
+
+
+def read_block_slot(group: zarr.Group, header: StoreHeader, block: int, slot: int) -> np.ndarray:
+    """Raw ``records`` rows ``(block samples, W)`` of one slot of one block: one chunk, one zarr call.
+
+    Raises :class:`StoreFormatError` if the chunk is damaged or missing (fill values).
+    """
+    start, stop = header.block_range(block)
+    rows = read_array(group, RECORDS, (slice(start, stop), slot), what=f"block {block} slot {slot}")
+    check_rows_present(header, rows, f"block {block} slot {slot}")
+    return rows
+
+
+def read_all_records(group: zarr.Group, header: StoreHeader | None = None) -> DecodedRecords:
+    """Every record of a store decoded, ``(N, A, ...)``, read one shard per block (for tools and tests)."""
+    header = header or read_header(group, require_complete=False)
+    rows = np.concatenate([read_array(group, RECORDS, slice(*header.block_range(b)), what=f"block {b}")
+                           for b in range(header.num_blocks)])
+    check_rows_present(header, rows, "the store")
+    sizes = read_array(group, IMAGE_SIZES).astype(np.int64)
+    return decode_records(header, rows, sizes[:, :1], sizes[:, 1:])
+
+
+def check_rows_present(header: StoreHeader, rows: np.ndarray, where: str) -> None:
+    """Raise if any row holds the fill value (its chunk was never written or its file is missing)."""
+    fill = np.iinfo(header.dtype).max
+    top1 = rows[..., 0]
+    if (top1 == fill).any():
+        raise StoreFormatError(f"records of {where} are missing from the store (chunk absent): the store is "
+                               "damaged or truncated; re-download it or rebuild it")
+
+
+def decode_records(header: StoreHeader, rows: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                   codec: ParamCodec | None = None) -> DecodedRecords:
+    """Decode raw ``records`` rows ``(..., W)`` given the source ``heights``/``widths`` of their samples."""
+    columns = header.record_columns
+    codec = codec or header.param_codec
+    return DecodedRecords(
+        indices=rows[..., columns["topk_indices"]].astype(np.int64),
+        probs=quantized_probs(header, rows).astype(np.float32) / np.float32(header.prob_scale),
+        params=codec.decode(rows[..., columns["aug_params"]], heights, widths),
+        entropy=rows[..., columns["teacher_entropy"].start].astype(np.float32) / np.float32(header.entropy_levels)
+        * np.float32(math.log(header.num_classes)),
+    )
+
+
+def quantized_probs(header: StoreHeader, rows: np.ndarray) -> np.ndarray:
+    """Quantized probabilities ``q`` (int64, ``(..., K)``) of raw rows: ``q[0]`` minus the cumulative drops."""
+    stored = rows[..., header.record_columns["topk_probs"]].astype(np.int64)
+    drops = np.cumsum(stored[..., 1:], axis=-1)
+    return np.concatenate([stored[..., :1], stored[..., :1] - drops], axis=-1)
+
+
+def encode_records(header: StoreHeader, indices: np.ndarray, probs: np.ndarray, params: np.ndarray,
+                   entropy: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                   codec: ParamCodec | None = None) -> np.ndarray:
+    """Raw ``records`` rows ``(..., W)`` from top-k ``indices``/``probs`` ``(..., K)``, float ``params``
+    ``(..., P)`` and entropy in nats ``(...)``; ``heights``/``widths`` broadcast against ``(...)``."""
+    codec = codec or header.param_codec
+    indices = np.asarray(indices)
+    if indices.size and (indices.min() < 0 or indices.max() >= header.num_classes):
+        raise StoreFormatError(f"top-k class index outside [0, {header.num_classes})")
+    probs = np.asarray(probs, dtype=np.float64)
+    if not np.isfinite(probs).all() or probs.min(initial=0) < 0 or probs.max(initial=0) > 1 + 1e-6:
+        raise StoreFormatError("top-k probabilities must be finite and in [0, 1]")
+    out = np.empty(indices.shape[:-1] + (header.record_width,), dtype=header.dtype)
+    columns = header.record_columns
+    out[..., columns["topk_indices"]] = indices
+    q = np.rint(np.clip(probs, 0, 1) * header.prob_scale).astype(np.int64)
+    drops = -np.diff(q, axis=-1)
+    if (drops < 0).any():
+        raise StoreFormatError("top-k probabilities must be in descending order (sort them with their indices)")
+    out[..., columns["topk_probs"].start] = q[..., 0]
+    out[..., columns["topk_probs"].start + 1:columns["topk_probs"].stop] = drops
+    out[..., columns["aug_params"]] = codec.encode(params, heights, widths)
+    max_entropy = math.log(header.num_classes) if header.num_classes > 1 else 1.0
+    normalized = np.clip(np.asarray(entropy, dtype=np.float64) / max_entropy, 0, 1)
+    out[..., columns["teacher_entropy"].start] = np.rint(normalized * header.entropy_levels)
+    return out
 
 
 def _blocks_done_summary(group: zarr.Group, header: StoreHeader) -> str:

@@ -11,10 +11,12 @@ regenerate the same numbers.
 
 Augmentation op ``k`` of the pipeline draws from stream ``k``; slot ``j`` owns blocks
 ``[j * BLOCKS_PER_SLOT, (j + 1) * BLOCKS_PER_SLOT)`` of that stream, i.e. UNIFORMS_PER_SLOT uniforms.
-The per-epoch slot choice of a reader draws from stream SLOT_SELECTION_STREAM.
+The per-epoch slot choice of a reader draws from stream SLOT_SELECTION_STREAM with sample 0.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -44,14 +46,29 @@ def all_slot_uniforms(seed: int, sample: int, num_slots: int, stream: int) -> np
 
 
 def slot_for_epoch(seed: int, epoch: int, sample: int, num_slots: int) -> int:
-    """The stored slot a reader uses for ``sample`` in ``epoch``.
+    """The stored slot a reader uses for ``sample`` in ``epoch``: the same slot for every sample of an epoch.
 
-    Epochs are grouped in cycles of ``num_slots``; within a cycle each sample visits a random permutation
-    of its slots, so every stored augmentation is used once before any is reused.
+    Epochs are grouped in cycles of ``num_slots``; each cycle visits a random permutation of the slots, so
+    every stored augmentation is used once before any is reused. Because the slots of a sample are
+    independent draws, sharing the slot across samples changes no sample's distribution, and it lets an
+    epoch be read as one contiguous chunk per block (``format_spec.md``, "Slot selection"). ``sample`` is
+    accepted so that callers need not change if a later minor version keys the choice by sample.
     """
+    return epoch_slot(seed, epoch, num_slots)
+
+
+def epoch_slot(seed: int, epoch: int, num_slots: int) -> int:
+    """Slot of ``epoch``: position ``epoch % num_slots`` of the permutation of cycle ``epoch // num_slots``."""
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    cycle, position = divmod(epoch, num_slots)
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+    cycle, position = divmod(int(epoch), int(num_slots))
+    return int(_cycle_permutation(int(seed), cycle, int(num_slots))[position])
+
+
+@functools.lru_cache(maxsize=64)
+def _cycle_permutation(seed: int, cycle: int, num_slots: int) -> np.ndarray:
     blocks_per_cycle = -(-num_slots // 4)
-    keys = uniforms(seed, sample, SLOT_SELECTION_STREAM, cycle * blocks_per_cycle, num_slots)
-    return int(np.argsort(keys, kind="stable")[position])
+    keys = uniforms(seed, 0, SLOT_SELECTION_STREAM, cycle * blocks_per_cycle, num_slots)
+    return np.argsort(keys, kind="stable")

@@ -1,0 +1,281 @@
+"""Storage format v1: encoding fidelity, versioning, layout, damage detection, resume, remote reading."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from range_server import RangeServer
+
+from reinforce.writer import BlockResult, StoreWriter
+from reinforce_loaders import ReinforcedDataset, make_pipeline
+from reinforce_loaders import format as fmt
+from reinforce_loaders import rng
+from reinforce_loaders.errors import IncompleteStoreError, StoreFormatError
+
+
+def teacher_like(generator: np.random.Generator, shape: tuple[int, ...], num_classes: int, k: int):
+    """Top-k of softmax distributions with a dominant class and a long tail, plus their entropies."""
+    logits = generator.standard_normal(shape + (num_classes,)) * 2.0
+    logits[..., 0] += generator.uniform(0, 8, shape)
+    probs = torch.softmax(torch.from_numpy(logits), dim=-1)
+    values, classes = torch.sort(probs, dim=-1, descending=True, stable=True)
+    entropy = torch.special.entr(probs).sum(-1)
+    return classes[..., :k].numpy(), values[..., :k].numpy().astype(np.float32), entropy.numpy()
+
+
+def synthetic_header(num_samples=40, num_classes=1000, k=10, a=6, block=16, size=32) -> fmt.StoreHeader:
+    pipeline = make_pipeline("rrc", size)
+    return fmt.StoreHeader(num_samples=num_samples, num_classes=num_classes, top_k=k, num_augmentations=a, seed=3,
+                           block_size=block, augmentation=pipeline.config(), teachers=[],
+                           param_encodings=fmt.pipeline_param_encodings(pipeline))
+
+
+def synthetic_block(header: fmt.StoreHeader, block: int, generator: np.random.Generator) -> BlockResult:
+    start, stop = header.block_range(block)
+    n, a, k = stop - start, header.num_augmentations, header.top_k
+    pipeline = make_pipeline("rrc", header.augmentation["size"])
+    sizes = generator.integers(20, 700, (n, 2))
+    params = np.stack([pipeline.sample_slots(header.seed, start + i, a, *sizes[i]) for i in range(n)])
+    params = header.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
+    indices, probs, entropy = teacher_like(generator, (n, a), header.num_classes, k)
+    return BlockResult(start=start, labels=generator.integers(0, header.num_classes, n),
+                       fingerprints=generator.integers(1, 2**63, n, dtype=np.uint64), image_sizes=sizes,
+                       aug_params=params, topk_indices=indices, topk_probs=probs, teacher_entropy=entropy)
+
+
+def write_store(path: Path, header: fmt.StoreHeader, blocks=None, seed=0) -> dict[int, BlockResult]:
+    writer = StoreWriter.create_or_resume(path, header, len(header.param_encodings))
+    generator = np.random.default_rng(seed)
+    results = {block: synthetic_block(header, block, generator) for block in range(header.num_blocks)}
+    for block in (range(header.num_blocks) if blocks is None else blocks):
+        writer.write_block(block, results[block])
+    if blocks is None:
+        writer.finalize()
+    return results
+
+
+def read_all(path, header) -> np.ndarray:
+    group = fmt.open_store_group(path)
+    return np.concatenate([
+        np.stack([fmt.read_block_slot(group, header, b, s) for s in range(header.num_augmentations)], axis=1)
+        for b in range(header.num_blocks)])
+
+
+def test_encode_decode_fidelity(tmp_path):
+    header = synthetic_header()
+    results = write_store(tmp_path / "s.zarr", header)
+    rows = read_all(tmp_path / "s.zarr", header)
+    group = fmt.open_store_group(tmp_path / "s.zarr")
+    sizes = group[fmt.IMAGE_SIZES][:].astype(np.int64)
+    decoded = fmt.decode_records(header, rows, sizes[:, :1], sizes[:, 1:])
+    expect = {name: np.concatenate([getattr(results[b], name) for b in sorted(results)])
+              for name in ("topk_indices", "topk_probs", "aug_params", "teacher_entropy")}
+    assert rows.dtype == np.uint16
+    np.testing.assert_array_equal(decoded.indices, expect["topk_indices"])
+    error = np.abs(decoded.probs - expect["topk_probs"]).max()
+    assert error <= 0.5 / header.prob_scale + 1e-6 < 1e-3
+    np.testing.assert_array_equal(decoded.params, expect["aug_params"])
+    assert np.abs(decoded.entropy - expect["teacher_entropy"]).max() <= math.log(1000) / fmt.ENTROPY_LEVELS / 2 + 1e-4
+    np.testing.assert_array_equal(group[fmt.LABELS][:], np.concatenate([r.labels for r in results.values()]))
+
+
+def test_param_encodings_keep_boxes_inside_and_are_idempotent():
+    pipeline = make_pipeline("rrc", 224)
+    codec = fmt.ParamCodec.for_pipeline(pipeline)
+    generator = np.random.default_rng(1)
+    for trial in range(100):
+        height, width = (int(v) for v in generator.integers(4, 4000, 2))
+        params = pipeline.sample_slots(0, trial, 16, height, width)
+        quantized = codec.quantize(params, np.array(height), np.array(width))
+        np.testing.assert_array_equal(codec.quantize(quantized, np.array(height), np.array(width)), quantized)
+        assert (quantized[:, 0] + quantized[:, 2] <= height).all() and (quantized[:, 2] >= 1).all()
+        assert (quantized[:, 1] + quantized[:, 3] <= width).all() and (quantized[:, 3] >= 1).all()
+        if max(height, width) <= 255:  # one level per pixel or finer: exact
+            np.testing.assert_array_equal(quantized, params)
+        else:  # a level is ref / 255 pixels
+            assert np.abs(quantized[:, :2] - params[:, :2]).max() <= max(height, width) / 255
+
+
+def test_param_encoding_kinds_roundtrip():
+    encodings = [{"param": "a.x", "kind": "float16"}, {"param": "a.n", "kind": "int", "offset": -5, "width": 2},
+                 {"param": "a.m", "kind": "linear", "lo": 0.0, "hi": 10.0, "levels": 100},
+                 {"param": "a.t", "kind": "relative", "ref": "output", "levels": 255}]
+    codec = fmt.ParamCodec(encodings, output_size=224)
+    params = np.array([[0.1234, 123456.0, 9.04, 100.0], [-3.5, -5.0, 0.0, 224.0]])
+    columns = codec.encode(params, np.array([300, 300]), np.array([400, 400]))
+    assert columns.shape == (2, 5) and columns.max() <= 0xFFFF
+    decoded = codec.decode(columns, np.array([300, 300]), np.array([400, 400]))
+    np.testing.assert_allclose(decoded[:, 0], params[:, 0], rtol=1e-3)
+    np.testing.assert_array_equal(decoded[:, 1], params[:, 1])
+    np.testing.assert_allclose(decoded[:, 2], params[:, 2], atol=0.05)
+    np.testing.assert_allclose(decoded[:, 3], params[:, 3], atol=224 / 255)
+    with pytest.raises(StoreFormatError, match="float16"):
+        codec.encode(np.array([[1e6, 0, 0, 0]]), np.array([1]), np.array([1]))
+
+
+def test_record_dtype_by_num_classes():
+    assert fmt.record_dtype(1000) == np.uint16 and fmt.record_dtype(65535) == np.uint16
+    assert fmt.record_dtype(65536) == np.uint32
+    header = synthetic_header(num_classes=70000, k=3)
+    assert header.dtype == np.uint32
+
+
+def test_layout_chunks_one_slot_of_a_block_and_shards_a_block(tmp_path):
+    header = synthetic_header(num_samples=40, block=16)
+    write_store(tmp_path / "s.zarr", header)
+    group = fmt.open_store_group(tmp_path / "s.zarr")
+    records = group[fmt.RECORDS]
+    assert records.chunks == (16, 1, header.record_width) and records.shards == (16, 6, header.record_width)
+    files = [f for f in (tmp_path / "s.zarr").rglob("*") if f.is_file()]
+    assert len(files) == fmt.expected_file_count(header)
+    assert len(list((tmp_path / "s.zarr" / fmt.RECORDS).rglob("c/*/*/*"))) == header.num_blocks
+
+
+def test_slot_for_epoch_visits_every_slot_once_per_cycle_and_is_shared():
+    a = 7
+    for cycle in range(3):
+        slots = [rng.slot_for_epoch(5, cycle * a + e, 0, a) for e in range(a)]
+        assert sorted(slots) == list(range(a))
+    assert {rng.slot_for_epoch(5, 3, i, a) for i in range(50)} == {rng.slot_for_epoch(5, 3, 0, a)}
+    assert [rng.slot_for_epoch(5, e, 0, a) for e in range(a)] != [rng.slot_for_epoch(6, e, 0, a) for e in range(a)]
+
+
+def _edit_header(path: Path, **changes) -> None:
+    """Edit the root attributes (and their consolidated copy) of a store on disk."""
+    meta_path = path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"][fmt.ATTRS_KEY].update(changes)
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_newer_major_version_is_rejected_minor_additions_ignored(digits, store, tmp_path):
+    newer = tmp_path / "newer.zarr"
+    shutil.copytree(store, newer)
+    _edit_header(newer, format_version="2.0")
+    with pytest.raises(StoreFormatError, match=r"format version 2\.0 is not supported.*upgrade reinforce-loaders"):
+        ReinforcedDataset(digits[0], newer)
+    minor = tmp_path / "minor.zarr"
+    shutil.copytree(store, minor)
+    _edit_header(minor, format_version="1.9", some_future_field={"x": 1})
+    ds = ReinforcedDataset(digits[0], minor)
+    assert ds.header.format_version == "1.9" and ds[0][0].shape == (3, 32, 32)
+
+
+def test_header_missing_member_is_named(digits, store, tmp_path):
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    meta = json.loads((damaged / "zarr.json").read_text())
+    del meta["attributes"][fmt.ATTRS_KEY]["num_classes"]
+    (damaged / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreFormatError, match="header lacks num_classes"):
+        ReinforcedDataset(digits[0], damaged)
+
+
+def _shard(path: Path, block: int) -> Path:
+    return path / fmt.RECORDS / "c" / str(block) / "0" / "0"
+
+
+def test_corrupted_chunk_raises_clear_error(tmp_path):
+    header = synthetic_header()
+    path = tmp_path / "s.zarr"
+    write_store(path, header)
+    shard = _shard(path, 1)
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0x5A  # inside the first chunk's compressed bytes
+    shard.write_bytes(bytes(data))
+    group = fmt.open_store_group(path)
+    with pytest.raises(StoreFormatError, match="damaged"):
+        for slot in range(header.num_augmentations):
+            fmt.read_block_slot(group, header, 1, slot)
+    # Undamaged blocks still read.
+    fmt.read_block_slot(group, header, 0, 0)
+
+
+def test_truncated_and_missing_shards_raise(tmp_path):
+    header = synthetic_header()
+    path = tmp_path / "s.zarr"
+    write_store(path, header)
+    shard = _shard(path, 2)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    group = fmt.open_store_group(path)
+    with pytest.raises(StoreFormatError, match="damaged or truncated"):
+        fmt.read_block_slot(group, header, 2, 0)
+    _shard(path, 0).unlink()
+    with pytest.raises(StoreFormatError, match="missing"):
+        fmt.read_block_slot(group, header, 0, 3)
+
+
+def test_incomplete_build_is_refused_then_resumed(tmp_path, digits, store):
+    header = synthetic_header()
+    path = tmp_path / "s.zarr"
+    write_store(path, header, blocks=[1])
+    with pytest.raises(IncompleteStoreError, match="1 of 3 blocks written.*resume"):
+        fmt.read_header(fmt.open_store_group(path))
+    writer = StoreWriter.create_or_resume(path, header, len(header.param_encodings))
+    assert writer.pending_blocks() == [0, 2]
+    generator = np.random.default_rng(0)
+    results = {block: synthetic_block(header, block, generator) for block in range(header.num_blocks)}
+    for block in writer.pending_blocks():
+        writer.write_block(block, results[block])
+    writer.finalize()
+    group = fmt.open_store_group(path)
+    assert fmt.read_header(group).complete
+    np.testing.assert_array_equal(read_all(path, header)[:, :, :header.top_k],
+                                  np.concatenate([results[b].topk_indices for b in range(3)]))
+
+
+def test_writer_refuses_unquantized_params(tmp_path):
+    header = synthetic_header()
+    writer = StoreWriter.create_or_resume(tmp_path / "s.zarr", header, len(header.param_encodings))
+    result = synthetic_block(header, 0, np.random.default_rng(0))
+    result.image_sizes[:] = 600
+    result.aug_params[0, 0, 0] = 301.0  # not on the 600/255 grid
+    with pytest.raises(ValueError, match="not representable.*ParamCodec.quantize"):
+        writer.write_block(0, result)
+
+
+def test_built_store_replays_and_dataloader_workers_share_epoch(digits, store):
+    ds = ReinforcedDataset(digits[0], store, target="sparse")
+    a = ds.header.num_augmentations
+    ds.set_epoch(2)
+    slot = ds.slot(0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, persistent_workers=True)
+    for epoch in (2, 3):
+        ds.set_epoch(epoch)
+        got = torch.cat([targets[0] for _, targets in loader])
+        reference = ReinforcedDataset(digits[0], store, target="sparse")
+        want = torch.stack([reference.replay(i, reference.slot(i, epoch))[1][0] for i in range(len(ds))])
+        torch.testing.assert_close(got, want)
+    assert 0 <= slot < a
+    # Every block of the current epoch was loaded once, into the shared table.
+    ds.set_epoch(0)
+    for index in range(len(ds)):
+        ds[index]
+    assert (ds._block_epoch == 0).all()
+
+
+def test_remote_http_store_reads_in_bounded_requests(digits, store):
+    with RangeServer(store.parent) as server:
+        url = f"{server.url}/{store.name}"
+        ds = ReinforcedDataset(digits[0], url, target="sparse")
+        opening = list(server.log)
+        assert opening[0].path.endswith("/zarr.json") and len(opening) <= 1 + 3 * ds.header.num_blocks
+        assert not any(r.path.endswith("zarr.json") for r in opening[1:])  # consolidated metadata only
+        local = ReinforcedDataset(digits[0], store, target="sparse")
+        ds.set_epoch(1)
+        local.set_epoch(1)
+        before = len(server.log)
+        for index in range(len(ds)):
+            _, (indices, probs) = ds[index]
+            _, (local_indices, local_probs) = local[index]
+            assert torch.equal(indices, local_indices) and torch.equal(probs, local_probs)
+        epoch_requests = server.log[before:]
+        # One shard-index read and one chunk read per block.
+        assert len(epoch_requests) == 2 * ds.header.num_blocks
+        assert all(r.status == 206 for r in epoch_requests)
