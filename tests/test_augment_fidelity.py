@@ -12,6 +12,7 @@ import torch
 from sklearn.datasets import load_sample_images
 from torchvision.transforms.v2 import functional as F
 
+from reinforce_loaders import format as fmt
 from reinforce_loaders.augment import (PRESETS, AugmentPipeline, AugMix, CenterCrop, CutMix, HorizontalFlip, MixUp,
                                        RandAugment, RandomCrop, RandomErasing, RandomResizedCrop, make_pipeline)
 from reinforce_loaders.augment.color import OP_NAMES, apply_op
@@ -27,11 +28,13 @@ def images() -> list[torch.Tensor]:
 
 
 def records(pipeline: AugmentPipeline, images: list[torch.Tensor], slots: int = 12, seed: int = 0):
-    """(images per record, stored float32 params, partner images) for ``slots`` records of every image."""
+    """(images per record, params as the store holds them, partner images) for ``slots`` records of every image."""
     shapes = [tuple(image.shape[1:]) for image in images]
     params = np.concatenate([
         pipeline.sample_slots(seed, i, slots, *shapes[i], num_samples=len(images), partner_size=lambda p: shapes[p])
-        for i in range(len(images))]).astype(np.float32)
+        for i in range(len(images))])
+    sizes = np.array([shapes[i] for i in range(len(images)) for _ in range(slots)])
+    params = fmt.ParamCodec.for_pipeline(pipeline).quantize(params, sizes[:, 0], sizes[:, 1])
     per_record = [images[i] for i in range(len(images)) for _ in range(slots)]
     partners = pipeline.partner_indices(params)
     partner_images = None if partners is None else [images[p] if p >= 0 else None for p in partners]
@@ -124,7 +127,7 @@ def test_crop_resample_is_close_to_torchvision_resized_crop(images):
     pipeline = AugmentPipeline([RandomResizedCrop()], 64)
     params = pipeline.sample_slots(0, 0, 16, *image.shape[1:])
     for row in params:
-        top, left, h, w = (int(round(v * s)) for v, s in zip(row, [image.shape[1], image.shape[2]] * 2))
+        top, left, h, w = (int(v) for v in row)
         ours = pipeline.apply(image, row).float()
         reference = F.resized_crop(image, top, left, h, w, [64, 64], antialias=True).float()
         assert (ours - reference).abs().mean() < 4.0

@@ -23,18 +23,21 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import AugmentationError
-from .base import BIT, FRACTION, AugmentOp, ParamSpec, SourceOp, check_probability, check_range
+from .base import BIT, AugmentOp, ParamSpec, SourceOp, check_probability, check_range
 
 _MAX_TRIES = 10
 
 
 RESAMPLERS = ("roi_align", "antialias")
 
+PIXEL = ParamSpec(0, None, True)
+"""A source-pixel coordinate or extent (bounded by the source's side, not known to the op)."""
+
 
 def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, resample: str = "roi_align",
                 ) -> torch.Tensor:
-    """Resample box ``boxes[r]`` = ``(top, left, height, width)`` (fractions of ``images[r]``'s height and width)
-    of each uint8 ``[C, H, W]`` image to uint8 ``[N, C, size, size]``.
+    """Resample box ``boxes[r]`` = ``(top, left, height, width)`` (source pixels of ``images[r]``) of each uint8
+    ``[C, H, W]`` image to uint8 ``[N, C, size, size]``.
 
     Records that share an image tensor (the build passes the same tensor for every slot of a sample) are
     resampled from one float copy of it, and images of one shape share one ``roi_align`` call.
@@ -58,16 +61,14 @@ def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, 
     for position, image in enumerate(sources):
         by_shape.setdefault(tuple(image.shape[-2:]), []).append(position)
     boxes = boxes.to(torch.float64)
-    for (height, width), members in by_shape.items():
+    for members in by_shape.values():
         batch = torch.stack([sources[m] for m in members]).to(torch.float32)
         local = torch.full((len(sources),), -1, dtype=torch.int64)
         local[torch.tensor(members)] = torch.arange(len(members))
         records = torch.nonzero(local[owner_t] >= 0).flatten()
         b = boxes[records.to(boxes.device)]
-        rois = torch.stack([
-            local[owner_t[records]].to(boxes.device, torch.float64),
-            b[:, 1] * width, b[:, 0] * height, (b[:, 1] + b[:, 3]) * width, (b[:, 0] + b[:, 2]) * height,
-        ], dim=1).to(torch.float32)
+        rois = torch.stack([local[owner_t[records]].to(boxes.device, torch.float64),
+                            b[:, 1], b[:, 0], b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], dim=1).to(torch.float32)
         resized = roi_align(batch, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1,
                             aligned=True)
         out[records.to(device)] = resized.round_().clamp_(0, 255).to(torch.uint8)
@@ -79,9 +80,8 @@ def _resized_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: in
     out = []
     for image, box in zip(images, boxes.tolist()):
         height, width = image.shape[-2:]
-        top, left = min(int(round(box[0] * height)), height - 1), min(int(round(box[1] * width)), width - 1)
-        h = min(max(int(round(box[2] * height)), 1), height - top)
-        w = min(max(int(round(box[3] * width)), 1), width - left)
+        top, left = min(int(round(box[0])), height - 1), min(int(round(box[1])), width - 1)
+        h, w = min(max(int(round(box[2])), 1), height - top), min(max(int(round(box[3])), 1), width - left)
         out.append(F.resized_crop(image, top, left, h, w, [size, size], antialias=True))
     return torch.stack(out)
 
@@ -92,8 +92,8 @@ def _check_resample(op: str, resample: str) -> str:
     return resample
 
 
-def _box_fractions(top: int, left: int, h: int, w: int, height: int, width: int) -> np.ndarray:
-    return np.array([top / height, left / width, h / height, w / width], dtype=np.float64)
+def _box(top: int, left: int, h: int, w: int) -> np.ndarray:
+    return np.array([top, left, h, w], dtype=np.float64)
 
 
 class RandomResizedCrop(SourceOp):
@@ -102,13 +102,13 @@ class RandomResizedCrop(SourceOp):
     Sampling follows torchvision's ``RandomResizedCrop``: up to ten tries at an area fraction uniform in
     ``scale`` and a log-uniform aspect ratio in ``ratio``, on whole source pixels; then a central crop.
 
-    Parameters (fractions of the source height / width, all in [0, 1]):
-    ``top``, ``left`` (box corner), ``height``, ``width`` (box size, > 0).
+    Parameters (integer source pixels, so the box replays at any output size): ``top``, ``left`` (box corner,
+    >= 0), ``height``, ``width`` (box size, >= 1; ``top + height <= H``, ``left + width <= W``).
     """
 
     name = "random_resized_crop"
     param_names = ("top", "left", "height", "width")
-    param_specs: tuple[ParamSpec, ...] = (FRACTION,) * 4
+    param_specs: tuple[ParamSpec, ...] = (PIXEL,) * 4
 
     def __init__(self, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
                  resample: str = "roi_align") -> None:
@@ -127,8 +127,8 @@ class RandomResizedCrop(SourceOp):
             if 0 < w <= width and 0 < h <= height:
                 top = min(int(u[2 * _MAX_TRIES + 2 * t] * (height - h + 1)), height - h)
                 left = min(int(u[2 * _MAX_TRIES + 2 * t + 1] * (width - w + 1)), width - w)
-                return _box_fractions(top, left, h, w, height, width)
-        return _box_fractions(*_central_crop(height, width, self.ratio), height, width)
+                return _box(top, left, h, w)
+        return _box(*_central_crop(height, width, self.ratio))
 
     def apply_sources(self, images: Sequence[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
         return crop_resize(images, params, size, self.resample)
@@ -155,12 +155,12 @@ class RandomCrop(SourceOp):
     Implemented as one resample of the equivalent source box: a square of side
     ``crop_fraction * min(H, W)`` source pixels at a random whole-pixel position.
 
-    Parameters (fractions of the source height / width, in [0, 1]): ``top``, ``left``, ``height``, ``width``.
+    Parameters (integer source pixels): ``top``, ``left``, ``height``, ``width``.
     """
 
     name = "random_crop"
     param_names = ("top", "left", "height", "width")
-    param_specs: tuple[ParamSpec, ...] = (FRACTION,) * 4
+    param_specs: tuple[ParamSpec, ...] = (PIXEL,) * 4
 
     def __init__(self, crop_fraction: float = 0.875, resample: str = "roi_align") -> None:
         self.crop_fraction = check_probability(self.name, "crop_fraction", crop_fraction)
@@ -172,7 +172,7 @@ class RandomCrop(SourceOp):
         side = max(1, int(round(self.crop_fraction * min(height, width))))
         top = min(int(u[0] * (height - side + 1)), height - side)
         left = min(int(u[1] * (width - side + 1)), width - side)
-        return _box_fractions(top, left, side, side, height, width)
+        return _box(top, left, side, side)
 
     def apply_sources(self, images: Sequence[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
         return crop_resize(images, params, size, self.resample)
@@ -202,7 +202,7 @@ class CenterCrop(SourceOp):
         for image in images:
             height, width = image.shape[-2:]
             side = max(1, int(round(self.crop_fraction * min(height, width))))
-            boxes.append(_box_fractions((height - side) // 2, (width - side) // 2, side, side, height, width))
+            boxes.append(_box((height - side) // 2, (width - side) // 2, side, side))
         return crop_resize(images, torch.from_numpy(np.stack(boxes)).to(images[0].device), size, self.resample)
 
     def _kwargs(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import AugmentationError
-from .base import (FRACTION, AugmentOp, ParamSpec, beta_sample, box_mask, check_probability, check_range,
+from .base import (FRACTION, AugmentOp, ParamSpec, SourceOp, beta_sample, box_mask, check_probability, check_range,
                    to_uint8)
 
 _MAX_TRIES = 10
@@ -75,12 +75,45 @@ class Mix(AugmentOp):
     Parameters: ``partner`` (integer sample index, -1 = not mixed), ``mode`` (0 none, 1 MixUp, 2 CutMix),
     ``lam`` (fraction of the record's own image: the MixUp weight, or 1 - the CutMix box area), and the
     CutMix box ``top``, ``left``, ``height``, ``width`` in fractions of the output side (rounded to pixels
-    as in :class:`RandomErasing`; zeros for MixUp).
+    as in :class:`RandomErasing`; zeros for MixUp); then, once a pipeline binds the ops before this one,
+    the partner's parameters of those ops, ``partner.<op>.<param>`` (same meaning and encodings).
     """
 
     name = "mix"
-    param_names = ("partner", "mode", "lam", "top", "left", "height", "width")
-    param_specs: tuple[ParamSpec, ...] = (ParamSpec(-1, None, True), ParamSpec(0, 2, True)) + (FRACTION,) * 5
+    OWN_PARAMS = ("partner", "mode", "lam", "top", "left", "height", "width")
+    _OWN_SPECS: tuple[ParamSpec, ...] = (ParamSpec(-1, None, True), ParamSpec(0, 2, True)) + (FRACTION,) * 5
+    _partner_ops: tuple[AugmentOp, ...] = ()
+
+    def bind_partner_ops(self, ops: Sequence[AugmentOp]) -> None:
+        """The ops the partner goes through (those before this one); their parameters follow ours."""
+        self._partner_ops = tuple(ops)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.OWN_PARAMS + tuple(f"partner.{op.name}.{name}" for op in self._partner_ops
+                                       for name in op.param_names)
+
+    @property
+    def param_specs(self) -> tuple[ParamSpec, ...]:  # type: ignore[override]
+        return self._OWN_SPECS + tuple(spec for op in self._partner_ops for spec in op.param_specs)
+
+    @property
+    def param_encoding(self) -> dict[str, Any]:
+        """The partner ops' declared store encodings, under the partner's parameter names."""
+        from ..format import KNOWN_PARAM_ENCODINGS, ParamEncoding
+
+        out = {}
+        for op in self._partner_ops:
+            declared = getattr(op, "param_encoding", None) or {}
+            for name in op.param_names:
+                encoding = declared.get(name) or KNOWN_PARAM_ENCODINGS.get(f"{op.name}.{name}")
+                if isinstance(op, SourceOp):
+                    # The store's crop encodings are relative to the record's own source; the partner's box is
+                    # in the partner's pixels, so it is stored exactly as an integer instead.
+                    encoding = ParamEncoding(kind="int", offset=0, width=1)
+                if encoding is not None:
+                    out[f"partner.{op.name}.{name}"] = encoding
+        return out
 
     def __init__(self, mixup_alpha: float = 0.2, cutmix_alpha: float = 1.0, p: float = 1.0,
                  switch_prob: float = 0.5) -> None:

@@ -42,8 +42,8 @@ class AugmentPipeline:
     (sample, slot) draws from RNG stream ``k`` of key (seed, sample, slot); the partner's copy of op ``k``
     from stream ``PARTNER_STREAM_OFFSET + k``.
 
-    Parameter layout of a record: every op's parameters in order, then (mixing pipelines) the partner's
-    parameters of the ops before the mixing op, named ``partner.<op>.<param>``.
+    Parameter layout of a record: every op's parameters in order; a mixing op's block ends with the
+    partner's parameters of the ops before it, named ``mix.partner.<op>.<param>``.
     """
 
     def __init__(self, ops: Sequence[AugmentOp], size: int) -> None:
@@ -64,12 +64,19 @@ class AugmentPipeline:
         self.ops = ops
         self.size = int(size)
         self.mix_index: int | None = mixers[0] if mixers else None
+        if self.mix_index is not None:
+            ops[self.mix_index].bind_partner_ops(ops[:self.mix_index])
         widths = [len(op.param_names) for op in ops]
         offsets = np.cumsum([0] + widths)
         self._own = [(int(offsets[k]), int(offsets[k + 1])) for k in range(len(ops))]
-        partner_offsets = offsets[-1] + np.cumsum([0] + widths[:self.mix_index or 0])
-        self._partner = [(int(partner_offsets[k]), int(partner_offsets[k + 1])) for k in range(self.mix_index or 0)]
-        self._num_params = int(partner_offsets[-1])
+        if self.mix_index is not None:  # the partner's copies sit inside the mixing op's block, after its own
+            first = self._own[self.mix_index][0] + len(Mix.OWN_PARAMS)
+            partner_offsets = first + np.cumsum([0] + widths[:self.mix_index])
+            self._own[self.mix_index] = (self._own[self.mix_index][0], first)
+            self._partner = [(int(partner_offsets[k]), int(partner_offsets[k + 1])) for k in range(self.mix_index)]
+        else:
+            self._partner = []
+        self._num_params = int(offsets[-1])
 
     @property
     def num_params(self) -> int:
@@ -82,15 +89,12 @@ class AugmentPipeline:
 
     @property
     def param_names(self) -> list[str]:
-        own = [f"{op.name}.{name}" for op in self.ops for name in op.param_names]
-        partner = [f"partner.{op.name}.{name}" for op in self.ops[:self.mix_index or 0] for name in op.param_names]
-        return own + partner
+        return [f"{op.name}.{name}" for op in self.ops for name in op.param_names]
 
     @property
     def param_specs(self) -> list[ParamSpec]:
         """Range of every parameter, aligned with :attr:`param_names`."""
-        own = [spec for op in self.ops for spec in op.param_specs]
-        return own + [spec for op in self.ops[:self.mix_index or 0] for spec in op.param_specs]
+        return [spec for op in self.ops for spec in op.param_specs]
 
     # -- sampling ---------------------------------------------------------------------------------------------
 
