@@ -27,6 +27,7 @@ from sklearn.datasets import load_sample_images
 from torchvision.transforms.v2 import functional as F
 
 from reinforce_loaders import ReinforcedDataset
+from reinforce_loaders import format as fmt
 from reinforce_loaders.augment import (PRESETS, AugmentPipeline, AugMix, CutMix, HorizontalFlip, MixUp, RandAugment,
                                        RandomCrop, RandomErasing, RandomResizedCrop, make_pipeline)
 
@@ -60,7 +61,9 @@ def make_records(pipeline: AugmentPipeline, images: list[torch.Tensor], per_imag
     shapes = [tuple(image.shape[1:]) for image in images]
     params = np.concatenate([
         pipeline.sample_slots(0, i, per_image, *shapes[i], num_samples=len(images), partner_size=lambda p: shapes[p])
-        for i in range(len(images))]).astype(np.float32)
+        for i in range(len(images))])
+    sizes = np.array([shapes[i] for i in range(len(images)) for _ in range(per_image)])
+    params = fmt.ParamCodec.for_pipeline(pipeline).quantize(params, sizes[:, 0], sizes[:, 1])  # as stored
     per_record = [i for i in range(len(images)) for _ in range(per_image)]
     partners = pipeline.partner_indices(params)
     return per_record, params, partners
