@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.datasets import load_sample_images
-from torchvision.transforms.v2 import functional as F
 
 from reinforce_loaders import ReinforcedDataset
 from reinforce_loaders import format as fmt
