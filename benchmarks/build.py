@@ -103,7 +103,8 @@ def prepare_forward_only(config: BuildConfig, ensemble: Ensemble, num_images: in
     for start in range(0, num_images, config.block_size):
         loaded = processor.load(start, min(start + config.block_size, num_images))
         n, a = len(loaded.images), config.num_augmentations
-        params = np.stack([processor.pipeline.sample_slots(config.seed, loaded.start + i, a, im.shape[1], im.shape[2])
+        params = np.stack([processor.pipeline.sample_slots(config.seed, loaded.start + i, a, im.shape[1], im.shape[2],
+                                                      num_samples=len(source))
                            for i, im in enumerate(loaded.images)])
         sizes = np.array([im.shape[1:] for im in loaded.images])
         params = processor.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])

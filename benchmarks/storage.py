@@ -192,7 +192,7 @@ def erasing_params(generator: np.random.Generator, shape: tuple[int, int]) -> np
     return out
 
 
-def configuration(name: str, samples: int, slots: int, block: int, generator, teacher):
+def configuration(name: str, samples: int, slots: int, block: int, generator: np.random.Generator):
     """Header, quantized params and ensemble results of one configuration."""
     pipeline = make_pipeline("rrc", 224)
     encodings = fmt.pipeline_param_encodings(pipeline)
@@ -267,14 +267,12 @@ def vocabulary_estimate(indices: np.ndarray, block: int) -> tuple[float, float]:
     blosc = numcodecs.Blosc(cname="zstd", clevel=fmt.ZSTD_LEVEL, shuffle=numcodecs.Blosc.BITSHUFFLE)
     n, a, _ = indices.shape
     positions = np.empty_like(indices)
-    vocab_bytes = 0
     for i in range(n):
         classes, counts = np.unique(indices[i], return_counts=True)
         ranked = classes[np.lexsort((classes, -counts))]
         lookup = np.empty(indices.max() + 1, dtype=np.int64)
         lookup[ranked] = np.arange(len(ranked))
         positions[i] = lookup[indices[i]]
-        vocab_bytes += len(ranked) * 2
     position_bytes = sum(len(blosc.encode(np.ascontiguousarray(positions[s:s + block, j].T.astype("<u2")))) + 4
                          for j in range(a) for s in range(0, n, block))
     vocab_compressed = len(blosc.encode(np.concatenate([np.unique(indices[i]) for i in range(n)]).astype("<u2")))
@@ -331,7 +329,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("rrc", "imagenet+"):
             generator = np.random.default_rng(2)
-            header, sizes, params = configuration(name, args.samples, args.slots, args.block_size, generator, None)
+            header, sizes, params = configuration(name, args.samples, args.slots, args.block_size, generator)
             teacher = (indices, probs, entropy)
             store, reference = Path(tmp) / f"{name}.zarr", Path(tmp) / f"{name}-ref"
             write_v1(store, header, sizes, params, teacher)

@@ -247,9 +247,13 @@ class BlockProcessor:
         present = [i for i, image in enumerate(loaded.images) if image is not None]
         sizes = np.array([image.shape[1:] if image is not None else fmt.SKIPPED_IMAGE_SIZE
                           for image in loaded.images], dtype=np.int64).reshape(n, 2)
+        device_images = {i: loaded.images[i].to(self.device, non_blocking=True) for i in present}
+        partner = self._partner_loader(loaded, device_images)
         params = np.zeros((n, a, self.pipeline.num_params), dtype=np.float64)
         for i in present:
-            params[i] = self.pipeline.sample_slots(self.seed, loaded.start + i, a, sizes[i, 0], sizes[i, 1])
+            params[i] = self.pipeline.sample_slots(self.seed, loaded.start + i, a, sizes[i, 0], sizes[i, 1],
+                                                   num_samples=len(self.source),
+                                                   partner_size=lambda p: partner(p).shape[1:])
         # The teacher sees the parameters as the store will hold them, so the student replays the same image.
         # (A skipped sample's zeros become whatever the encoding stores for them; its (0, 0) size flags it.)
         params = self.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
@@ -258,14 +262,13 @@ class BlockProcessor:
         entropy = np.zeros((n, a), dtype=np.float32)
         records = [(i, j) for i in present for j in range(a)]
         if records:
-            device_images = {i: loaded.images[i].to(self.device, non_blocking=True) for i in present}
-            partners = self._partner_images(params, present, loaded, device_images)
             rows, cols = np.array(records).T
             for first in range(0, len(records), self.batch_size):
                 r, c = rows[first:first + self.batch_size], cols[first:first + self.batch_size]
+                partners = self.pipeline.partner_indices(params[r, c])
+                partner_images = None if partners is None else [partner(p) if p >= 0 else None for p in partners]
                 values, classes, entropy[r, c] = self._teacher_top_k(
-                    [device_images[i] for i in r], params[r, c],
-                    None if partners is None else [partners[i][j] for i, j in zip(r, c)])
+                    [device_images[i] for i in r], params[r, c], partner_images)
                 top_indices[r, c], top_probs[r, c] = classes, values
         return BlockResult(
             start=loaded.start,
@@ -278,27 +281,24 @@ class BlockProcessor:
             teacher_entropy=entropy,
         )
 
-    def _partner_images(self, params: np.ndarray, present: list[int], loaded: LoadedBlock,
-                        device_images: dict[int, torch.Tensor]) -> list[list[torch.Tensor]] | None:
-        """``[i][j]``: the image record (i, j)'s mixing op blends in (None without mixing), each decoded once."""
-        flat = params[present].reshape(-1, params.shape[-1])
-        indices = self.pipeline.partner_indices(flat)
-        if indices is None:
-            return None
-        indices = np.asarray(indices, dtype=np.int64).reshape(len(present), params.shape[1])
-        cache = {loaded.start + i: device_images[i] for i in present}
-        missing = sorted(set(indices.ravel().tolist()) - set(cache))
-        # A bad partner image is always fatal: skipping it would change other samples' records.
-        for index, (image, _) in zip(missing, self._pool.map(self.source.load, missing)):
-            cache[index] = image.to(self.device, non_blocking=True)
-        partners: list[list[torch.Tensor]] = [[] for _ in loaded.images]
-        for row, i in enumerate(present):
-            partners[i] = [cache[int(index)] for index in indices[row]]
-        return partners
+    def _partner_loader(self, loaded: LoadedBlock, device_images: dict[int, torch.Tensor]):
+        """Source image ``p`` on the device, for mixing ops: the block's own images, others decoded once per block.
+
+        A partner that cannot be read is always fatal: skipping it would change other samples' records.
+        """
+        cache = {loaded.start + i: image for i, image in device_images.items()}
+
+        def partner(index: int) -> torch.Tensor:
+            index = int(index)
+            if index not in cache:
+                cache[index] = self.source.load(index)[0].to(self.device, non_blocking=True)
+            return cache[index]
+
+        return partner
 
     @torch.inference_mode()
     def _teacher_top_k(self, images: list[torch.Tensor], params: np.ndarray,
-                       partner_images: list[torch.Tensor] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       partner_images: list[torch.Tensor | None] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-k probabilities and classes, and the entropy (nats) of the mean distribution, of each record."""
         by_size = {}
         for size in self.ensemble.input_sizes:

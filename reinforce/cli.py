@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--teacher", action="append", required=True, metavar="ARCH[=WEIGHTS]",
                        help="ensemble member: a timm architecture, with local .safetensors/state_dict weights "
                             "(else timm's pretrained weights); repeat for an ensemble")
-    build.add_argument("--augment", default="rrc", choices=sorted(PRESETS), help="augmentation preset")
+    build.add_argument("--augment", default="rrc", metavar="PRESET|CONFIG.json",
+                       help=f"augmentation preset ({', '.join(PRESETS)}) or a JSON pipeline config file")
     build.add_argument("--image-size", type=int, default=224, help="side of the augmented images (default 224)")
     build.add_argument("--num-augmentations", "-A", type=int, required=True, help="stored augmentations per image")
     build.add_argument("--top-k", "-k", type=int, required=True, help="teacher probabilities kept per record")

@@ -68,8 +68,10 @@ def _encoding_text(item: dict[str, Any]) -> str:
 
 
 def _array_bytes(store: str | os.PathLike[str], name: str) -> tuple[int, int]:
-    """(bytes, files) of an array's chunk/shard files; (0, 0) for a remote store."""
-    root = Path(store) / name
+    """(bytes, files) of an array's chunk/shard files; (0, 0) for a remote store (sizes need a listing)."""
+    if "://" in str(store) and not str(store).startswith("file://"):
+        return 0, 0
+    root = Path(str(store).removeprefix("file://")) / name
     if not root.exists():
         return 0, 0
     files = [file for file in root.rglob("*") if file.is_file() and file.name != "zarr.json"]

@@ -49,6 +49,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
                 start, stop = max(len(data) - int(last), 0), len(data)
             part, status = data[start:stop], 206
             extra["Content-Range"] = f"bytes {start}-{start + len(part) - 1}/{len(data)}"
+        # Logged before the response is sent, so a client that has its answer always finds it in the log.
+        self.server.log.append(Request(self.command, self.path, status, len(part) if body else 0))  # type: ignore
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(part)))
@@ -58,7 +60,6 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.end_headers()
         if body:
             self.wfile.write(part)
-        self.server.log.append(Request(self.command, self.path, status, len(part) if body else 0))  # type: ignore
 
     def log_message(self, format: str, *args: object) -> None:
         pass

@@ -279,3 +279,33 @@ def test_remote_http_store_reads_in_bounded_requests(digits, store):
         # One shard-index read and one chunk read per block.
         assert len(epoch_requests) == 2 * ds.header.num_blocks
         assert all(r.status == 206 for r in epoch_requests)
+
+
+def _write_blocks_in_child(path: str, blocks: list[int]) -> None:
+    header = synthetic_header()
+    writer = StoreWriter.create_or_resume(path, header, len(header.param_encodings))
+    generator = np.random.default_rng(0)
+    results = {block: synthetic_block(header, block, generator) for block in range(header.num_blocks)}
+    for block in blocks:
+        writer.write_block(block, results[block])
+
+
+def test_processes_write_disjoint_blocks_without_locks(tmp_path):
+    import multiprocessing
+
+    header = synthetic_header()
+    path = tmp_path / "s.zarr"
+    StoreWriter.create_or_resume(path, header, len(header.param_encodings))
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=_write_blocks_in_child, args=(str(path), blocks)) for blocks in ([0, 2], [1])]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+        assert child.exitcode == 0
+    writer = StoreWriter.create_or_resume(path, header, len(header.param_encodings))
+    assert writer.pending_blocks() == []
+    writer.finalize()
+    generator = np.random.default_rng(0)
+    expected = np.concatenate([synthetic_block(header, b, generator).topk_indices for b in range(header.num_blocks)])
+    np.testing.assert_array_equal(read_all(path, header)[:, :, :header.top_k], expected)

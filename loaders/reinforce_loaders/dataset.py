@@ -118,17 +118,32 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         return self.replay(index, self.slot(index))
 
     def replay(self, index: int, slot: int, resolution: int | None = None) -> tuple[Any, Any]:
-        """``(transform(image), target)`` of record (index, slot) at ``resolution``."""
-        image, _ = self.source.load(index)
-        if self.verify == "lazy":
-            self._check_fingerprint(index, image)
+        """``(transform(image), target)`` of record (index, slot) at ``resolution``.
+
+        A mixed record (MixUp / CutMix) also decodes its partner sample and replays the partner's stored
+        augmentation before mixing; the target is the teacher's on the mixed image, as stored.
+        """
+        image = self._load_checked(index)
         params, indices, probs = self._record(index, slot)
         indices = torch.from_numpy(indices.astype(np.int64))
         probs = torch.from_numpy(probs.astype(np.float32))
-        image = self.pipeline.apply(image, params, resolution or self.resolution)
+        partners = self.pipeline.partner_indices(params[None])
+        partner_image = None
+        if partners is not None and partners[0] >= 0:
+            if partners[0] >= len(self):
+                raise StoreFormatError(f"record ({index}, {slot}) mixes with sample {int(partners[0])}, beyond the "
+                                       f"store's {len(self)} samples: the store is damaged, rebuild it")
+            partner_image = self._load_checked(int(partners[0]))
+        image = self.pipeline.apply(image, params, resolution or self.resolution, partner_image=partner_image)
         if self.target == "sparse":
             return self.transform(image), (indices, probs)
         return self.transform(image), dense_target(indices, probs, self.num_classes, self.remaining_mass)
+
+    def _load_checked(self, index: int) -> torch.Tensor:
+        image, _ = self.source.load(index)
+        if self.verify == "lazy":
+            self._check_fingerprint(index, image)
+        return image
 
     def verify_fingerprints(self) -> None:
         """Decode every source image and raise :class:`SourceMismatchError` at the first that differs."""
