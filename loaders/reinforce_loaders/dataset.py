@@ -38,7 +38,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         remaining_mass: how a dense target treats the mass outside the top-k (see :func:`dense_target`).
         transform: applied to the replayed uint8 ``[3, H, W]`` image (default: float32 in [0, 1]).
         seed: seed of the per-epoch slot choice (default: the store's seed).
-        verify: ``"lazy"`` checks each image's fingerprint when it is loaded, ``"full"`` checks every image
+        verify: ``"lazy"`` checks each image's fingerprint the first time it is loaded, ``"full"`` checks every image
             now, ``"none"`` skips the check. Labels and counts are always checked.
         storage_options: fsspec options for remote stores.
 
@@ -84,6 +84,8 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                                        dtype=torch.uint8).share_memory_()
         self._block_epoch = torch.full((self.header.num_blocks,), -1, dtype=torch.int64).share_memory_()
         self._other_slots: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
+        # Samples whose fingerprint has been checked, shared so each is hashed about once per training run.
+        self._verified = torch.zeros(len(self._labels), dtype=torch.bool).share_memory_()
         self._check_source_matches()
         if verify == "full":
             self.verify_fingerprints()
@@ -141,8 +143,9 @@ class ReinforcedDataset(torch.utils.data.Dataset):
 
     def _load_checked(self, index: int) -> torch.Tensor:
         image, _ = self.source.load(index)
-        if self.verify == "lazy":
+        if self.verify == "lazy" and not self._verified[index]:
             self._check_fingerprint(index, image)
+            self._verified[index] = True
         return image
 
     def verify_fingerprints(self) -> None:
