@@ -118,15 +118,25 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None) -> li
         first = int(np.argmax((labels < 0) | (labels >= header.num_classes)))
         raise VerificationError(f"label of sample {first} is {int(labels[first])}, outside [0, {header.num_classes})"
                                 " (a negative label is a missing chunk)")
-    if (sizes <= 0).any() or (fingerprints == 0).any():
-        first = int(np.argmax((sizes <= 0).any(-1) | (fingerprints == 0)))
+    skipped = np.zeros(n, dtype=bool)
+    skipped[header.skipped_indices] = True
+    marked = (sizes == np.array(fmt.SKIPPED_IMAGE_SIZE)).all(-1) & (fingerprints == 0)
+    if (skipped & ~marked).any():
+        first = int(np.argmax(skipped & ~marked))
+        raise VerificationError(f"sample {first} is listed as skipped in the header but has an image size or "
+                                "fingerprint in the store")
+    absent = ((sizes <= 0).any(-1) | (fingerprints == 0)) & ~skipped
+    if absent.any():
+        first = int(np.argmax(absent))
         raise VerificationError(f"image size or fingerprint of sample {first} is missing (chunk absent)")
-    passed.append(f"samples: {n} labels in range, sizes and fingerprints present")
+    passed.append(f"samples: {n} labels in range, sizes and fingerprints present"
+                  + (f" ({int(skipped.sum())} skipped at build, listed in the header)" if skipped.any() else ""))
     codec = header.param_codec
     for block in range(header.num_blocks):
         start, stop = header.block_range(block)
         rows = _read(group, fmt.RECORDS, slice(start, stop), what=f"block {block} (samples [{start}, {stop}))")
-        _check_records(header, codec, rows, start, sizes[start:stop])
+        kept = np.flatnonzero(~skipped[start:stop])
+        _check_records(header, codec, rows[kept], start + kept, sizes[start:stop][kept])
     passed.append(f"records: {n * a} rows of {w} checksummed columns; valid class indices, sorted probabilities "
                   "in [0, 1] summing to <= 1, entropies in range, parameters that decode to themselves")
     if source is not None:
@@ -141,31 +151,31 @@ def _read(group: Any, name: str, selection: Any = slice(None), what: str = "") -
         raise VerificationError(str(error)) from None
 
 
-def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndarray, start: int,
+def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndarray, samples: np.ndarray,
                    sizes: np.ndarray) -> None:
     columns = header.record_columns
     fill = np.iinfo(header.dtype).max
-    where = f"samples [{start}, {start + len(rows)})"
+    where = f"samples [{samples[0]}, {samples[-1] + 1})" if len(samples) else "no samples"
     missing = (rows[..., 0] == fill)
     if missing.any():
         sample, slot = np.argwhere(missing)[0]
-        raise VerificationError(f"record ({start + sample}, {slot}) is missing (its chunk is absent)")
+        raise VerificationError(f"record ({samples[sample]}, {slot}) is missing (its chunk is absent)")
     indices = rows[..., columns["topk_indices"]].astype(np.int64)
     q = fmt.quantized_probs(header, rows)
     if indices.max(initial=0) >= header.num_classes:
         sample, slot = np.argwhere((indices >= header.num_classes).any(-1))[0]
-        raise VerificationError(f"record ({start + sample}, {slot}) has a class index >= {header.num_classes}")
+        raise VerificationError(f"record ({samples[sample]}, {slot}) has a class index >= {header.num_classes}")
     ordered = np.sort(indices, axis=-1)
     duplicate = (ordered[..., 1:] == ordered[..., :-1]).any(axis=-1)
     if duplicate.any():
         sample, slot = np.argwhere(duplicate)[0]
-        raise VerificationError(f"record ({start + sample}, {slot}) repeats a class index")
+        raise VerificationError(f"record ({samples[sample]}, {slot}) repeats a class index")
     if q.max(initial=0) > header.prob_scale:
         sample, slot = np.argwhere((q > header.prob_scale).any(-1))[0]
-        raise VerificationError(f"record ({start + sample}, {slot}) has a probability above 1")
+        raise VerificationError(f"record ({samples[sample]}, {slot}) has a probability above 1")
     if (q < 0).any():  # drops are unsigned, so the order is descending by construction; they can overshoot
         sample, slot = np.argwhere((q < 0).any(-1))[0]
-        raise VerificationError(f"record ({start + sample}, {slot}) has probability drops larger than its top-1 "
+        raise VerificationError(f"record ({samples[sample]}, {slot}) has probability drops larger than its top-1 "
                                 "probability (negative probabilities)")
     sums = q.sum(axis=-1)
     # Each of the k rounded probabilities may be up to half a step high.
@@ -173,18 +183,18 @@ def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndar
     bad = (sums > limit) | (sums <= 0)
     if bad.any():
         sample, slot = np.argwhere(bad)[0]
-        raise VerificationError(f"record ({start + sample}, {slot}) has top-k probabilities summing to "
+        raise VerificationError(f"record ({samples[sample]}, {slot}) has top-k probabilities summing to "
                                 f"{sums[sample, slot] / header.prob_scale:.4f}, outside (0, 1]")
     entropy = rows[..., columns["teacher_entropy"].start].astype(np.int64)
     if entropy.max(initial=0) > header.entropy_levels:
         sample, slot = np.argwhere(entropy > header.entropy_levels)[0]
-        raise VerificationError(f"record ({start + sample}, {slot}) has an entropy above log(num_classes)")
+        raise VerificationError(f"record ({samples[sample]}, {slot}) has an entropy above log(num_classes)")
     heights, widths = sizes[:, :1], sizes[:, 1:]
     params = codec.decode(rows[..., columns["aug_params"]], heights, widths)
     if not np.isfinite(params).all() or not np.array_equal(codec.quantize(params, heights, widths), params):
         bad = ~np.isfinite(params) | (codec.quantize(np.nan_to_num(params), heights, widths) != params)
         sample, slot, p = np.argwhere(bad)[0]
-        raise VerificationError(f"record ({start + sample}, {slot}) parameter {codec.names[p]} does not decode "
+        raise VerificationError(f"record ({samples[sample]}, {slot}) parameter {codec.names[p]} does not decode "
                                 f"to a representable value ({params[sample, slot, p]}) in {where}")
 
 
@@ -195,7 +205,10 @@ def _check_source(source: Any, group: Any, header: fmt.StoreHeader) -> list[str]
     labels = group[fmt.LABELS][:]
     fingerprints = group[fmt.FINGERPRINTS][:]
     sizes = group[fmt.IMAGE_SIZES][:]
+    skipped = set(header.skipped_indices.tolist())
     for index in range(len(source)):
+        if index in skipped:
+            continue
         image, label = source.load(index)
         if label != labels[index]:
             raise VerificationError(f"source sample {index} ({source.name_of(index)}) has label {label}, "
@@ -206,4 +219,5 @@ def _check_source(source: Any, group: Any, header: fmt.StoreHeader) -> list[str]
         if fingerprint(image) != int(fingerprints[index]):
             raise VerificationError(f"source sample {index} ({source.name_of(index)}) differs from the image "
                                     "the store was built from (fingerprint mismatch)")
-    return [f"source: {len(source)} samples match labels, sizes and fingerprints"]
+    return [f"source: {len(source) - len(skipped)} samples match labels, sizes and fingerprints"
+            + (f"; {len(skipped)} skipped at build not checked" if skipped else "")]

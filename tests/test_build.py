@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from reinforce.report import verify_store
+from reinforce_loaders import ReinforcedDataset
 import pytest
 import torch
 import zarr
@@ -151,6 +153,13 @@ def test_unreadable_image_is_skipped_and_listed(bad_source, teacher_weights, ref
     others = np.r_[0:block * 8, (block + 1) * 8:45]
     for name in (fmt.RECORDS, fmt.FINGERPRINTS, fmt.IMAGE_SIZES):
         np.testing.assert_array_equal(group[name][:][others], ref[name][:][others])
+    # The store verifies (the skip is listed), and the student's dataset leaves the sample out.
+    lines = verify_store(tmp_path / "store.zarr", source)
+    assert any("1 skipped at build" in line for line in lines)
+    dataset = ReinforcedDataset(source, tmp_path / "store.zarr", verify="full")
+    assert len(dataset) == 44 and dataset.store_index(index) == index + 1
+    _, target = dataset[index]
+    assert target.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_different_settings_on_resume_are_refused(digits, teacher_weights, reference, tmp_path):

@@ -76,7 +76,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         self._labels = fmt.read_array(group, fmt.LABELS)
         self._image_sizes = fmt.read_array(group, fmt.IMAGE_SIZES).astype(np.int64)
         self._fingerprints = fmt.read_array(group, fmt.FINGERPRINTS) if verify != "none" else None
-        _check_per_sample_arrays(self._labels, self._image_sizes, self._fingerprints)
+        skipped = self.header.skipped_indices
+        _check_per_sample_arrays(self._labels, self._image_sizes, self._fingerprints, skipped)
+        # Samples whose image was unreadable at build time have no records: the dataset leaves them out.
+        self._samples = np.setdiff1d(np.arange(len(self._labels)), skipped) if skipped.size else None
         # The current epoch's records, one row per sample, filled a block at a time as samples are asked for;
         # _block_epoch[b] is the epoch whose slot block b's rows hold (-1: none yet).
         itemsize = self.header.dtype.itemsize
@@ -99,7 +102,12 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         return self.header.class_names
 
     def __len__(self) -> int:
-        return self.header.num_samples
+        """Number of samples with records: the store's samples less those skipped at build time."""
+        return self.header.num_samples if self._samples is None else len(self._samples)
+
+    def store_index(self, position: int) -> int:
+        """Store (and source) index of the dataset's ``position``-th sample; they differ only after skips."""
+        return position if self._samples is None else int(self._samples[position])
 
     def set_epoch(self, epoch: int) -> None:
         """Select the stored slots for ``epoch`` (each stored slot is used once per ``num_augmentations``)."""
@@ -114,9 +122,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         epoch = self.epoch if epoch is None else epoch
         return slot_for_epoch(self.seed, epoch, index, self.header.num_augmentations)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
+    def __getitem__(self, position: int) -> tuple[Any, Any]:
+        if not 0 <= position < len(self):
+            raise IndexError(f"index {position} out of range for {len(self)} samples")
+        index = self.store_index(position)
         return self.replay(index, self.slot(index))
 
     def replay(self, index: int, slot: int, resolution: int | None = None) -> tuple[Any, Any]:
@@ -150,7 +159,8 @@ class ReinforcedDataset(torch.utils.data.Dataset):
 
     def verify_fingerprints(self) -> None:
         """Decode every source image and raise :class:`SourceMismatchError` at the first that differs."""
-        for index in range(len(self)):
+        for position in range(len(self)):
+            index = self.store_index(position)
             image, _ = self.source.load(index)
             self._check_fingerprint(index, image)
 
@@ -227,11 +237,13 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         return state
 
 
-def _check_per_sample_arrays(labels: np.ndarray, sizes: np.ndarray, fingerprints: np.ndarray | None) -> None:
+def _check_per_sample_arrays(labels: np.ndarray, sizes: np.ndarray, fingerprints: np.ndarray | None,
+                             skipped: np.ndarray) -> None:
     """Missing chunks read as fill values (label -1, size 0, fingerprint 0): refuse them, never use them."""
     missing = (labels < 0) | (sizes <= 0).any(axis=-1)
     if fingerprints is not None:
         missing |= fingerprints == 0
+    missing[skipped] = labels[skipped] < 0  # a skipped sample has no size or fingerprint, but keeps its label
     if missing.any():
         first = int(np.argmax(missing))
         raise StoreFormatError(

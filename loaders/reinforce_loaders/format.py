@@ -373,6 +373,11 @@ class StoreHeader:
     def record_width(self) -> int:
         return self.record_columns["teacher_entropy"].stop
 
+    @property
+    def skipped_indices(self) -> np.ndarray:
+        """Sorted indices of samples skipped at build time (unreadable images), from ``provenance["skipped"]``."""
+        return np.array(sorted(int(entry["index"]) for entry in self.provenance.get("skipped", [])), dtype=np.int64)
+
     def block_range(self, block: int) -> tuple[int, int]:
         """Sample range ``[start, stop)`` covered by ``block``."""
         start = block * self.block_size
