@@ -15,6 +15,19 @@ from reinforce.demo import materialize_digits
 IMAGE_SIZE = 32
 
 
+class RecordingTeacher(torch.nn.Module):
+    """Remembers every input batch; predicts from a fixed random linear map so outputs are not trivial."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * size * size, 10)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return self.linear(x.flatten(1)) * 20
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> tuple[Path, Path]:
     """(train, test) ImageFolder directories with 6 digits per class (45 train / 15 test images), 32x32."""

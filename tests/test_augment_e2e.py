@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import RecordingTeacher
 from reinforce.cli import main
 from reinforce.teachers import create_ensemble
 from reinforce_loaders import ReinforcedDataset, make_pipeline
@@ -130,19 +131,6 @@ def test_damaged_partner_index_is_a_clear_error(digits, stores, tmp_path):
     records[2, 0] = row
     with pytest.raises(StoreFormatError, match="mixes with sample 10000"):
         ReinforcedDataset(digits[0], out).replay(2, 0)
-
-
-class RecordingTeacher(torch.nn.Module):
-    """Remembers every input batch; a fixed random linear map gives non-trivial outputs."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(3 * size * size, 10)
-        self.seen: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen.append(x.clone())
-        return self.linear(x.flatten(1)) * 20
 
 
 @pytest.mark.parametrize("preset", ["rrc+ra/re", "rrc+m*+r*", "cropflip"])

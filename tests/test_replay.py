@@ -6,24 +6,11 @@ import numpy as np
 import torch
 import zarr
 
-from conftest import IMAGE_SIZE, build_store
+from conftest import IMAGE_SIZE, RecordingTeacher, build_store
 from reinforce.build import BuildConfig, run_build
 from reinforce.teachers import Ensemble, TeacherMember
 from reinforce_loaders import ReinforcedDataset
 from reinforce_loaders import format as fmt
-
-
-class RecordingTeacher(torch.nn.Module):
-    """Remembers every input batch; predicts from a fixed random linear map so outputs are not trivial."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(3 * size * size, 10)
-        self.seen: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen.append(x.clone())
-        return self.linear(x.flatten(1)) * 20
 
 
 def test_student_sees_the_teachers_image(digits, tmp_path):
