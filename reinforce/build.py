@@ -64,7 +64,7 @@ class BuildConfig:
     top_k: int = 5
     seed: int = 0
     batch_size: int = 256
-    block_size: int = 256
+    block_size: int | None = None  # None: format.recommended_block_size(num_augmentations)
     device: str = "cpu"
     decode_threads: int = 4
     teacher_input_size: int | None = None
@@ -374,7 +374,8 @@ def probe_num_classes(ensemble: Ensemble) -> int:
 
 
 def check_config(config: BuildConfig) -> None:
-    if config.top_k < 1 or config.num_augmentations < 1 or config.batch_size < 1 or config.block_size < 1:
+    if (config.top_k < 1 or config.num_augmentations < 1 or config.batch_size < 1
+            or config.block_size is not None and config.block_size < 1):
         raise BuildError("--top-k, --num-augmentations, --batch-size and --block-size must all be at least 1")
     if config.on_bad_image not in ("fail", "skip"):
         raise BuildError(f"--on-bad-image must be fail or skip, got {config.on_bad_image!r}")
@@ -395,8 +396,9 @@ def absolute(config: BuildConfig) -> BuildConfig:
         return f"{arch}={os.path.abspath(weights)}" if sep and weights else spec
 
     source = os.path.abspath(config.source) if isinstance(config.source, (str, os.PathLike)) else config.source
+    block_size = config.block_size or fmt.recommended_block_size(config.num_augmentations)
     return dataclasses.replace(config, source=source, out=os.path.abspath(config.out),
-                               teachers=[teacher(spec) for spec in config.teachers])
+                               teachers=[teacher(spec) for spec in config.teachers], block_size=block_size)
 
 
 def make_processor(config: BuildConfig, ensemble: Ensemble, source: ImageSource | None = None) -> BlockProcessor:

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--batch-size", type=int, default=256,
                        help="records per teacher forward pass; fixed for a store, as it can change the bytes")
-    build.add_argument("--block-size", type=int, default=256, help="samples per block, the unit of work and resume")
+    build.add_argument("--block-size", type=int, default=None,
+                       help="samples per block, the unit of work and resume (default: 256 to 4096 by "
+                            "--num-augmentations, so an epoch's shard-index reads stay small; see format_spec.md)")
     build.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     build.add_argument("--decode-threads", type=int, default=4)
     build.add_argument("--teacher-input-size", type=int, help="override every member's input size")

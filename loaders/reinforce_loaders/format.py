@@ -71,6 +71,16 @@ def record_dtype(num_classes: int) -> np.dtype:
     return np.dtype("<u2") if num_classes <= RECORD_FILL_U16 else np.dtype("<u4")
 
 
+def recommended_block_size(num_augmentations: int, bytes_per_record: int = 32) -> int:
+    """Smallest power of two in [256, 4096] samples per block whose one-slot chunk is at least 8x the block's
+    shard index (``16 A + 4`` bytes), keeping an epoch's index overhead near 1/8 of the records read."""
+    wanted = 8 * (16 * num_augmentations + 4) / bytes_per_record
+    size = 256
+    while size < wanted and size < 4096:
+        size *= 2
+    return size
+
+
 def topk_index_dtype(num_classes: int) -> np.dtype:
     """Smallest unsigned integer dtype that holds every class index below ``num_classes``."""
     if num_classes <= 2**8:
