@@ -140,7 +140,7 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None) -> li
     passed.append(f"records: {n * a} rows of {w} checksummed columns; valid class indices, sorted probabilities "
                   "in [0, 1] summing to <= 1, entropies in range, parameters that decode to themselves")
     if source is not None:
-        passed.extend(_check_source(open_source(source), group, header))
+        passed.extend(_check_source(open_source(source), header, labels, sizes, fingerprints))
     return passed
 
 
@@ -198,13 +198,12 @@ def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndar
                                 f"to a representable value ({params[sample, slot, p]}) in {where}")
 
 
-def _check_source(source: Any, group: Any, header: fmt.StoreHeader) -> list[str]:
+def _check_source(source: Any, header: fmt.StoreHeader, labels: np.ndarray, sizes: np.ndarray,
+                  fingerprints: np.ndarray) -> list[str]:
+    """Compare the source with the store's per-sample arrays (already read and checked by the caller)."""
     if len(source) != header.num_samples:
         raise VerificationError(
             f"source {source.description} has {len(source)} samples but the store holds {header.num_samples}")
-    labels = group[fmt.LABELS][:]
-    fingerprints = group[fmt.FINGERPRINTS][:]
-    sizes = group[fmt.IMAGE_SIZES][:]
     skipped = set(header.skipped_indices.tolist())
     for index in range(len(source)):
         if index in skipped:
