@@ -141,9 +141,9 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         partners = self.pipeline.partner_indices(params[None])
         partner_image = None
         if partners is not None and partners[0] >= 0:
-            if partners[0] >= len(self):
+            if partners[0] >= self.header.num_samples:
                 raise StoreFormatError(f"record ({index}, {slot}) mixes with sample {int(partners[0])}, beyond the "
-                                       f"store's {len(self)} samples: the store is damaged, rebuild it")
+                                       f"store's {self.header.num_samples} samples: the store is damaged, rebuild it")
             partner_image = self._load_checked(int(partners[0]))
         image = self.pipeline.apply(image, params, resolution or self.resolution, partner_image=partner_image)
         if self.target == "sparse":
