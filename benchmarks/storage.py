@@ -213,7 +213,7 @@ def configuration(name: str, samples: int, slots: int, block: int, generator: np
 
 
 # ---------------------------------------------------------------------------------------------- layouts
-def write_v1(path: Path, header, sizes, params, teacher) -> None:
+def write_v1(path: Path, header, sizes, params, teacher, vocabulary=None) -> None:
     indices, probs, entropy = teacher
     writer = StoreWriter.create_or_resume(path, header, len(header.param_encodings))
     for block in range(header.num_blocks):
@@ -221,7 +221,8 @@ def write_v1(path: Path, header, sizes, params, teacher) -> None:
         writer.write_block(block, BlockResult(
             start=start, labels=indices[start:stop, 0, 0] // 100, fingerprints=np.arange(start, stop) + 1,
             image_sizes=sizes[start:stop], aug_params=params[start:stop], topk_indices=indices[start:stop],
-            topk_probs=probs[start:stop], teacher_entropy=entropy[start:stop]))
+            topk_probs=probs[start:stop], teacher_entropy=entropy[start:stop],
+            class_vocabulary=None if vocabulary is None else vocabulary[start:stop]))
     writer.finalize()
 
 
@@ -249,7 +250,7 @@ def column_bytes(path: Path, header) -> dict[str, int]:
     import numcodecs
 
     group = fmt.open_store_group(path)
-    blosc = numcodecs.Blosc(cname="zstd", clevel=fmt.ZSTD_LEVEL, shuffle=numcodecs.Blosc.BITSHUFFLE)
+    blosc = numcodecs.Blosc(cname="zstd", clevel=fmt.ZSTD_LEVEL, shuffle=numcodecs.Blosc.SHUFFLE)  # as the store
     out = {name: 0 for name in header.record_columns}
     for block in range(header.num_blocks):
         for slot in range(header.num_augmentations):
@@ -296,6 +297,94 @@ def epoch_reads(path: Path, header, epoch: int) -> tuple[int, int, int]:
     return len(log), sum(r.bytes for r in log), used
 
 
+# ---------------------------------------------------------------------------------------------- real teacher
+def real_teacher_configurations(store: Path, slots: int, seed: int = 0):
+    """Records of a store built by ``benchmarks/imagenet_teacher.py`` (a real ImageNet ensemble on real
+    photos, every record real), laid out as an ImageNet-sized block would hold them.
+
+    A block of an ImageNet store holds thousands of different images, each one slot per chunk; the photo set
+    has a few images with many slots each. So the ``A`` slots of each photo are split into ``A / slots``
+    pseudo-samples of ``slots`` records, shuffled, and each pseudo-sample's classes are cyclically shifted by
+    a random offset (mod C): class ids across a chunk are then as varied as ImageNet's 1000 classes, while the
+    offsets between the classes of one record (semantic neighbours) are kept. Each pseudo-sample's class
+    vocabulary is its photo's, computed from all ``A`` slots (as a real store's is) and shifted alike.
+
+    Returns ``{name: (header, sizes, params, (indices, probs, entropy), vocabulary)}`` for ``rrc`` (the RRC
+    and flip columns) and ``imagenet+`` (all of them), and the photos' full ``(N, A)`` arrays for the
+    reference layout, which stores one file per photo.
+    """
+    group = fmt.open_store_group(store)
+    source = fmt.read_header(group)
+    decoded = fmt.read_all_records(group, source)
+    sizes = fmt.read_array(group, fmt.IMAGE_SIZES).astype(np.int64)
+    n, a, k = decoded.indices.shape
+    groups = a // slots
+    generator = np.random.default_rng(seed)
+    order = generator.permutation(n * groups)
+    photo = np.repeat(np.arange(n), groups)[order]
+    shift = generator.integers(0, source.num_classes, n * groups)
+
+    def pseudo(values: np.ndarray) -> np.ndarray:
+        return values[:, :groups * slots].reshape((n * groups, slots) + values.shape[2:])[order]
+
+    indices = (pseudo(decoded.indices) + shift[:, None, None]) % source.num_classes
+    fill = int(np.iinfo(source.dtype).max)
+    vocabulary = fmt.class_vocabulary(decoded.indices, fmt.DEFAULT_CLASS_VOCABULARY, fill)[photo]
+    vocabulary = np.where(vocabulary == fill, fill, (vocabulary + shift[:, None]) % source.num_classes)
+    teacher = (indices, pseudo(decoded.probs), pseudo(decoded.entropy))
+    out = {}
+    for name, columns in (("rrc", 5), ("imagenet+", len(source.param_encodings))):
+        header = fmt.StoreHeader(num_samples=n * groups, num_classes=source.num_classes, top_k=k,
+                                 num_augmentations=slots, seed=0, block_size=n * groups,
+                                 augmentation={"size": source.augmentation["size"], "ops": [], "preset": name},
+                                 teachers=source.teachers, param_encodings=source.param_encodings[:columns],
+                                 class_vocabulary_size=fmt.DEFAULT_CLASS_VOCABULARY)
+        out[name] = (header, sizes[photo], pseudo(decoded.params[..., :columns]), teacher, vocabulary)
+    full = (decoded.indices, decoded.probs, decoded.entropy)
+    return out, (source, sizes, decoded.params, full)
+
+
+def measure_real_teacher(args: argparse.Namespace) -> None:
+    store = Path(args.teacher_store)
+    configurations, (source, sizes, params, full) = real_teacher_configurations(store, args.pseudo_slots)
+    a = source.num_augmentations
+    stats = {"mean top-1 prob": full[1][..., 0].mean(), "median top-1 prob": np.median(full[1][..., 0]),
+             "mean top-10 mass": full[1].sum(-1).mean(), "mean entropy (nats)": full[2].mean(),
+             "distinct top-10 classes per photo": np.mean([len(np.unique(i)) for i in full[0]])}
+    print(f"teacher store {store}: {source.num_samples} photos x {a} slots; "
+          + ", ".join(f"{key} {value:.3f}" for key, value in stats.items()))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (header, pseudo_sizes, pseudo_params, teacher, vocabulary) in configurations.items():
+            for size in (header.class_vocabulary_size, 0):
+                variant = fmt.StoreHeader(**{**header.__dict__, "class_vocabulary_size": size})
+                path = Path(tmp) / f"{name}-{size}.zarr"
+                write_v1(path, variant, pseudo_sizes, pseudo_params, teacher, vocabulary if size else None)
+                decoded = fmt.read_all_records(fmt.open_store_group(path))
+                assert np.array_equal(decoded.indices, teacher[0])
+                max_error = float(np.abs(decoded.probs.astype(np.float64) - teacher[1]).max())
+                records = variant.num_samples * variant.num_augmentations
+                record_bytes = sum(f.stat().st_size for f in (path / fmt.RECORDS).rglob("c/*/*/*"))
+                per_sample = sum(f.stat().st_size for array in fmt.PER_SAMPLE_ARRAYS + (fmt.CLASS_VOCABULARY,)
+                                 if (path / array / "c").exists() for f in (path / array / "c").rglob("*")
+                                 if f.is_file())
+                # A real store holds one per-sample row per photo for its A records.
+                total = record_bytes / records + per_sample / variant.num_samples / a
+                print(f"\n== {name}, class vocabulary {size}: {records} records in chunks of {variant.block_size}, "
+                      f"{len(variant.param_encodings)} params")
+                for column, cost in column_bytes(path, variant).items():
+                    print(f"{'    records.' + column + ' (alone)':<40}{cost / records:>10.2f}")
+                print(f"{'  records as stored':<40}{record_bytes / records:>10.2f}")
+                print(f"{'  per-sample arrays / A=' + str(a):<40}{per_sample / variant.num_samples / a:>10.2f}")
+                print(f"{'  total bytes/record':<40}{total:>10.2f}   max probability error {max_error:.2e}")
+            with tempfile.TemporaryDirectory() as ref:
+                reference_header = fmt.StoreHeader(**{**header.__dict__, "num_samples": source.num_samples,
+                                                      "num_augmentations": a})
+                write_reference(Path(ref) / "r", reference_header, sizes, params[..., :len(header.param_encodings)],
+                                full)
+                ref_bytes = store_bytes(Path(ref) / "r")
+            print(f"{'  reference pickles (one per photo)':<40}{ref_bytes / (source.num_samples * a):>10.2f}")
+
+
 # ---------------------------------------------------------------------------------------------- main
 def teacher_records(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Teacher top-k, probabilities and entropies; trained here, or loaded from ``--teacher-cache`` if present."""
@@ -322,7 +411,14 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--train-steps", type=int, default=600)
     parser.add_argument("--teacher-cache", help=".npz to save the teacher outputs to, or to load them from")
+    parser.add_argument("--teacher-store", help="a store built by benchmarks/imagenet_teacher.py: measure its real "
+                                                "ImageNet-teacher records instead of the digits teacher's")
+    parser.add_argument("--pseudo-slots", type=int, default=2,
+                        help="with --teacher-store: slots per pseudo-sample (see real_teacher_configurations)")
     args = parser.parse_args()
+    if args.teacher_store:
+        measure_real_teacher(args)
+        return
     torch.set_num_threads(2)
     indices, probs, entropy = teacher_records(args)
     records = args.samples * args.slots

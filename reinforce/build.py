@@ -65,6 +65,8 @@ class BuildConfig:
     seed: int = 0
     batch_size: int = 256
     block_size: int | None = None  # None: format.recommended_block_size(num_augmentations)
+    class_vocabulary: int | None = None  # None: format.default_class_vocabulary_size(num_classes)
+    prob_scale: int = fmt.DEFAULT_PROB_SCALE
     device: str = "cpu"
     decode_threads: int = 4
     teacher_input_size: int | None = None
@@ -160,7 +162,7 @@ class BuildSummary:
     def __str__(self) -> str:
         rate = self.images_per_second
         text = (f"images {self.images}  records {self.records}  store {self.store_bytes:,} bytes "
-                f"({self.bytes_per_record:.1f} bytes/record)  {rate:.1f} images/s, "
+                f"({self.bytes_per_record:.1f} bytes/record)  {rate:.3g} images/s, "
                 f"{rate * self.records / max(self.images, 1):.1f} records/s over {self.blocks_written} blocks "
                 f"in {self.seconds:.1f} s ({self.engine}")
         text += f", {self.retries} block retries)" if self.retries else ")"
@@ -356,7 +358,9 @@ def make_header(config: BuildConfig, source: ImageSource, pipeline: AugmentPipel
         num_samples=len(source), num_classes=num_classes, top_k=config.top_k,
         num_augmentations=config.num_augmentations, seed=config.seed, block_size=config.block_size,
         augmentation=pipeline.config(), teachers=ensemble.describe(), class_names=source.classes,
-        compute=config.compute_settings(),
+        compute=config.compute_settings(), prob_scale=config.prob_scale,
+        class_vocabulary_size=(fmt.default_class_vocabulary_size(num_classes) if config.class_vocabulary is None
+                               else min(config.class_vocabulary, num_classes)),
         provenance={
             "tool": f"reinforce {__version__}", "created": datetime.datetime.now(datetime.UTC).isoformat(),
             "device": config.device, "torch": torch.__version__, "zarr": zarr.__version__,
@@ -377,6 +381,11 @@ def check_config(config: BuildConfig) -> None:
     if (config.top_k < 1 or config.num_augmentations < 1 or config.batch_size < 1
             or config.block_size is not None and config.block_size < 1):
         raise BuildError("--top-k, --num-augmentations, --batch-size and --block-size must all be at least 1")
+    if config.class_vocabulary is not None and config.class_vocabulary < 0:
+        raise BuildError(f"--class-vocabulary must be 0 (none) or more, got {config.class_vocabulary}")
+    if not 500 < config.prob_scale < 65535:
+        raise BuildError(f"--prob-scale must be in (500, 65535) so probabilities keep an error below 1e-3, "
+                         f"got {config.prob_scale}")
     if config.on_bad_image not in ("fail", "skip"):
         raise BuildError(f"--on-bad-image must be fail or skip, got {config.on_bad_image!r}")
     if config.precision not in ("auto", "fp32", *_DTYPES):

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--block-size", type=int, default=None,
                        help="samples per block, the unit of work and resume (default: 256 to 4096 by "
                             "--num-augmentations, so an epoch's shard-index reads stay small; see format_spec.md)")
+    build.add_argument("--class-vocabulary", type=int, metavar="V",
+                       help="store top-k indices as positions in a per-image vocabulary of its V most frequent "
+                            "classes (default 32 for more than 64 classes, else 0 = plain class indices)")
+    build.add_argument("--prob-scale", type=int, default=512, metavar="Q",
+                       help="probabilities are stored as round(p * Q), error <= 0.5/Q (default 512: 9.8e-4)")
     build.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     build.add_argument("--decode-threads", type=int, default=4)
     build.add_argument("--teacher-input-size", type=int, help="override every member's input size")
@@ -104,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
             teacher_mean=args.teacher_mean, teacher_std=args.teacher_std, precision=args.precision,
             channels_last=args.channels_last, compile=args.compile, on_bad_image=args.on_bad_image,
             workers=args.workers, ray_address=args.ray_address, cpu_threads=args.cpu_threads,
-            max_retries=args.max_retries,
+            max_retries=args.max_retries, class_vocabulary=args.class_vocabulary, prob_scale=args.prob_scale,
         )
         summary = run_build(config, progress=not args.no_progress)
         print(f"built {args.out}: {summary}")

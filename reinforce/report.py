@@ -29,7 +29,9 @@ def describe_store(store: str | os.PathLike[str]) -> str:
         f" ({'complete' if header.complete else 'INCOMPLETE'})",
         f"samples          {header.num_samples} in {header.num_blocks} blocks of {header.block_size}",
         f"records          {records} ({header.num_augmentations} augmentations per sample)",
-        f"classes          {header.num_classes}, top-{header.top_k} stored, probabilities x{header.prob_scale}",
+        f"classes          {header.num_classes}, top-{header.top_k} stored, probabilities x{header.prob_scale}, "
+        + (f"indices via a per-sample vocabulary of {header.class_vocabulary_size} classes"
+           if header.class_vocabulary_size else "indices stored as class ids"),
         f"seed             {header.seed}",
         f"augmentation     size {header.augmentation['size']}: "
         + ", ".join(_op_text(op) for op in header.augmentation["ops"]),
@@ -45,7 +47,7 @@ def describe_store(store: str | os.PathLike[str]) -> str:
         f"{'bytes/record':>14}",
     ]
     total = files_total = 0
-    for name in fmt.ALL_ARRAYS:
+    for name in header.array_names:
         array = group[name]
         size, files = _array_bytes(store, name)
         total += size
@@ -131,12 +133,18 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None) -> li
         raise VerificationError(f"image size or fingerprint of sample {first} is missing (chunk absent)")
     passed.append(f"samples: {n} labels in range, sizes and fingerprints present"
                   + (f" ({int(skipped.sum())} skipped at build, listed in the header)" if skipped.any() else ""))
+    vocabulary = None
+    if header.class_vocabulary_size:
+        vocabulary = _read(group, fmt.CLASS_VOCABULARY).astype(np.int64)
+        _check_vocabulary(header, vocabulary, skipped)
+        passed.append(f"class vocabulary: {n} rows of {header.class_vocabulary_size} distinct valid classes")
     codec = header.param_codec
     for block in range(header.num_blocks):
         start, stop = header.block_range(block)
         rows = _read(group, fmt.RECORDS, slice(start, stop), what=f"block {block} (samples [{start}, {stop}))")
         kept = np.flatnonzero(~skipped[start:stop])
-        _check_records(header, codec, rows[kept], start + kept, sizes[start:stop][kept])
+        block_vocabulary = None if vocabulary is None else vocabulary[start:stop][kept][:, None, :]
+        _check_records(header, codec, rows[kept], start + kept, sizes[start:stop][kept], block_vocabulary)
     passed.append(f"records: {n * a} rows of {w} checksummed columns; valid class indices, sorted probabilities "
                   "in [0, 1] summing to <= 1, entropies in range, parameters that decode to themselves")
     if source is not None:
@@ -151,8 +159,24 @@ def _read(group: Any, name: str, selection: Any = slice(None), what: str = "") -
         raise VerificationError(str(error)) from None
 
 
+def _check_vocabulary(header: fmt.StoreHeader, vocabulary: np.ndarray, skipped: np.ndarray) -> None:
+    """Each row: distinct classes in [0, C), then only fill values; rows of built samples are not empty."""
+    fill = int(np.iinfo(header.dtype).max)
+    empty = vocabulary == fill
+    if (empty[:, 0] & ~skipped).any():
+        first = int(np.argmax(empty[:, 0] & ~skipped))
+        raise VerificationError(f"class vocabulary of sample {first} is missing (chunk absent)")
+    bad = (~empty & (vocabulary >= header.num_classes)).any(-1) | (empty[:, :-1] & ~empty[:, 1:]).any(-1)
+    ordered = np.sort(np.where(empty, -1 - np.arange(vocabulary.shape[1]), vocabulary), axis=-1)
+    bad |= (ordered[:, 1:] == ordered[:, :-1]).any(-1)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise VerificationError(f"class vocabulary of sample {first} is invalid: {vocabulary[first].tolist()} "
+                                f"(entries must be distinct classes < {header.num_classes}, then {fill} padding)")
+
+
 def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndarray, samples: np.ndarray,
-                   sizes: np.ndarray) -> None:
+                   sizes: np.ndarray, vocabulary: np.ndarray | None = None) -> None:
     columns = header.record_columns
     fill = np.iinfo(header.dtype).max
     where = f"samples [{samples[0]}, {samples[-1] + 1})" if len(samples) else "no samples"
@@ -160,7 +184,16 @@ def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndar
     if missing.any():
         sample, slot = np.argwhere(missing)[0]
         raise VerificationError(f"record ({samples[sample]}, {slot}) is missing (its chunk is absent)")
-    indices = rows[..., columns["topk_indices"]].astype(np.int64)
+    try:
+        indices = fmt.decode_indices(header, rows[..., columns["topk_indices"]], vocabulary)
+    except ReinforceError:
+        stored = rows[..., columns["topk_indices"]].astype(np.int64)
+        empty = (stored < header.class_vocabulary_size) & (np.take_along_axis(
+            np.broadcast_to(vocabulary, stored.shape[:-1] + vocabulary.shape[-1:]),
+            np.minimum(stored, header.class_vocabulary_size - 1), axis=-1) >= header.num_classes)
+        sample, slot = np.argwhere(empty.any(-1))[0]
+        raise VerificationError(f"record ({samples[sample]}, {slot}) refers to an empty class vocabulary "
+                                "entry") from None
     q = fmt.quantized_probs(header, rows)
     if indices.max(initial=0) >= header.num_classes:
         sample, slot = np.argwhere((indices >= header.num_classes).any(-1))[0]

@@ -37,6 +37,7 @@ class BlockResult:
     topk_indices: np.ndarray    # (n, A, K)
     topk_probs: np.ndarray      # (n, A, K)
     teacher_entropy: np.ndarray | None = None  # (n, A) entropy in nats of the full ensemble distribution
+    class_vocabulary: np.ndarray | None = None  # (n, V); None: format.class_vocabulary of topk_indices
 
 
 class StoreWriter:
@@ -113,8 +114,22 @@ class StoreWriter:
                 f"(would be stored as {quantized[tuple(bad)]}): apply ParamCodec.quantize before the teacher sees "
                 "the parameters, so the student replays what the teacher saw"
             )
+        vocabulary = None
+        if header.class_vocabulary_size:
+            fill = int(np.iinfo(header.dtype).max)
+            vocabulary = result.class_vocabulary
+            if vocabulary is None:
+                vocabulary = fmt.class_vocabulary(result.topk_indices, header.class_vocabulary_size, fill)
+            vocabulary = np.asarray(vocabulary, dtype=np.int64)
+            if vocabulary.shape != (n, header.class_vocabulary_size) or vocabulary.min(initial=0) < 0 or (
+                    (vocabulary >= header.num_classes) & (vocabulary != fill)).any():
+                raise ValueError(f"block {block}: class_vocabulary must be ({n}, {header.class_vocabulary_size}) "
+                                 f"classes below {header.num_classes}, padded with {fill}")
+            self.group[fmt.CLASS_VOCABULARY][start:stop] = vocabulary.astype(header.dtype)
+            vocabulary = vocabulary[:, None, :]
         records = fmt.encode_records(header, result.topk_indices, result.topk_probs, params,
-                                     result.teacher_entropy, heights, widths, codec=self.codec)
+                                     result.teacher_entropy, heights, widths, codec=self.codec,
+                                     vocabulary=vocabulary)
         self.group[fmt.LABELS][start:stop] = np.asarray(result.labels, dtype=fmt.LABEL_DTYPE)
         self.group[fmt.FINGERPRINTS][start:stop] = np.asarray(result.fingerprints, dtype=fmt.FINGERPRINT_DTYPE)
         self.group[fmt.IMAGE_SIZES][start:stop] = sizes.astype(fmt.IMAGE_SIZE_DTYPE)

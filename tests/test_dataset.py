@@ -79,3 +79,24 @@ def test_reinforce_loaders_does_not_import_ray_or_timm():
     code = "import sys, reinforce_loaders; print(sorted(m for m in ('ray', 'timm') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_class_vocabulary_store_gives_the_same_targets(digits, teacher_weights, store, tmp_path):
+    """A store whose indices go through a per-image class vocabulary (2 of the 10 classes, so both positions
+    and escaped class ids occur) decodes to the same records and targets as one storing class ids, through
+    DataLoader workers too."""
+    from conftest import build_store
+
+    vocabulary_store = build_store(digits[0], tmp_path / "v.zarr", teacher_weights, class_vocabulary=2)
+    plain, coded = (fmt.open_store_group(path) for path in (store, vocabulary_store))
+    assert fmt.read_header(coded).class_vocabulary_size == 2 and fmt.read_header(plain).class_vocabulary_size == 0
+    stored = np.asarray(coded[fmt.RECORDS][:])[..., :3]
+    assert (stored < 2).any() and (stored >= 2).any()
+    a, b = fmt.read_all_records(plain), fmt.read_all_records(coded)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.probs, b.probs)
+    ds = ReinforcedDataset(digits[0], vocabulary_store, target="sparse")
+    loader = torch.utils.data.DataLoader(ds, batch_size=9, num_workers=2)
+    indices = torch.cat([targets[0] for _, targets in loader])
+    slot = ds.slot(0)
+    np.testing.assert_array_equal(indices.numpy(), a.indices[:, slot])

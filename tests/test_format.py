@@ -29,11 +29,12 @@ def teacher_like(generator: np.random.Generator, shape: tuple[int, ...], num_cla
     return classes[..., :k].numpy(), values[..., :k].numpy().astype(np.float32), entropy.numpy()
 
 
-def synthetic_header(num_samples=40, num_classes=1000, k=10, a=6, block=16, size=32) -> fmt.StoreHeader:
+def synthetic_header(num_samples=40, num_classes=1000, k=10, a=6, block=16, size=32,
+                     vocabulary=0) -> fmt.StoreHeader:
     pipeline = make_pipeline("rrc", size)
     return fmt.StoreHeader(num_samples=num_samples, num_classes=num_classes, top_k=k, num_augmentations=a, seed=3,
                            block_size=block, augmentation=pipeline.config(), teachers=[],
-                           param_encodings=fmt.pipeline_param_encodings(pipeline))
+                           param_encodings=fmt.pipeline_param_encodings(pipeline), class_vocabulary_size=vocabulary)
 
 
 def synthetic_block(header: fmt.StoreHeader, block: int, generator: np.random.Generator) -> BlockResult:
@@ -67,13 +68,22 @@ def read_all(path, header) -> np.ndarray:
         for b in range(header.num_blocks)])
 
 
-def test_encode_decode_fidelity(tmp_path):
-    header = synthetic_header()
+@pytest.mark.parametrize("vocabulary", [0, 8])
+def test_encode_decode_fidelity(tmp_path, vocabulary):
+    header = synthetic_header(vocabulary=vocabulary)
     results = write_store(tmp_path / "s.zarr", header)
     rows = read_all(tmp_path / "s.zarr", header)
     group = fmt.open_store_group(tmp_path / "s.zarr")
     sizes = group[fmt.IMAGE_SIZES][:].astype(np.int64)
-    decoded = fmt.decode_records(header, rows, sizes[:, :1], sizes[:, 1:])
+    table = fmt.read_vocabulary(group, header)
+    decoded = fmt.decode_records(header, rows, sizes[:, :1], sizes[:, 1:],
+                                 vocabulary=None if table is None else table[:, None, :])
+    stored = rows[..., header.record_columns["topk_indices"]]
+    if vocabulary:  # both kinds of stored value occur: positions in the vocabulary and escaped class ids
+        assert (stored < vocabulary).any() and (stored >= vocabulary).any()
+        assert table.shape == (header.num_samples, vocabulary)
+    else:
+        assert table is None
     expect = {name: np.concatenate([getattr(results[b], name) for b in sorted(results)])
               for name in ("topk_indices", "topk_probs", "aug_params", "teacher_entropy")}
     assert rows.dtype == np.uint16
@@ -119,15 +129,33 @@ def test_param_encoding_kinds_roundtrip():
         codec.encode(np.array([[1e6, 0, 0, 0]]), np.array([1]), np.array([1]))
 
 
+def test_class_vocabulary_ranks_by_frequency_and_positions_roundtrip():
+    indices = np.array([[[5, 2, 9], [2, 5, 7], [2, 9, 5], [2, 1, 3]]])  # counts: 2:4, 5:3, 9:2, then 1, 3, 7
+    vocabulary = fmt.class_vocabulary(indices, 4, fill=0xFFFF)
+    np.testing.assert_array_equal(vocabulary, [[2, 5, 9, 1]])
+    np.testing.assert_array_equal(fmt.class_vocabulary(indices[:, :1], 4, fill=0xFFFF), [[2, 5, 9, 0xFFFF]])
+    header = synthetic_header(num_classes=10, k=3, vocabulary=4)
+    stored = fmt.encode_indices(header, indices, vocabulary[:, None, :])
+    np.testing.assert_array_equal(stored, [[[1, 0, 2], [0, 1, 4 + 7], [0, 2, 1], [0, 3, 4 + 3]]])
+    np.testing.assert_array_equal(fmt.decode_indices(header, stored, vocabulary[:, None, :]), indices)
+    np.testing.assert_array_equal(fmt.decode_indices(header, stored[0, 1], vocabulary[0]), indices[0, 1])
+    with pytest.raises(StoreFormatError, match="empty or invalid class_vocabulary entry"):
+        fmt.decode_indices(header, np.array([3, 0, 1]), np.array([2, 5, 9, 0xFFFF]))
+    with pytest.raises(ValueError, match="class_vocabulary"):
+        fmt.decode_indices(header, stored, None)
+
+
 def test_record_dtype_by_num_classes():
     assert fmt.record_dtype(1000) == np.uint16 and fmt.record_dtype(65535) == np.uint16
     assert fmt.record_dtype(65536) == np.uint32
+    assert fmt.record_dtype(65535 - 32, 32) == np.uint16 and fmt.record_dtype(65535 - 31, 32) == np.uint32
     header = synthetic_header(num_classes=70000, k=3)
     assert header.dtype == np.uint32
 
 
-def test_layout_chunks_one_slot_of_a_block_and_shards_a_block(tmp_path):
-    header = synthetic_header(num_samples=40, block=16)
+@pytest.mark.parametrize("vocabulary", [0, 32])
+def test_layout_chunks_one_slot_of_a_block_and_shards_a_block(tmp_path, vocabulary):
+    header = synthetic_header(num_samples=40, block=16, vocabulary=vocabulary)
     write_store(tmp_path / "s.zarr", header)
     group = fmt.open_store_group(tmp_path / "s.zarr")
     records = group[fmt.RECORDS]

@@ -33,9 +33,12 @@ def test_inspect_shows_layout_sizes_and_bytes_per_record(store, capsys):
     ("missing_labels", "label of sample 0 is -1"),
     ("incomplete", "build has not finished"),
     ("bad_probs", "negative probabilities"),
+    ("duplicate_vocabulary", "class vocabulary of sample 17 is invalid"),
+    ("missing_vocabulary", "class vocabulary of sample 0 is missing"),
+    ("emptied_vocabulary_entry", r"record \(\d+, \d\) refers to an empty class vocabulary entry"),
 ])
 def test_verify_fails_naming_the_defect(tmp_path, capsys, defect, message):
-    header = synthetic_header()
+    header = synthetic_header(vocabulary=16 if "vocabulary" in defect else 0)
     path = tmp_path / "s.zarr"
     write_store(path, header, blocks=[0, 1] if defect == "incomplete" else None)
     if defect == "corrupt":
@@ -50,6 +53,16 @@ def test_verify_fails_naming_the_defect(tmp_path, capsys, defect, message):
         _shard(path, 1).unlink()
     elif defect == "missing_labels":
         (path / fmt.LABELS / "c" / "0").unlink()
+    elif defect in ("duplicate_vocabulary", "emptied_vocabulary_entry"):
+        group = fmt.open_store_group(path, mode="r+")
+        vocabulary = group[fmt.CLASS_VOCABULARY][16:32]
+        if defect == "duplicate_vocabulary":
+            vocabulary[1, 1] = vocabulary[1, 0]
+        else:
+            vocabulary[:, 1:] = 0xFFFF  # records that use positions >= 1 now point at padding
+        group[fmt.CLASS_VOCABULARY][16:32] = vocabulary
+    elif defect == "missing_vocabulary":
+        (path / fmt.CLASS_VOCABULARY / "c" / "0" / "0").unlink()
     elif defect == "bad_probs":
         group = fmt.open_store_group(path, mode="r+")
         rows = group[fmt.RECORDS][0:16]

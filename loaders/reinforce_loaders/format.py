@@ -4,8 +4,9 @@ The builder (``reinforce``) writes with these names, dtypes, codecs and attribut
 package read with them; nothing about the layout is written down anywhere else in code.
 
 Layout in one paragraph: every (sample, slot) record is one row of ``W`` unsigned integers in the array
-``records`` of shape ``(num_samples, num_augmentations, W)``: top-k class indices, quantized top-k
-probabilities, encoded augmentation parameters and the quantized teacher entropy. Records are chunked one
+``records`` of shape ``(num_samples, num_augmentations, W)``: top-k class indices (as positions in the
+sample's ``class_vocabulary`` when they are in it), quantized top-k probabilities, encoded augmentation
+parameters and the quantized teacher entropy. Records are chunked one
 slot of one block of samples per chunk, and sharded one block (all slots) per shard, so a build worker owns
 whole shards and a reader fetches an epoch (one slot per sample, :func:`~reinforce_loaders.rng.slot_for_epoch`)
 with one chunk per block.
@@ -38,10 +39,12 @@ FINGERPRINTS = "fingerprints"
 IMAGE_SIZES = "image_sizes"
 RECORDS = "records"
 BLOCKS_DONE = "blocks_done"
+CLASS_VOCABULARY = "class_vocabulary"
 
 PER_SAMPLE_ARRAYS = (LABELS, FINGERPRINTS, IMAGE_SIZES)
 PER_RECORD_ARRAYS = (RECORDS,)
-ALL_ARRAYS = PER_SAMPLE_ARRAYS + PER_RECORD_ARRAYS + (BLOCKS_DONE,)
+ALL_ARRAYS = PER_SAMPLE_ARRAYS + (CLASS_VOCABULARY,) + PER_RECORD_ARRAYS + (BLOCKS_DONE,)
+"""Every array a store may hold; :attr:`StoreHeader.array_names` lists those a given store holds."""
 
 LABEL_DTYPE = np.dtype("<i4")
 FINGERPRINT_DTYPE = np.dtype("<u8")
@@ -56,9 +59,12 @@ its fingerprint and records are zeros, and the header's ``provenance["skipped"]`
 LABEL_FILL = -1
 RECORD_FILL_U16 = 0xFFFF
 
-DEFAULT_PROB_SCALE = 1000
-"""Probabilities are quantized to ``q = round(p * prob_scale)`` (absolute error at most ``0.5 / prob_scale``)
-and stored as ``q[0]`` then the drops ``q[r-1] - q[r]``, small numbers for the flat tail of the top-k."""
+DEFAULT_PROB_SCALE = 512
+"""Probabilities are quantized to ``q = round(p * prob_scale)`` (absolute error at most ``0.5 / prob_scale``,
+9.8e-4 at 512) and stored as ``q[0]`` then the drops ``q[r-1] - q[r]``, small numbers for the flat tail."""
+DEFAULT_CLASS_VOCABULARY = 32
+"""Classes per sample in ``class_vocabulary`` for stores of more than ``2 * DEFAULT_CLASS_VOCABULARY``
+classes (:func:`default_class_vocabulary_size`)."""
 ENTROPY_LEVELS = 63
 """Teacher entropy is stored as ``round(H / ln(num_classes) * ENTROPY_LEVELS)``."""
 
@@ -66,9 +72,28 @@ ZSTD_LEVEL = 9
 """zstd level of the blosc codec of ``records``; readers need not know it."""
 
 
-def record_dtype(num_classes: int) -> np.dtype:
-    """Element type of ``records``: uint16 when every class index fits (num_classes <= 65,535), else uint32."""
-    return np.dtype("<u2") if num_classes <= RECORD_FILL_U16 else np.dtype("<u4")
+def record_dtype(num_classes: int, class_vocabulary_size: int = 0) -> np.dtype:
+    """Element type of ``records`` and ``class_vocabulary``: uint16 when every stored index value fits
+    (``num_classes + class_vocabulary_size <= 65,535``), else uint32."""
+    return np.dtype("<u2") if num_classes + class_vocabulary_size <= RECORD_FILL_U16 else np.dtype("<u4")
+
+
+def default_class_vocabulary_size(num_classes: int) -> int:
+    """:data:`DEFAULT_CLASS_VOCABULARY` when a store has more than twice as many classes, else 0 (none)."""
+    return DEFAULT_CLASS_VOCABULARY if num_classes > 2 * DEFAULT_CLASS_VOCABULARY else 0
+
+
+def class_vocabulary(indices: np.ndarray, size: int, fill: int) -> np.ndarray:
+    """Per-sample class vocabulary ``(n, size)`` of top-k ``indices`` ``(n, A, K)``: each sample's classes by
+    descending number of occurrences among its ``A * K`` indices, ties by ascending class, padded with
+    ``fill`` when the sample has fewer than ``size`` distinct classes."""
+    indices = np.asarray(indices, dtype=np.int64)
+    out = np.full((indices.shape[0], size), fill, dtype=np.int64)
+    for sample, classes in enumerate(indices.reshape(len(indices), -1)):
+        values, counts = np.unique(classes, return_counts=True)
+        ranked = values[np.lexsort((values, -counts))][:size]
+        out[sample, :len(ranked)] = ranked
+    return out
 
 
 def recommended_block_size(num_augmentations: int, bytes_per_record: int = 32) -> int:
@@ -336,6 +361,8 @@ class StoreHeader:
     param_encodings: list[dict[str, Any]] | None = None
     prob_scale: int = DEFAULT_PROB_SCALE
     entropy_levels: int = ENTROPY_LEVELS
+    class_vocabulary_size: int = 0
+    """``V``: top-k indices are stored as positions in a per-sample vocabulary of ``V`` classes (0: as is)."""
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
     complete: bool = False
     format_name: str = FORMAT_NAME
@@ -351,6 +378,9 @@ class StoreHeader:
         if not 500 < self.prob_scale < RECORD_FILL_U16:
             raise StoreFormatError(f"prob_scale={self.prob_scale} must be in (500, 65535) so probabilities keep "
                                    "an error below 1e-3")
+        if not 0 <= self.class_vocabulary_size <= self.num_classes:
+            raise StoreFormatError(f"class_vocabulary_size={self.class_vocabulary_size} must be between 0 and "
+                                   f"num_classes={self.num_classes}")
 
     @property
     def num_blocks(self) -> int:
@@ -362,8 +392,13 @@ class StoreHeader:
 
     @property
     def dtype(self) -> np.dtype:
-        """Element type of the ``records`` array."""
-        return record_dtype(self.num_classes)
+        """Element type of the ``records`` and ``class_vocabulary`` arrays."""
+        return record_dtype(self.num_classes, self.class_vocabulary_size)
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        """The arrays of this store, in :data:`ALL_ARRAYS` order."""
+        return tuple(name for name in ALL_ARRAYS if name != CLASS_VOCABULARY or self.class_vocabulary_size)
 
     @property
     def param_codec(self) -> ParamCodec:
@@ -455,25 +490,30 @@ def array_specs(header: StoreHeader) -> dict[str, dict[str, Any]]:
     n, a, b, w = header.num_samples, header.num_augmentations, header.block_size, header.record_width
     dtype = header.dtype
     per_sample = {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
-    return {
+    v = header.class_vocabulary_size
+    vocabulary = dict(shape=(n, v), chunks=(b, v), dtype=dtype, fill_value=int(np.iinfo(dtype).max), **per_sample)
+    specs = {
         LABELS: dict(shape=(n,), chunks=(b,), dtype=LABEL_DTYPE, fill_value=LABEL_FILL, **per_sample),
         FINGERPRINTS: dict(shape=(n,), chunks=(b,), dtype=FINGERPRINT_DTYPE, fill_value=0, **per_sample),
         IMAGE_SIZES: dict(shape=(n, 2), chunks=(b, 2), dtype=IMAGE_SIZE_DTYPE, fill_value=0, **per_sample),
+        CLASS_VOCABULARY: vocabulary,
         RECORDS: dict(
             shape=(n, a, w), shards=(b, a, w), chunks=(b, 1, w), dtype=dtype, fill_value=int(np.iinfo(dtype).max),
-            # Column-major inside a chunk (every column of the block contiguous), bit planes, zstd, checksum.
+            # Column-major inside a chunk (every column of the block contiguous), byte planes, zstd, checksum.
+            # Byte shuffling beat bit shuffling by 1.3 bytes/record on ImageNet+ records (benchmarks/RESULTS.md).
             filters=[TransposeCodec(order=(2, 1, 0))], serializer=BytesCodec(endian="little"),
-            compressors=[BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle="bitshuffle", typesize=dtype.itemsize),
+            compressors=[BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle="shuffle", typesize=dtype.itemsize),
                          Crc32cCodec()],
         ),
         BLOCKS_DONE: dict(shape=(header.num_blocks,), chunks=(1,), dtype=BLOCK_DONE_DTYPE, fill_value=0,
                           compressors=[Crc32cCodec()]),
     }
+    return {name: specs[name] for name in header.array_names}
 
 
 def expected_file_count(header: StoreHeader) -> int:
     """Files of a complete store: one per array chunk/shard plus one ``zarr.json`` per node."""
-    return header.num_blocks * len(ALL_ARRAYS) + len(ALL_ARRAYS) + 1
+    return header.num_blocks * len(header.array_names) + len(header.array_names) + 1
 
 
 def open_store_group(store: Any, mode: str = "r", storage_options: dict[str, Any] | None = None) -> zarr.Group:
@@ -555,7 +595,16 @@ def read_all_records(group: zarr.Group, header: StoreHeader | None = None) -> De
                            for b in range(header.num_blocks)])
     check_rows_present(header, rows, "the store")
     sizes = read_array(group, IMAGE_SIZES).astype(np.int64)
-    return decode_records(header, rows, sizes[:, :1], sizes[:, 1:])
+    vocabulary = read_vocabulary(group, header)
+    return decode_records(header, rows, sizes[:, :1], sizes[:, 1:],
+                          vocabulary=None if vocabulary is None else vocabulary[:, None, :])
+
+
+def read_vocabulary(group: zarr.Group, header: StoreHeader) -> np.ndarray | None:
+    """The ``class_vocabulary`` array ``(N, V)``, or None for a store without one (``V = 0``)."""
+    if not header.class_vocabulary_size:
+        return None
+    return read_array(group, CLASS_VOCABULARY)
 
 
 def check_rows_present(header: StoreHeader, rows: np.ndarray, where: str) -> None:
@@ -568,17 +617,59 @@ def check_rows_present(header: StoreHeader, rows: np.ndarray, where: str) -> Non
 
 
 def decode_records(header: StoreHeader, rows: np.ndarray, heights: np.ndarray, widths: np.ndarray,
-                   codec: ParamCodec | None = None) -> DecodedRecords:
-    """Decode raw ``records`` rows ``(..., W)`` given the source ``heights``/``widths`` of their samples."""
+                   codec: ParamCodec | None = None, vocabulary: np.ndarray | None = None) -> DecodedRecords:
+    """Decode raw ``records`` rows ``(..., W)`` given the source ``heights``/``widths`` of their samples and,
+    for a store with a class vocabulary, their samples' ``class_vocabulary`` rows (broadcast like the
+    heights, with a trailing ``V`` axis: ``(n, 1, V)`` for rows ``(n, A, W)``, ``(V,)`` for one row)."""
     columns = header.record_columns
     codec = codec or header.param_codec
     return DecodedRecords(
-        indices=rows[..., columns["topk_indices"]].astype(np.int64),
+        indices=decode_indices(header, rows[..., columns["topk_indices"]], vocabulary),
         probs=quantized_probs(header, rows).astype(np.float32) / np.float32(header.prob_scale),
         params=codec.decode(rows[..., columns["aug_params"]], heights, widths),
         entropy=rows[..., columns["teacher_entropy"].start].astype(np.float32) / np.float32(header.entropy_levels)
         * np.float32(math.log(header.num_classes)),
     )
+
+
+def decode_indices(header: StoreHeader, stored: np.ndarray, vocabulary: np.ndarray | None) -> np.ndarray:
+    """Class indices (int64) of stored index columns ``(..., K)``: a value ``x < V`` is position ``x`` of the
+    sample's vocabulary, any other value is the class ``x - V``."""
+    stored = stored.astype(np.int64)
+    size = header.class_vocabulary_size
+    if not size:
+        return stored
+    if vocabulary is None:
+        raise ValueError("this store stores class indices in per-sample vocabularies: pass the samples' "
+                         "class_vocabulary rows (format.read_vocabulary)")
+    vocabulary = np.asarray(vocabulary).astype(np.int64)
+    table = np.broadcast_to(vocabulary, stored.shape[:-1] + (size,))
+    in_vocabulary = stored < size
+    looked_up = np.take_along_axis(table, np.minimum(stored, size - 1), axis=-1)
+    if (in_vocabulary & (looked_up >= header.num_classes)).any():
+        raise StoreFormatError("a record refers to an empty or invalid class_vocabulary entry: the store is "
+                               "damaged; re-download it, or run `reinforce verify` to find the damage")
+    return np.where(in_vocabulary, looked_up, stored - size)
+
+
+def encode_indices(header: StoreHeader, indices: np.ndarray, vocabulary: np.ndarray | None) -> np.ndarray:
+    """Stored index columns of class ``indices`` ``(..., K)``: the inverse of :func:`decode_indices`; a class in
+    the sample's vocabulary MUST be stored as its position."""
+    size = header.class_vocabulary_size
+    if not size:
+        return indices
+    if vocabulary is None:
+        raise ValueError("a store with class_vocabulary_size > 0 needs the samples' vocabularies to encode indices")
+    vocabulary = np.asarray(vocabulary, dtype=np.int64)
+    # One sorted search over every vocabulary row at once: row r's entries and keys are offset by r * span.
+    span = int(max(vocabulary.max(initial=0), indices.max(initial=0))) + 1
+    rows = np.arange(vocabulary[..., 0].size).reshape(vocabulary.shape[:-1])
+    order = np.argsort(vocabulary, axis=-1, kind="stable")
+    entries = (np.take_along_axis(vocabulary, order, axis=-1) + rows[..., None] * span).ravel()
+    keys = indices + np.broadcast_to(rows, indices.shape[:-1])[..., None] * span
+    at = np.minimum(np.searchsorted(entries, keys), entries.size - 1)
+    found = entries[at] == keys
+    return np.where(found, order.ravel()[at], indices + size)
 
 
 def quantized_probs(header: StoreHeader, rows: np.ndarray) -> np.ndarray:
@@ -590,9 +681,10 @@ def quantized_probs(header: StoreHeader, rows: np.ndarray) -> np.ndarray:
 
 def encode_records(header: StoreHeader, indices: np.ndarray, probs: np.ndarray, params: np.ndarray,
                    entropy: np.ndarray, heights: np.ndarray, widths: np.ndarray,
-                   codec: ParamCodec | None = None) -> np.ndarray:
+                   codec: ParamCodec | None = None, vocabulary: np.ndarray | None = None) -> np.ndarray:
     """Raw ``records`` rows ``(..., W)`` from top-k ``indices``/``probs`` ``(..., K)``, float ``params``
-    ``(..., P)`` and entropy in nats ``(...)``; ``heights``/``widths`` broadcast against ``(...)``."""
+    ``(..., P)`` and entropy in nats ``(...)``; ``heights``/``widths`` broadcast against ``(...)``, and the
+    samples' ``vocabulary`` rows (see :func:`decode_records`) when the store has one."""
     codec = codec or header.param_codec
     indices = np.asarray(indices)
     if indices.size and (indices.min() < 0 or indices.max() >= header.num_classes):
@@ -602,7 +694,7 @@ def encode_records(header: StoreHeader, indices: np.ndarray, probs: np.ndarray, 
         raise StoreFormatError("top-k probabilities must be finite and in [0, 1]")
     out = np.empty(indices.shape[:-1] + (header.record_width,), dtype=header.dtype)
     columns = header.record_columns
-    out[..., columns["topk_indices"]] = indices
+    out[..., columns["topk_indices"]] = encode_indices(header, indices.astype(np.int64), vocabulary)
     q = np.rint(np.clip(probs, 0, 1) * header.prob_scale).astype(np.int64)
     drops = -np.diff(q, axis=-1)
     if (drops < 0).any():
