@@ -255,7 +255,7 @@ class BlockProcessor:
         for i in present:
             params[i] = self.pipeline.sample_slots(self.seed, loaded.start + i, a, sizes[i, 0], sizes[i, 1],
                                                    num_samples=len(self.source),
-                                                   partner_size=lambda p: partner(p).shape[1:])
+                                                   partner_size=lambda p: _size_or_none(partner(p)))
         # The teacher sees the parameters as the store will hold them, so the student replays the same image.
         # (A skipped sample's zeros become whatever the encoding stores for them; its (0, 0) size flags it.)
         params = self.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
@@ -286,14 +286,22 @@ class BlockProcessor:
     def _partner_loader(self, loaded: LoadedBlock, device_images: dict[int, torch.Tensor]):
         """Source image ``p`` on the device, for mixing ops: the block's own images, others decoded once per block.
 
-        A partner that cannot be read is always fatal: skipping it would change other samples' records.
+        A partner that cannot be read fails the build, or with ``on_bad_image="skip"`` is None: the records
+        that drew it are left unmixed (whether an image can be read does not depend on the block or worker).
         """
-        cache = {loaded.start + i: image for i, image in device_images.items()}
+        cache: dict[int, torch.Tensor | None] = {loaded.start + i: image for i, image in device_images.items()}
+        cache.update({loaded.start + i: None for i, image in enumerate(loaded.images) if image is None})
 
-        def partner(index: int) -> torch.Tensor:
+        def partner(index: int) -> torch.Tensor | None:
             index = int(index)
             if index not in cache:
-                cache[index] = self.source.load(index)[0].to(self.device, non_blocking=True)
+                try:
+                    cache[index] = self.source.load(index)[0].to(self.device, non_blocking=True)
+                except SourceError as error:
+                    if self.on_bad_image != "skip":
+                        raise SourceError(f"mixing partner: {error} (or pass --on-bad-image skip to leave the "
+                                          "records that mix with it unmixed)") from error
+                    cache[index] = None
             return cache[index]
 
         return partner
@@ -350,6 +358,10 @@ def versions() -> dict[str, str]:
         found["cuda"] = str(torch.version.cuda)
         found["cudnn"] = str(torch.backends.cudnn.version())
     return found
+
+
+def _size_or_none(image: torch.Tensor | None) -> tuple[int, int] | None:
+    return None if image is None else (int(image.shape[1]), int(image.shape[2]))
 
 
 def make_header(config: BuildConfig, source: ImageSource, pipeline: AugmentPipeline, ensemble: Ensemble,

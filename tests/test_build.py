@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from reinforce.report import verify_store
-from reinforce_loaders import ReinforcedDataset
+from reinforce_loaders import ReinforcedDataset, make_pipeline
 import pytest
 import torch
 import zarr
@@ -160,6 +160,28 @@ def test_unreadable_image_is_skipped_and_listed(bad_source, teacher_weights, ref
     assert len(dataset) == 44 and dataset.store_index(index) == index + 1
     _, target = dataset[index]
     assert target.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unreadable_mixing_partner_leaves_records_unmixed(bad_source, teacher_weights, tmp_path):
+    source, bad = bad_source
+    index = sorted(str(p) for p in source.rglob("*.png")).index(str(bad))
+    build(source, tmp_path / "store.zarr", teacher_weights, augment="rrc+mix", num_augmentations=8,
+          on_bad_image="skip")
+    group = fmt.open_store_group(tmp_path / "store.zarr")
+    header = fmt.read_header(group)
+    pipeline = make_pipeline("rrc+mix", SETTINGS["image_size"])
+    stored = fmt.read_all_records(group).params
+    # The records whose partner draw is the unreadable image (drawn again here with every image readable).
+    drew_bad = [(i, j) for i in range(header.num_samples) if i != index
+                for j, row in enumerate(pipeline.sample_slots(header.seed, i, 8, 32, 32, num_samples=45,
+                                                              partner_size=lambda p: (32, 32)))
+                if pipeline.partner_indices(row[None])[0] == index]
+    assert drew_bad, "the test needs a record that draws the unreadable image as its partner"
+    for i, j in drew_bad:
+        assert pipeline.partner_indices(stored[i, j][None])[0] == -1
+    partners = pipeline.partner_indices(stored.reshape(-1, stored.shape[-1]))
+    assert (partners >= 0).sum() > len(drew_bad) and index not in partners
+    assert len(ReinforcedDataset(source, tmp_path / "store.zarr", verify="full")) == 44
 
 
 def test_different_settings_on_resume_are_refused(digits, teacher_weights, reference, tmp_path):

@@ -127,10 +127,15 @@ class Mix(AugmentOp):
     def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
         raise AugmentationError("mixing ops are sampled by the pipeline (they need the sample index)")
 
+    @staticmethod
+    def unmixed() -> np.ndarray:
+        """Own parameters of a record that is not mixed."""
+        return np.array([-1.0, NO_MIX, 1.0, 0.0, 0.0, 0.0, 0.0])
+
     def sample_mix(self, u: np.ndarray, sample: int, num_samples: int) -> np.ndarray:
         """Parameters of one record of sample ``sample`` of ``num_samples``."""
         if u[0] >= self.p:
-            return np.array([-1.0, NO_MIX, 1.0, 0.0, 0.0, 0.0, 0.0])
+            return self.unmixed()
         if num_samples > 1:
             partner = (sample + 1 + min(int(u[1] * (num_samples - 1)), num_samples - 2)) % num_samples
         else:

@@ -110,7 +110,7 @@ class AugmentPipeline:
 
         ``height`` x ``width`` is the decoded source image's size. Mixing pipelines also need ``num_samples``
         (the dataset's length, partners are drawn from it) and ``partner_size(index) -> (height, width)`` of
-        any source image. Values are float32-exact, so replaying stored float32 parameters is bit-identical.
+        any source image, or None for an image that cannot be read: a record drawing it is left unmixed. Values are float32-exact, so replaying stored float32 parameters is bit-identical.
         """
         uniforms = [rng.all_slot_uniforms(seed, sample, num_slots, k) for k in range(len(self.ops))]
         return self._sample(seed, sample, list(range(num_slots)), uniforms, height, width, num_samples, partner_size)
@@ -136,7 +136,12 @@ class AugmentPipeline:
                 partner = int(out[row, partner_column])
                 if partner < 0:
                     continue
-                p_height, p_width = (int(v) for v in partner_size(partner))
+                size = partner_size(partner)
+                if size is None:  # an unreadable (skipped) partner: the record is not mixed
+                    lo, hi = self._own[self.mix_index]
+                    out[row, lo:hi] = self.ops[self.mix_index].unmixed()
+                    continue
+                p_height, p_width = (int(v) for v in size)
                 for k, (lo, hi) in enumerate(self._partner):
                     u = rng.slot_uniforms(seed, sample, slot, PARTNER_STREAM_OFFSET + k)
                     out[row, lo:hi] = self.ops[k].sample(u, p_height, p_width)
