@@ -260,24 +260,19 @@ def column_bytes(path: Path, header) -> dict[str, int]:
     return out
 
 
-def vocabulary_estimate(indices: np.ndarray, block: int) -> tuple[float, float]:
-    """NOT format v1: bytes/record if indices were positions in a per-sample, frequency-ranked vocabulary of
-    the classes its slots use (positions, and the vocabulary amortized over the sample's slots)."""
+def shuffle_comparison(path: Path, header) -> dict[str, float]:
+    """Bytes/record of the whole ``records`` chunks under blosc-zstd with byte shuffle (the store's) and with
+    bit shuffle, same level: the choice of format.array_specs."""
     import numcodecs
 
-    blosc = numcodecs.Blosc(cname="zstd", clevel=fmt.ZSTD_LEVEL, shuffle=numcodecs.Blosc.BITSHUFFLE)
-    n, a, _ = indices.shape
-    positions = np.empty_like(indices)
-    for i in range(n):
-        classes, counts = np.unique(indices[i], return_counts=True)
-        ranked = classes[np.lexsort((classes, -counts))]
-        lookup = np.empty(indices.max() + 1, dtype=np.int64)
-        lookup[ranked] = np.arange(len(ranked))
-        positions[i] = lookup[indices[i]]
-    position_bytes = sum(len(blosc.encode(np.ascontiguousarray(positions[s:s + block, j].T.astype("<u2")))) + 4
-                         for j in range(a) for s in range(0, n, block))
-    vocab_compressed = len(blosc.encode(np.concatenate([np.unique(indices[i]) for i in range(n)]).astype("<u2")))
-    return position_bytes / (n * a), vocab_compressed / (n * a)
+    group = fmt.open_store_group(path)
+    out = {}
+    for name, shuffle in (("byte shuffle", numcodecs.Blosc.SHUFFLE), ("bit shuffle", numcodecs.Blosc.BITSHUFFLE)):
+        blosc = numcodecs.Blosc(cname="zstd", clevel=fmt.ZSTD_LEVEL, shuffle=shuffle)
+        total = sum(len(blosc.encode(np.ascontiguousarray(fmt.read_block_slot(group, header, block, slot).T))) + 4
+                    for block in range(header.num_blocks) for slot in range(header.num_augmentations))
+        out[name] = total / (header.num_samples * header.num_augmentations)
+    return out
 
 
 def epoch_reads(path: Path, header, epoch: int) -> tuple[int, int, int]:
@@ -376,6 +371,8 @@ def measure_real_teacher(args: argparse.Namespace) -> None:
                 print(f"{'  records as stored':<40}{record_bytes / records:>10.2f}")
                 print(f"{'  per-sample arrays / A=' + str(a):<40}{per_sample / variant.num_samples / a:>10.2f}")
                 print(f"{'  total bytes/record':<40}{total:>10.2f}   max probability error {max_error:.2e}")
+                print("  records under blosc-zstd: " + ", ".join(
+                    f"{key} {value:.2f}" for key, value in shuffle_comparison(path, variant).items()))
             with tempfile.TemporaryDirectory() as ref:
                 reference_header = fmt.StoreHeader(**{**header.__dict__, "num_samples": source.num_samples,
                                                       "num_augmentations": a})
@@ -449,11 +446,11 @@ def main() -> None:
             print(f"{'reference pickles total':<34}{ref_total:>12,}{ref_total / records:>14.2f}   "
                   f"ratio {ref_total / v1_total:.1f}x")
             print(f"indices exact: yes; max probability error {max_error:.2e}")
-            if name == "rrc":
-                positions, vocabulary = vocabulary_estimate(indices, args.block_size)
-                print(f"(not v1) indices as per-sample vocabulary positions: {positions:.2f} bytes/record + "
-                      f"vocabulary {vocabulary:.2f} bytes/record at A={args.slots} (vs "
-                      f"{column_bytes(store, header)['topk_indices'] / records:.2f} stored)")
+            with_vocabulary = fmt.StoreHeader(**{**header.__dict__, "class_vocabulary_size": 32})
+            write_v1(Path(tmp) / f"{name}-v.zarr", with_vocabulary, sizes, params, teacher)
+            print(f"with a class vocabulary of 32 (vocabulary from the {args.slots} slots of each sample): "
+                  f"{store_bytes(Path(tmp) / f'{name}-v.zarr') / records:.2f} bytes/record in all, indices alone "
+                  f"{column_bytes(Path(tmp) / f'{name}-v.zarr', with_vocabulary)['topk_indices'] / records:.2f}")
             requests, served, used = epoch_reads(store, header, epoch=3)
             records_bytes = sum(f.stat().st_size for f in (store / fmt.RECORDS).rglob("c/*/*/*"))
             print(f"epoch read (HTTP): {requests} requests, {served:,} bytes served for {used:,} bytes of chunks "
@@ -463,7 +460,8 @@ def main() -> None:
         for block in (1024, 4096):
             big = fmt.StoreHeader(num_samples=IMAGENET_IMAGES, num_classes=NUM_CLASSES, top_k=TOP_K,
                                   num_augmentations=IMAGENET_SLOTS, seed=0, block_size=block,
-                                  augmentation={"size": 224, "ops": []}, teachers=[], param_encodings=[])
+                                  augmentation={"size": 224, "ops": []}, teachers=[], param_encodings=[],
+                                  class_vocabulary_size=fmt.default_class_vocabulary_size(NUM_CLASSES))
             index_per_epoch = big.num_blocks * (16 * IMAGENET_SLOTS + 4)
             print(f"ImageNet size ({IMAGENET_IMAGES:,} images, A={IMAGENET_SLOTS}, block {block}): "
                   f"{fmt.expected_file_count(big):,} files; shard-index bytes read per epoch {index_per_epoch:,}; "

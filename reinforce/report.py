@@ -43,7 +43,7 @@ def describe_store(store: str | os.PathLike[str]) -> str:
         + ", ".join(f"{name} [{cols.start}:{cols.stop})" for name, cols in columns.items()),
         "param encodings  " + ", ".join(_encoding_text(item) for item in header.param_encodings or []),
         "",
-        f"{'array':<14}{'shape':<20}{'dtype':<8}{'chunks':<16}{'shards':<18}{'files':>7}{'bytes':>14}"
+        f"{'array':<18}{'shape':<20}{'dtype':<8}{'chunks':<16}{'shards':<18}{'files':>7}{'bytes':>14}"
         f"{'bytes/record':>14}",
     ]
     total = files_total = 0
@@ -53,9 +53,9 @@ def describe_store(store: str | os.PathLike[str]) -> str:
         total += size
         files_total += files
         shards = str(array.shards) if array.shards is not None else "-"
-        lines.append(f"{name:<14}{str(array.shape):<20}{str(array.dtype):<8}{str(array.chunks):<16}{shards:<18}"
+        lines.append(f"{name:<18}{str(array.shape):<20}{str(array.dtype):<8}{str(array.chunks):<16}{shards:<18}"
                      f"{files:>7}{size:>14,}{size / max(records, 1):>14.2f}")
-    lines.append(f"{'total (data files)':<76}{files_total:>7}{total:>14,}{total / max(records, 1):>14.2f}")
+    lines.append(f"{'total (data files)':<80}{files_total:>7}{total:>14,}{total / max(records, 1):>14.2f}")
     return "\n".join(lines)
 
 

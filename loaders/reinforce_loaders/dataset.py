@@ -76,9 +76,9 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         self._labels = fmt.read_array(group, fmt.LABELS)
         self._image_sizes = fmt.read_array(group, fmt.IMAGE_SIZES).astype(np.int64)
         self._fingerprints = fmt.read_array(group, fmt.FINGERPRINTS) if verify != "none" else None
-        vocabulary = fmt.read_vocabulary(group, self.header)
-        # Shared like the epoch table, so DataLoader workers started by spawn do not each copy it.
-        self._vocabulary = None if vocabulary is None else torch.from_numpy(vocabulary).share_memory_()
+        # Read-only like the labels, so a plain array (shared copy-on-write by forked workers), kept out of
+        # /dev/shm, which containers often cap at 64 MB (2 V bytes per sample: 82 MB for ImageNet at V = 32).
+        self._vocabulary = fmt.read_vocabulary(group, self.header)
         skipped = self.header.skipped_indices
         _check_per_sample_arrays(self._labels, self._image_sizes, self._fingerprints, skipped)
         # Samples whose image was unreadable at build time have no records: the dataset leaves them out.
@@ -198,7 +198,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         """
         row = self._raw_row(index, slot)
         height, width = self._image_sizes[index]
-        vocabulary = None if self._vocabulary is None else self._vocabulary[index].numpy()
+        vocabulary = None if self._vocabulary is None else self._vocabulary[index]
         decoded = fmt.decode_records(self.header, row, np.array(height), np.array(width), codec=self._codec,
                                      vocabulary=vocabulary)
         return decoded.params, decoded.indices, decoded.probs

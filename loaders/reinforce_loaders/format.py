@@ -96,7 +96,7 @@ def class_vocabulary(indices: np.ndarray, size: int, fill: int) -> np.ndarray:
     return out
 
 
-def recommended_block_size(num_augmentations: int, bytes_per_record: int = 32) -> int:
+def recommended_block_size(num_augmentations: int, bytes_per_record: int = 20) -> int:
     """Smallest power of two in [256, 4096] samples per block whose one-slot chunk is at least 8x the block's
     shard index (``16 A + 4`` bytes), keeping an epoch's index overhead near 1/8 of the records read."""
     wanted = 8 * (16 * num_augmentations + 4) / bytes_per_record
@@ -500,7 +500,7 @@ def array_specs(header: StoreHeader) -> dict[str, dict[str, Any]]:
         RECORDS: dict(
             shape=(n, a, w), shards=(b, a, w), chunks=(b, 1, w), dtype=dtype, fill_value=int(np.iinfo(dtype).max),
             # Column-major inside a chunk (every column of the block contiguous), byte planes, zstd, checksum.
-            # Byte shuffling beat bit shuffling by 1.3 bytes/record on ImageNet+ records (benchmarks/RESULTS.md).
+            # Byte shuffling beat bit shuffling by 1.4 bytes/record on ImageNet+ records (benchmarks/RESULTS.md).
             filters=[TransposeCodec(order=(2, 1, 0))], serializer=BytesCodec(endian="little"),
             compressors=[BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle="shuffle", typesize=dtype.itemsize),
                          Crc32cCodec()],
