@@ -63,3 +63,11 @@ def build_store(source: Path, out: Path, teachers: list[str], **overrides) -> Pa
 def store(digits, teacher_weights, tmp_path_factory) -> Path:
     """A complete store built from the digits train split."""
     return build_store(digits[0], tmp_path_factory.mktemp("stores") / "train.zarr", teacher_weights)
+
+
+@pytest.fixture(scope="session")
+def vocabulary_store(digits, teacher_weights, tmp_path_factory) -> Path:
+    """The same store with its top-k indices coded through a per-image vocabulary of 2 of the 10 classes (so
+    both vocabulary positions and escaped class ids occur)."""
+    return build_store(digits[0], tmp_path_factory.mktemp("stores") / "vocabulary.zarr", teacher_weights,
+                       class_vocabulary=2)

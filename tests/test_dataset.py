@@ -81,13 +81,10 @@ def test_reinforce_loaders_does_not_import_ray_or_timm():
     assert result.stdout.strip() == "[]"
 
 
-def test_class_vocabulary_store_gives_the_same_targets(digits, teacher_weights, store, tmp_path):
+def test_class_vocabulary_store_gives_the_same_targets(digits, store, vocabulary_store):
     """A store whose indices go through a per-image class vocabulary (2 of the 10 classes, so both positions
     and escaped class ids occur) decodes to the same records and targets as one storing class ids, through
     DataLoader workers too."""
-    from conftest import build_store
-
-    vocabulary_store = build_store(digits[0], tmp_path / "v.zarr", teacher_weights, class_vocabulary=2)
     plain, coded = (fmt.open_store_group(path) for path in (store, vocabulary_store))
     assert fmt.read_header(coded).class_vocabulary_size == 2 and fmt.read_header(plain).class_vocabulary_size == 0
     stored = np.asarray(coded[fmt.RECORDS][:])[..., :3]

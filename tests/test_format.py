@@ -288,12 +288,16 @@ def test_built_store_replays_and_dataloader_workers_share_epoch(digits, store):
     assert (ds._block_epoch == 0).all()
 
 
-def test_remote_http_store_reads_in_bounded_requests(digits, store):
+@pytest.mark.parametrize("which", ["store", "vocabulary_store"])
+def test_remote_http_store_reads_in_bounded_requests(digits, which, request):
+    store = request.getfixturevalue(which)
     with RangeServer(store.parent) as server:
         url = f"{server.url}/{store.name}"
         ds = ReinforcedDataset(digits[0], url, target="sparse")
         opening = list(server.log)
-        assert opening[0].path.endswith("/zarr.json") and len(opening) <= 1 + 3 * ds.header.num_blocks
+        per_sample_arrays = 4 if ds.header.class_vocabulary_size else 3
+        assert opening[0].path.endswith("/zarr.json")
+        assert len(opening) <= 1 + per_sample_arrays * ds.header.num_blocks
         assert not any(r.path.endswith("zarr.json") for r in opening[1:])  # consolidated metadata only
         local = ReinforcedDataset(digits[0], store, target="sparse")
         ds.set_epoch(1)
