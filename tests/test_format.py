@@ -341,3 +341,38 @@ def test_processes_write_disjoint_blocks_without_locks(tmp_path):
     generator = np.random.default_rng(0)
     expected = np.concatenate([synthetic_block(header, b, generator).topk_indices for b in range(header.num_blocks)])
     np.testing.assert_array_equal(read_all(path, header)[:, :, :header.top_k], expected)
+
+
+def test_remote_s3_store_reads_like_the_local_one(digits, vocabulary_store):
+    """s3:// through fsspec/s3fs, against a local S3 server (moto), with a class-vocabulary store."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        credentials = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
+        client = boto3.client("s3", endpoint_url=endpoint, **credentials)
+        client.create_bucket(Bucket="stores")
+        for file in vocabulary_store.rglob("*"):
+            if file.is_file():
+                client.upload_file(str(file), "stores", f"v.zarr/{file.relative_to(vocabulary_store)}")
+        options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint,
+                                                                      "region_name": "us-east-1"}}
+        remote = ReinforcedDataset(digits[0], "s3://stores/v.zarr", target="sparse", storage_options=options)
+        local = ReinforcedDataset(digits[0], vocabulary_store, target="sparse")
+        assert remote.header.class_vocabulary_size == 2
+        for epoch in (0, 3):
+            remote.set_epoch(epoch)
+            local.set_epoch(epoch)
+            for index in range(len(local)):
+                (image, (indices, probs)), (local_image, (local_indices, local_probs)) = remote[index], local[index]
+                assert torch.equal(image, local_image) and torch.equal(indices, local_indices)
+                assert torch.equal(probs, local_probs)
+        group = fmt.open_store_group("s3://stores/v.zarr", storage_options=options)
+        np.testing.assert_array_equal(fmt.read_all_records(group).indices,
+                                      fmt.read_all_records(fmt.open_store_group(vocabulary_store)).indices)
+    finally:
+        server.stop()
