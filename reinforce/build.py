@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import zarr
 from reinforce_loaders import format as fmt
+from reinforce_loaders import rng
 from reinforce_loaders.augment import AugmentPipeline, make_pipeline
 from reinforce_loaders.errors import ReinforceError, SourceError
 from reinforce_loaders.source import ImageSource, fingerprint, open_source
@@ -182,6 +183,10 @@ class LoadedBlock:
     labels: np.ndarray
     fingerprints: np.ndarray
     skipped: list[SkippedSample]
+    partner_pool: np.ndarray | None = None
+    """Samples the block's records may mix with (mixing pipelines), see ``rng.partner_pool``."""
+    partners: dict[int, torch.Tensor | None] = dataclasses.field(default_factory=dict)
+    """Decoded pool images outside the block (None: unreadable, skipped)."""
 
 
 class BlockProcessor:
@@ -194,7 +199,8 @@ class BlockProcessor:
     def __init__(self, source: ImageSource, pipeline: AugmentPipeline, ensemble: Ensemble, *,
                  num_augmentations: int, top_k: int, seed: int, batch_size: int, device: str = "cpu",
                  decode_threads: int = 4, precision: str = "fp32", channels_last: bool = True,
-                 compile: bool = False, on_bad_image: BadImagePolicy = "fail", cpu_threads: int | None = None) -> None:
+                 compile: bool = False, on_bad_image: BadImagePolicy = "fail", cpu_threads: int | None = None,
+                 partner_pool_size: int | None = None) -> None:
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)  # process-wide: CPU results depend on it
         if precision not in ("fp32", *_DTYPES):
@@ -210,6 +216,8 @@ class BlockProcessor:
         self.precision = precision
         self.channels_last = channels_last
         self.on_bad_image = on_bad_image
+        # Mixing partners of a block come from a pool of this many samples (None: the whole dataset).
+        self.partner_pool_size = partner_pool_size
         self.param_codec = fmt.ParamCodec.for_pipeline(pipeline)
         self._pool = ThreadPoolExecutor(max_workers=max(decode_threads, 1), thread_name_prefix="decode")
 
@@ -228,7 +236,23 @@ class BlockProcessor:
                            for i, image in enumerate(images)], dtype=np.int64)
         fingerprints = np.array([0 if image is None else outcomes[i][2] for i, image in enumerate(images)],
                                 dtype=np.uint64)
-        return LoadedBlock(start=start, images=images, labels=labels, fingerprints=fingerprints, skipped=skipped)
+        pool, partners = None, {}
+        if self.pipeline.mixes and self.partner_pool_size is not None:
+            pool = rng.partner_pool(self.seed, start, len(self.source), self.partner_pool_size)
+            outside = [int(p) for p in pool if not start <= p < stop]
+            partners = dict(zip(outside, self._pool.map(self._load_partner, outside), strict=True))
+        return LoadedBlock(start=start, images=images, labels=labels, fingerprints=fingerprints, skipped=skipped,
+                           partner_pool=pool, partners=partners)
+
+    def _load_partner(self, index: int) -> torch.Tensor | None:
+        """A mixing partner's image; None if it cannot be read and bad images are skipped."""
+        try:
+            return self.source.load(index)[0]
+        except SourceError as error:
+            if self.on_bad_image != "skip":
+                raise SourceError(f"mixing partner: {error} (or pass --on-bad-image skip to leave the records "
+                                  "that mix with it unmixed)") from error
+            return None
 
     def _load_one(self, index: int) -> tuple[torch.Tensor, int, int] | SkippedSample:
         try:
@@ -255,7 +279,8 @@ class BlockProcessor:
         for i in present:
             params[i] = self.pipeline.sample_slots(self.seed, loaded.start + i, a, sizes[i, 0], sizes[i, 1],
                                                    num_samples=len(self.source),
-                                                   partner_size=lambda p: _size_or_none(partner(p)))
+                                                   partner_size=lambda p: _size_or_none(partner(p)),
+                                                   partner_pool=loaded.partner_pool)
         # The teacher sees the parameters as the store will hold them, so the student replays the same image.
         # (A skipped sample's zeros become whatever the encoding stores for them; its (0, 0) size flags it.)
         params = self.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
@@ -291,17 +316,14 @@ class BlockProcessor:
         """
         cache: dict[int, torch.Tensor | None] = {loaded.start + i: image for i, image in device_images.items()}
         cache.update({loaded.start + i: None for i, image in enumerate(loaded.images) if image is None})
+        cache.update({index: None if image is None else image.to(self.device, non_blocking=True)
+                      for index, image in loaded.partners.items()})
 
         def partner(index: int) -> torch.Tensor | None:
             index = int(index)
-            if index not in cache:
-                try:
-                    cache[index] = self.source.load(index)[0].to(self.device, non_blocking=True)
-                except SourceError as error:
-                    if self.on_bad_image != "skip":
-                        raise SourceError(f"mixing partner: {error} (or pass --on-bad-image skip to leave the "
-                                          "records that mix with it unmixed)") from error
-                    cache[index] = None
+            if index not in cache:  # only without a pool: partners are then drawn from the whole dataset
+                image = self._load_partner(index)
+                cache[index] = None if image is None else image.to(self.device, non_blocking=True)
             return cache[index]
 
         return partner
@@ -429,7 +451,8 @@ def make_processor(config: BuildConfig, ensemble: Ensemble, source: ImageSource 
         ensemble, num_augmentations=config.num_augmentations, top_k=config.top_k, seed=config.seed,
         batch_size=config.batch_size, device=config.device, decode_threads=config.decode_threads,
         precision=config.resolved_precision, channels_last=config.channels_last, compile=config.compile,
-        on_bad_image=config.on_bad_image, cpu_threads=config.resolved_cpu_threads)
+        on_bad_image=config.on_bad_image, cpu_threads=config.resolved_cpu_threads,
+        partner_pool_size=config.block_size)
 
 
 def make_ensemble(config: BuildConfig) -> Ensemble:

@@ -77,6 +77,9 @@ class StoreWriter:
                     f"--out {path} holds a store built with different settings ({'; '.join(differences)}): "
                     "re-run with the original settings to resume it, or choose another --out"
                 )
+            # zarr writes each file as "<name>.<uuid>.partial" and then renames it; a crash leaves those behind.
+            for leftover in path.rglob("*.partial"):
+                leftover.unlink(missing_ok=True)
             return cls(group, existing)
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         for name, spec in fmt.array_specs(header).items():

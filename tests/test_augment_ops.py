@@ -281,3 +281,17 @@ def test_partner_params_are_sampled_for_the_partners_size():
     w = wide[:, names.index("mix.partner.random_resized_crop.width")]
     assert (h <= 20).all() and (w <= 400).all()
     assert ((w / h > 0.7) & (w / h < 1.4)).all()
+
+
+def test_mix_partner_is_uniform_over_the_pool_without_the_sample_itself():
+    pipeline = make_pipeline("rrc+mix", 32)
+    mix = pipeline.ops[pipeline.mix_index]
+    pool = np.array([2, 5, 7, 11, 13])
+    for sample, others in ((7, [2, 5, 11, 13]), (8, [2, 5, 7, 11, 13])):
+        u = np.full(64, 0.5)
+        u[0] = 0.0  # mixed
+        drawn = []
+        for t in range(len(others)):
+            u[1] = (t + 0.5) / len(others)
+            drawn.append(int(mix.sample_mix(u, sample, 100, pool)[0]))
+        assert drawn == others  # each candidate once over an even grid of draws

@@ -18,6 +18,7 @@ import pytest
 import torch
 import zarr
 from reinforce_loaders import format as fmt
+from reinforce_loaders import rng
 from reinforce_loaders.errors import SourceError, StoreFormatError
 
 from reinforce.build import BuildConfig, BuildError, run_build
@@ -171,10 +172,13 @@ def test_unreadable_mixing_partner_leaves_records_unmixed(bad_source, teacher_we
     header = fmt.read_header(group)
     pipeline = make_pipeline("rrc+mix", SETTINGS["image_size"])
     stored = fmt.read_all_records(group).params
-    # The records whose partner draw is the unreadable image (drawn again here with every image readable).
+    # The records whose partner draw is the unreadable image (drawn again here with every image readable,
+    # from the pool of the record's block).
+    block = header.block_size
     drew_bad = [(i, j) for i in range(header.num_samples) if i != index
-                for j, row in enumerate(pipeline.sample_slots(header.seed, i, 8, 32, 32, num_samples=45,
-                                                              partner_size=lambda p: (32, 32)))
+                for j, row in enumerate(pipeline.sample_slots(
+                    header.seed, i, 8, 32, 32, num_samples=45, partner_size=lambda p: (32, 32),
+                    partner_pool=rng.partner_pool(header.seed, i // block * block, 45, block)))
                 if pipeline.partner_indices(row[None])[0] == index]
     assert drew_bad, "the test needs a record that draws the unreadable image as its partner"
     for i, j in drew_bad:
@@ -182,6 +186,34 @@ def test_unreadable_mixing_partner_leaves_records_unmixed(bad_source, teacher_we
     partners = pipeline.partner_indices(stored.reshape(-1, stored.shape[-1]))
     assert (partners >= 0).sum() > len(drew_bad) and index not in partners
     assert len(ReinforcedDataset(source, tmp_path / "store.zarr", verify="full")) == 44
+
+
+def test_mixing_partners_come_from_the_block_pool(digits, teacher_weights, tmp_path):
+    """Each block decodes at most block_size partner images: its records mix only with its pool's samples."""
+    build(digits[0], tmp_path / "store.zarr", teacher_weights, augment="rrc+mix", num_augmentations=8)
+    group = fmt.open_store_group(tmp_path / "store.zarr")
+    header = fmt.read_header(group)
+    partners = make_pipeline("rrc+mix", SETTINGS["image_size"]).partner_indices(fmt.read_all_records(group).params)
+    used = set()
+    for block in range(header.num_blocks):
+        start, stop = header.block_range(block)
+        pool = rng.partner_pool(header.seed, start, header.num_samples, header.block_size)
+        mixed = partners[start:stop] >= 0
+        assert mixed.any()
+        assert np.isin(partners[start:stop][mixed], pool).all()
+        assert (partners[start:stop] != np.arange(start, stop)[:, None]).all()  # never itself
+        used |= set(partners[start:stop][mixed].tolist())
+    assert len(used) > header.block_size  # pools differ between blocks
+
+
+def test_partner_pool_is_a_keyed_sorted_sample_of_distinct_indices():
+    pool = rng.partner_pool(5, 4096, 1_281_167, 4096)
+    assert len(pool) == 4096 and (np.diff(pool) > 0).all() and 0 <= pool[0] and pool[-1] < 1_281_167
+    np.testing.assert_array_equal(pool, rng.partner_pool(5, 4096, 1_281_167, 4096))
+    assert len(np.intersect1d(pool, rng.partner_pool(5, 8192, 1_281_167, 4096))) < 100
+    np.testing.assert_array_equal(rng.partner_pool(5, 0, 10, 16), np.arange(10))
+    small = rng.partner_pool(1, 0, 20, 19)  # 19 distinct of 20 needs several rounds of draws
+    assert len(np.unique(small)) == 19
 
 
 def test_different_settings_on_resume_are_refused(digits, teacher_weights, reference, tmp_path):
@@ -218,7 +250,8 @@ def test_sigkill_of_the_driver_then_resume_gives_identical_arrays(digits, teache
     process = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     done_dir = out / fmt.BLOCKS_DONE / "c"
     deadline = time.monotonic() + 120
-    while not (done_dir.exists() and any(done_dir.iterdir())):
+    # A flag file is complete once renamed from zarr's temporary "*.partial" file.
+    while not (done_dir.exists() and any(p.suffix != ".partial" for p in done_dir.iterdir())):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.002)
@@ -230,6 +263,7 @@ def test_sigkill_of_the_driver_then_resume_gives_identical_arrays(digits, teache
     assert not header.complete and 1 <= done < header.num_blocks
     resumed = subprocess.run(_cli(*args), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert not list(out.rglob("*.partial"))  # writes cut short by the kill are cleaned up
     assert f"over {header.num_blocks - done} blocks" in resumed.stdout
     fresh = tmp_path / "fresh.zarr"
     build(digits[0], fresh, teacher_weights, batch_size=1, block_size=2)

@@ -11,7 +11,8 @@ regenerate the same numbers.
 
 Augmentation op ``k`` of the pipeline draws from stream ``k``; slot ``j`` owns blocks
 ``[j * BLOCKS_PER_SLOT, (j + 1) * BLOCKS_PER_SLOT)`` of that stream, i.e. UNIFORMS_PER_SLOT uniforms.
-The per-epoch slot choice of a reader draws from stream SLOT_SELECTION_STREAM with sample 0.
+The per-epoch slot choice of a reader draws from stream SLOT_SELECTION_STREAM with sample 0; the mixing-partner
+pool of the block starting at sample ``s`` draws from stream PARTNER_POOL_STREAM with sample ``s``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ KEY_TAG = 0x5245494E464F5243  # "REINFORC"
 UNIFORMS_PER_SLOT = 64
 BLOCKS_PER_SLOT = UNIFORMS_PER_SLOT // 4
 SLOT_SELECTION_STREAM = 0xFFFF_FFFF
+PARTNER_POOL_STREAM = 0xFFFF_FFFE
 _MASK64 = (1 << 64) - 1
 
 
@@ -43,6 +45,28 @@ def slot_uniforms(seed: int, sample: int, slot: int, stream: int) -> np.ndarray:
 def all_slot_uniforms(seed: int, sample: int, num_slots: int, stream: int) -> np.ndarray:
     """Uniforms of slots ``0..num_slots-1`` at once, shape (num_slots, UNIFORMS_PER_SLOT)."""
     return uniforms(seed, sample, stream, 0, num_slots * UNIFORMS_PER_SLOT).reshape(num_slots, UNIFORMS_PER_SLOT)
+
+
+def partner_pool(seed: int, block_start: int, num_samples: int, size: int) -> np.ndarray:
+    """The samples that records of the block starting at ``block_start`` may mix with, sorted ascending.
+
+    All samples when ``size >= num_samples``; else the first ``size`` distinct values of
+    ``floor(u * num_samples)`` over the uniforms of (seed, block_start, PARTNER_POOL_STREAM), in order. A
+    block then decodes at most ``size`` partner images instead of up to the whole dataset, while each
+    record's partner is still uniform over the dataset.
+    """
+    if size >= num_samples:
+        return np.arange(num_samples, dtype=np.int64)
+    chosen = np.empty(0, dtype=np.int64)
+    first_block = 0
+    while len(chosen) < size:
+        draws = np.floor(uniforms(seed, block_start, PARTNER_POOL_STREAM, first_block, 4 * size)
+                         * num_samples).astype(np.int64)
+        first_block += size
+        merged = np.concatenate([chosen, draws])
+        _, first = np.unique(merged, return_index=True)
+        chosen = merged[np.sort(first)]
+    return np.sort(chosen[:size])
 
 
 def slot_for_epoch(seed: int, epoch: int, sample: int, num_slots: int) -> int:

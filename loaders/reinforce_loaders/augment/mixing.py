@@ -132,14 +132,23 @@ class Mix(AugmentOp):
         """Own parameters of a record that is not mixed."""
         return np.array([-1.0, NO_MIX, 1.0, 0.0, 0.0, 0.0, 0.0])
 
-    def sample_mix(self, u: np.ndarray, sample: int, num_samples: int) -> np.ndarray:
-        """Parameters of one record of sample ``sample`` of ``num_samples``."""
+    def sample_mix(self, u: np.ndarray, sample: int, num_samples: int, pool: np.ndarray | None = None) -> np.ndarray:
+        """Parameters of one record of sample ``sample`` of ``num_samples``. The partner is uniform over the
+        other samples, or over the other members of ``pool`` (sorted sample indices) when given."""
         if u[0] >= self.p:
             return self.unmixed()
-        if num_samples > 1:
-            partner = (sample + 1 + min(int(u[1] * (num_samples - 1)), num_samples - 2)) % num_samples
+        if pool is None:
+            partner = ((sample + 1 + min(int(u[1] * (num_samples - 1)), num_samples - 2)) % num_samples
+                       if num_samples > 1 else sample)
         else:
-            partner = sample
+            own = int(np.searchsorted(pool, sample))
+            contains = own < len(pool) and int(pool[own]) == sample
+            count = len(pool) - contains
+            if count < 1:
+                partner = sample
+            else:
+                pick = min(int(u[1] * count), count - 1)
+                partner = int(pool[pick + 1 if contains and pick >= own else pick])
         if self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or u[2] < self.switch_prob):
             lam = beta_sample(u[8:], self.cutmix_alpha)
             cut = math.sqrt(1.0 - lam)

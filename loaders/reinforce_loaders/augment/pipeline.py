@@ -99,24 +99,30 @@ class AugmentPipeline:
     # -- sampling ---------------------------------------------------------------------------------------------
 
     def sample(self, seed: int, sample: int, slot: int, height: int, width: int, num_samples: int | None = None,
-               partner_size: PartnerSize | None = None) -> np.ndarray:
+               partner_size: PartnerSize | None = None, partner_pool: np.ndarray | None = None) -> np.ndarray:
         """Parameters of record (sample, slot) as a ``(num_params,)`` vector (see :meth:`sample_slots`)."""
         uniforms = [rng.slot_uniforms(seed, sample, slot, k)[None] for k in range(len(self.ops))]
-        return self._sample(seed, sample, [slot], uniforms, height, width, num_samples, partner_size)[0]
+        return self._sample(seed, sample, [slot], uniforms, height, width, num_samples, partner_size,
+                            partner_pool)[0]
 
     def sample_slots(self, seed: int, sample: int, num_slots: int, height: int, width: int,
-                     num_samples: int | None = None, partner_size: PartnerSize | None = None) -> np.ndarray:
+                     num_samples: int | None = None, partner_size: PartnerSize | None = None,
+                     partner_pool: np.ndarray | None = None) -> np.ndarray:
         """Parameters of slots ``0..num_slots-1`` of one sample, shape ``(num_slots, num_params)``.
 
         ``height`` x ``width`` is the decoded source image's size. Mixing pipelines also need ``num_samples``
         (the dataset's length, partners are drawn from it) and ``partner_size(index) -> (height, width)`` of
-        any source image, or None for an image that cannot be read: a record drawing it is left unmixed. Values are float32-exact, so replaying stored float32 parameters is bit-identical.
+        any source image, or None for an image that cannot be read: a record drawing it is left unmixed.
+        ``partner_pool`` (sorted sample indices, :func:`~reinforce_loaders.rng.partner_pool`) restricts the
+        partners to its members; the build passes its block's pool. Values are float32-exact, so replaying stored float32 parameters is bit-identical.
         """
         uniforms = [rng.all_slot_uniforms(seed, sample, num_slots, k) for k in range(len(self.ops))]
-        return self._sample(seed, sample, list(range(num_slots)), uniforms, height, width, num_samples, partner_size)
+        return self._sample(seed, sample, list(range(num_slots)), uniforms, height, width, num_samples, partner_size,
+                            partner_pool)
 
     def _sample(self, seed: int, sample: int, slots: list[int], uniforms: list[np.ndarray], height: int, width: int,
-                num_samples: int | None, partner_size: PartnerSize | None) -> np.ndarray:
+                num_samples: int | None, partner_size: PartnerSize | None,
+                partner_pool: np.ndarray | None = None) -> np.ndarray:
         if self.mixes:
             if num_samples is None or partner_size is None:
                 raise AugmentationError("a mixing pipeline samples partners: pass num_samples and partner_size")
@@ -128,7 +134,7 @@ class AugmentPipeline:
             lo, hi = self._own[k]
             for row in range(len(slots)):
                 u = uniforms[k][row]
-                out[row, lo:hi] = (op.sample_mix(u, sample, num_samples) if isinstance(op, Mix)
+                out[row, lo:hi] = (op.sample_mix(u, sample, num_samples, partner_pool) if isinstance(op, Mix)
                                    else op.sample(u, height, width))
         if self.mixes:
             partner_column = self._own[self.mix_index][0]
