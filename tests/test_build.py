@@ -73,6 +73,13 @@ def test_two_workers_equal_one_process(ray_session, digits, teacher_weights, ref
     assert_same_arrays(tmp_path / "ray.zarr", reference)
 
 
+def test_two_workers_equal_one_process_with_mixing(ray_session, digits, teacher_weights, tmp_path):
+    """Partner pools, partner decoding and mixing give the same bytes whichever worker computes a block."""
+    build(digits[0], tmp_path / "ray.zarr", teacher_weights, augment="rrc+mix", workers=2)
+    build(digits[0], tmp_path / "local.zarr", teacher_weights, augment="rrc+mix")
+    assert_same_arrays(tmp_path / "ray.zarr", tmp_path / "local.zarr")
+
+
 class KillsItsProcess(torch.nn.Module):
     """Wraps a teacher; in a worker process (not the driver), its forward SIGKILLs the process while ``marker``
     holds a positive count, decrementing it."""
