@@ -323,7 +323,7 @@ def real_teacher_configurations(store: Path, slots: int, seed: int = 0):
         return values[:, :groups * slots].reshape((n * groups, slots) + values.shape[2:])[order]
 
     indices = (pseudo(decoded.indices) + shift[:, None, None]) % source.num_classes
-    fill = int(np.iinfo(source.dtype).max)
+    fill = source.fill_value
     vocabulary = fmt.class_vocabulary(decoded.indices, fmt.DEFAULT_CLASS_VOCABULARY, fill)[photo]
     vocabulary = np.where(vocabulary == fill, fill, (vocabulary + shift[:, None]) % source.num_classes)
     teacher = (indices, pseudo(decoded.probs), pseudo(decoded.entropy))

@@ -161,7 +161,7 @@ def _read(group: Any, name: str, selection: Any = slice(None), what: str = "") -
 
 def _check_vocabulary(header: fmt.StoreHeader, vocabulary: np.ndarray, skipped: np.ndarray) -> None:
     """Each row: distinct classes in [0, C), then only fill values; rows of built samples are not empty."""
-    fill = int(np.iinfo(header.dtype).max)
+    fill = header.fill_value
     empty = vocabulary == fill
     if (empty[:, 0] & ~skipped).any():
         first = int(np.argmax(empty[:, 0] & ~skipped))
@@ -178,7 +178,7 @@ def _check_vocabulary(header: fmt.StoreHeader, vocabulary: np.ndarray, skipped: 
 def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndarray, samples: np.ndarray,
                    sizes: np.ndarray, vocabulary: np.ndarray | None = None) -> None:
     columns = header.record_columns
-    fill = np.iinfo(header.dtype).max
+    fill = header.fill_value
     where = f"samples [{samples[0]}, {samples[-1] + 1})" if len(samples) else "no samples"
     missing = (rows[..., 0] == fill)
     if missing.any():
@@ -187,11 +187,8 @@ def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndar
     try:
         indices = fmt.decode_indices(header, rows[..., columns["topk_indices"]], vocabulary)
     except ReinforceError:
-        stored = rows[..., columns["topk_indices"]].astype(np.int64)
-        empty = (stored < header.class_vocabulary_size) & (np.take_along_axis(
-            np.broadcast_to(vocabulary, stored.shape[:-1] + vocabulary.shape[-1:]),
-            np.minimum(stored, header.class_vocabulary_size - 1), axis=-1) >= header.num_classes)
-        sample, slot = np.argwhere(empty.any(-1))[0]
+        invalid = fmt.invalid_vocabulary_references(header, rows[..., columns["topk_indices"]], vocabulary)
+        sample, slot = np.argwhere(invalid.any(-1))[0]
         raise VerificationError(f"record ({samples[sample]}, {slot}) refers to an empty class vocabulary "
                                 "entry") from None
     q = fmt.quantized_probs(header, rows)

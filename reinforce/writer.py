@@ -119,7 +119,7 @@ class StoreWriter:
             )
         vocabulary = None
         if header.class_vocabulary_size:
-            fill = int(np.iinfo(header.dtype).max)
+            fill = header.fill_value
             vocabulary = result.class_vocabulary
             if vocabulary is None:
                 vocabulary = fmt.class_vocabulary(result.topk_indices, header.class_vocabulary_size, fill)

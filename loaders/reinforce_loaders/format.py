@@ -396,6 +396,11 @@ class StoreHeader:
         return record_dtype(self.num_classes, self.class_vocabulary_size)
 
     @property
+    def fill_value(self) -> int:
+        """Fill value of ``records`` and ``class_vocabulary`` (``max(T)``): never a valid stored value."""
+        return int(np.iinfo(self.dtype).max)
+
+    @property
     def array_names(self) -> tuple[str, ...]:
         """The arrays of this store, in :data:`ALL_ARRAYS` order."""
         return tuple(name for name in ALL_ARRAYS if name != CLASS_VOCABULARY or self.class_vocabulary_size)
@@ -491,14 +496,14 @@ def array_specs(header: StoreHeader) -> dict[str, dict[str, Any]]:
     dtype = header.dtype
     per_sample = {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
     v = header.class_vocabulary_size
-    vocabulary = dict(shape=(n, v), chunks=(b, v), dtype=dtype, fill_value=int(np.iinfo(dtype).max), **per_sample)
+    vocabulary = dict(shape=(n, v), chunks=(b, v), dtype=dtype, fill_value=header.fill_value, **per_sample)
     specs = {
         LABELS: dict(shape=(n,), chunks=(b,), dtype=LABEL_DTYPE, fill_value=LABEL_FILL, **per_sample),
         FINGERPRINTS: dict(shape=(n,), chunks=(b,), dtype=FINGERPRINT_DTYPE, fill_value=0, **per_sample),
         IMAGE_SIZES: dict(shape=(n, 2), chunks=(b, 2), dtype=IMAGE_SIZE_DTYPE, fill_value=0, **per_sample),
         CLASS_VOCABULARY: vocabulary,
         RECORDS: dict(
-            shape=(n, a, w), shards=(b, a, w), chunks=(b, 1, w), dtype=dtype, fill_value=int(np.iinfo(dtype).max),
+            shape=(n, a, w), shards=(b, a, w), chunks=(b, 1, w), dtype=dtype, fill_value=header.fill_value,
             # Column-major inside a chunk (every column of the block contiguous), byte planes, zstd, checksum.
             # Byte shuffling beat bit shuffling by 1.4 bytes/record on ImageNet+ records (benchmarks/RESULTS.md).
             filters=[TransposeCodec(order=(2, 1, 0))], serializer=BytesCodec(endian="little"),
@@ -609,7 +614,7 @@ def read_vocabulary(group: zarr.Group, header: StoreHeader) -> np.ndarray | None
 
 def check_rows_present(header: StoreHeader, rows: np.ndarray, where: str) -> None:
     """Raise if any row holds the fill value (its chunk was never written or its file is missing)."""
-    fill = np.iinfo(header.dtype).max
+    fill = header.fill_value
     top1 = rows[..., 0]
     if (top1 == fill).any():
         raise StoreFormatError(f"records of {where} are missing from the store (chunk absent): the store is "
@@ -639,17 +644,28 @@ def decode_indices(header: StoreHeader, stored: np.ndarray, vocabulary: np.ndarr
     size = header.class_vocabulary_size
     if not size:
         return stored
-    if vocabulary is None:
-        raise ValueError("this store stores class indices in per-sample vocabularies: pass the samples' "
-                         "class_vocabulary rows (format.read_vocabulary)")
-    vocabulary = np.asarray(vocabulary).astype(np.int64)
-    table = np.broadcast_to(vocabulary, stored.shape[:-1] + (size,))
-    in_vocabulary = stored < size
-    looked_up = np.take_along_axis(table, np.minimum(stored, size - 1), axis=-1)
+    in_vocabulary, looked_up = _vocabulary_lookup(header, stored, vocabulary)
     if (in_vocabulary & (looked_up >= header.num_classes)).any():
         raise StoreFormatError("a record refers to an empty or invalid class_vocabulary entry: the store is "
                                "damaged; re-download it, or run `reinforce verify` to find the damage")
     return np.where(in_vocabulary, looked_up, stored - size)
+
+
+def invalid_vocabulary_references(header: StoreHeader, stored: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
+    """Mask ``(..., K)`` of stored index values that point at a padding or out-of-range vocabulary entry."""
+    in_vocabulary, looked_up = _vocabulary_lookup(header, stored.astype(np.int64), vocabulary)
+    return in_vocabulary & (looked_up >= header.num_classes)
+
+
+def _vocabulary_lookup(header: StoreHeader, stored: np.ndarray,
+                       vocabulary: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(stored value is a vocabulary position, the vocabulary entry it points at) for int64 ``stored``."""
+    size = header.class_vocabulary_size
+    if vocabulary is None:
+        raise ValueError("this store stores class indices in per-sample vocabularies: pass the samples' "
+                         "class_vocabulary rows (format.read_vocabulary)")
+    table = np.broadcast_to(np.asarray(vocabulary).astype(np.int64), stored.shape[:-1] + (size,))
+    return stored < size, np.take_along_axis(table, np.minimum(stored, size - 1), axis=-1)
 
 
 def encode_indices(header: StoreHeader, indices: np.ndarray, vocabulary: np.ndarray | None) -> np.ndarray:
