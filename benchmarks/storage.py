@@ -192,7 +192,8 @@ def erasing_params(generator: np.random.Generator, shape: tuple[int, int]) -> np
     return out
 
 
-def configuration(name: str, samples: int, slots: int, block: int, generator: np.random.Generator):
+def configuration(name: str, samples: int, slots: int, block: int, generator: np.random.Generator,
+                  prob_scale: int = fmt.DEFAULT_PROB_SCALE):
     """Header, quantized params and ensemble results of one configuration."""
     pipeline = make_pipeline("rrc", 224)
     encodings = fmt.pipeline_param_encodings(pipeline)
@@ -207,7 +208,7 @@ def configuration(name: str, samples: int, slots: int, block: int, generator: np
                                  erasing_params(generator, (samples, slots))], -1)
     header = fmt.StoreHeader(num_samples=samples, num_classes=NUM_CLASSES, top_k=TOP_K, num_augmentations=slots,
                              seed=0, block_size=block, augmentation={"size": 224, "ops": [], "preset": name},
-                             teachers=[], param_encodings=encodings)
+                             teachers=[], param_encodings=encodings, prob_scale=prob_scale)
     params = header.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
     return header, sizes, params
 
@@ -293,7 +294,7 @@ def epoch_reads(path: Path, header, epoch: int) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- real teacher
-def real_teacher_configurations(store: Path, slots: int, seed: int = 0):
+def real_teacher_configurations(store: Path, slots: int, seed: int = 0, prob_scale: int = fmt.DEFAULT_PROB_SCALE):
     """Records of a store built by ``benchmarks/imagenet_teacher.py`` (a real ImageNet ensemble on real
     photos, every record real), laid out as an ImageNet-sized block would hold them.
 
@@ -333,7 +334,7 @@ def real_teacher_configurations(store: Path, slots: int, seed: int = 0):
                                  num_augmentations=slots, seed=0, block_size=n * groups,
                                  augmentation={"size": source.augmentation["size"], "ops": [], "preset": name},
                                  teachers=source.teachers, param_encodings=source.param_encodings[:columns],
-                                 class_vocabulary_size=fmt.DEFAULT_CLASS_VOCABULARY)
+                                 class_vocabulary_size=fmt.DEFAULT_CLASS_VOCABULARY, prob_scale=prob_scale)
         out[name] = (header, sizes[photo], pseudo(decoded.params[..., :columns]), teacher, vocabulary)
     full = (decoded.indices, decoded.probs, decoded.entropy)
     return out, (source, sizes, decoded.params, full)
@@ -341,7 +342,8 @@ def real_teacher_configurations(store: Path, slots: int, seed: int = 0):
 
 def measure_real_teacher(args: argparse.Namespace) -> None:
     store = Path(args.teacher_store)
-    configurations, (source, sizes, params, full) = real_teacher_configurations(store, args.pseudo_slots)
+    configurations, (source, sizes, params, full) = real_teacher_configurations(store, args.pseudo_slots,
+                                                                                 prob_scale=args.prob_scale)
     a = source.num_augmentations
     stats = {"mean top-1 prob": full[1][..., 0].mean(), "median top-1 prob": np.median(full[1][..., 0]),
              "mean top-10 mass": full[1].sum(-1).mean(), "mean entropy (nats)": full[2].mean(),
@@ -410,6 +412,8 @@ def main() -> None:
     parser.add_argument("--teacher-cache", help=".npz to save the teacher outputs to, or to load them from")
     parser.add_argument("--teacher-store", help="a store built by benchmarks/imagenet_teacher.py: measure its real "
                                                 "ImageNet-teacher records instead of the digits teacher's")
+    parser.add_argument("--prob-scale", type=int, default=fmt.DEFAULT_PROB_SCALE,
+                        help="probability quantization Q of the stores measured (as reinforce build --prob-scale)")
     parser.add_argument("--pseudo-slots", type=int, default=2,
                         help="with --teacher-store: slots per pseudo-sample (see real_teacher_configurations)")
     args = parser.parse_args()
@@ -422,7 +426,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("rrc", "imagenet+"):
             generator = np.random.default_rng(2)
-            header, sizes, params = configuration(name, args.samples, args.slots, args.block_size, generator)
+            header, sizes, params = configuration(name, args.samples, args.slots, args.block_size, generator,
+                                                  args.prob_scale)
             teacher = (indices, probs, entropy)
             store, reference = Path(tmp) / f"{name}.zarr", Path(tmp) / f"{name}-ref"
             write_v1(store, header, sizes, params, teacher)

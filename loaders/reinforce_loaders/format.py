@@ -59,9 +59,9 @@ its fingerprint and records are zeros, and the header's ``provenance["skipped"]`
 LABEL_FILL = -1
 RECORD_FILL_U16 = 0xFFFF
 
-DEFAULT_PROB_SCALE = 512
+DEFAULT_PROB_SCALE = 1000
 """Probabilities are quantized to ``q = round(p * prob_scale)`` (absolute error at most ``0.5 / prob_scale``,
-9.8e-4 at 512) and stored as ``q[0]`` then the drops ``q[r-1] - q[r]``, small numbers for the flat tail."""
+5e-4 at 1000) and stored as ``q[0]`` then the drops ``q[r-1] - q[r]``, small numbers for the flat tail."""
 DEFAULT_CLASS_VOCABULARY = 32
 """Classes per sample in ``class_vocabulary`` for stores of more than ``2 * DEFAULT_CLASS_VOCABULARY``
 classes (:func:`default_class_vocabulary_size`)."""
