@@ -251,7 +251,8 @@ def column_bytes(path: Path, header) -> dict[str, int]:
     import numcodecs
 
     group = fmt.open_store_group(path)
-    blosc = numcodecs.Blosc(cname="zstd", clevel=fmt.ZSTD_LEVEL, shuffle=numcodecs.Blosc.SHUFFLE)  # as the store
+    shuffle = {"shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[fmt.record_shuffle(header)]
+    blosc = numcodecs.Blosc(cname="zstd", clevel=fmt.ZSTD_LEVEL, shuffle=shuffle)  # as the store
     out = {name: 0 for name in header.record_columns}
     for block in range(header.num_blocks):
         for slot in range(header.num_augmentations):
@@ -262,8 +263,8 @@ def column_bytes(path: Path, header) -> dict[str, int]:
 
 
 def shuffle_comparison(path: Path, header) -> dict[str, float]:
-    """Bytes/record of the whole ``records`` chunks under blosc-zstd with byte shuffle (the store's) and with
-    bit shuffle, same level: the choice of format.array_specs."""
+    """Bytes/record of the whole ``records`` chunks under blosc-zstd with byte shuffle and with bit shuffle,
+    same level: the choice of format.record_shuffle."""
     import numcodecs
 
     group = fmt.open_store_group(path)
@@ -466,7 +467,8 @@ def main() -> None:
             big = fmt.StoreHeader(num_samples=IMAGENET_IMAGES, num_classes=NUM_CLASSES, top_k=TOP_K,
                                   num_augmentations=IMAGENET_SLOTS, seed=0, block_size=block,
                                   augmentation={"size": 224, "ops": []}, teachers=[], param_encodings=[],
-                                  class_vocabulary_size=fmt.default_class_vocabulary_size(NUM_CLASSES))
+                                  class_vocabulary_size=fmt.default_class_vocabulary_size(
+                                      NUM_CLASSES, IMAGENET_SLOTS, TOP_K))
             index_per_epoch = big.num_blocks * (16 * IMAGENET_SLOTS + 4)
             print(f"ImageNet size ({IMAGENET_IMAGES:,} images, A={IMAGENET_SLOTS}, block {block}): "
                   f"{fmt.expected_file_count(big):,} files; shard-index bytes read per epoch {index_per_epoch:,}; "

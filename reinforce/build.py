@@ -66,7 +66,7 @@ class BuildConfig:
     seed: int = 0
     batch_size: int = 256
     block_size: int | None = None  # None: format.recommended_block_size(num_augmentations)
-    class_vocabulary: int | None = None  # None: format.default_class_vocabulary_size(num_classes)
+    class_vocabulary: int | None = None  # None: format.default_class_vocabulary_size(...)
     prob_scale: int = fmt.DEFAULT_PROB_SCALE
     device: str = "cpu"
     decode_threads: int = 4
@@ -393,7 +393,8 @@ def make_header(config: BuildConfig, source: ImageSource, pipeline: AugmentPipel
         num_augmentations=config.num_augmentations, seed=config.seed, block_size=config.block_size,
         augmentation=pipeline.config(), teachers=ensemble.describe(), class_names=source.classes,
         compute=config.compute_settings(), prob_scale=config.prob_scale,
-        class_vocabulary_size=(fmt.default_class_vocabulary_size(num_classes) if config.class_vocabulary is None
+        class_vocabulary_size=(fmt.default_class_vocabulary_size(num_classes, config.num_augmentations,
+                                                                 config.top_k) if config.class_vocabulary is None
                                else min(config.class_vocabulary, num_classes)),
         provenance={
             "tool": f"reinforce {__version__}", "created": datetime.datetime.now(datetime.UTC).isoformat(),

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "--num-augmentations, so an epoch's shard-index reads stay small; see format_spec.md)")
     build.add_argument("--class-vocabulary", type=int, metavar="V",
                        help="store top-k indices as positions in a per-image vocabulary of its V most frequent "
-                            "classes (default 32 for more than 64 classes, else 0 = plain class indices)")
+                            "classes (default 32 when there are more than 64 classes and A x K >= 512, else "
+                            "0 = plain class indices)")
     build.add_argument("--prob-scale", type=int, default=1000, metavar="Q",
                        help="probabilities are stored as round(p * Q), error <= 0.5/Q (default 1000: 5e-4; 512 "
                             "keeps it under 1e-3 for ~1 byte/record less)")

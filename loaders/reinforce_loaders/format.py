@@ -63,8 +63,7 @@ DEFAULT_PROB_SCALE = 1000
 """Probabilities are quantized to ``q = round(p * prob_scale)`` (absolute error at most ``0.5 / prob_scale``,
 5e-4 at 1000) and stored as ``q[0]`` then the drops ``q[r-1] - q[r]``, small numbers for the flat tail."""
 DEFAULT_CLASS_VOCABULARY = 32
-"""Classes per sample in ``class_vocabulary`` for stores of more than ``2 * DEFAULT_CLASS_VOCABULARY``
-classes (:func:`default_class_vocabulary_size`)."""
+"""Classes per sample in ``class_vocabulary`` by default (:func:`default_class_vocabulary_size`)."""
 ENTROPY_LEVELS = 63
 """Teacher entropy is stored as ``round(H / ln(num_classes) * ENTROPY_LEVELS)``."""
 
@@ -78,9 +77,15 @@ def record_dtype(num_classes: int, class_vocabulary_size: int = 0) -> np.dtype:
     return np.dtype("<u2") if num_classes + class_vocabulary_size <= RECORD_FILL_U16 else np.dtype("<u4")
 
 
-def default_class_vocabulary_size(num_classes: int) -> int:
-    """:data:`DEFAULT_CLASS_VOCABULARY` when a store has more than twice as many classes, else 0 (none)."""
-    return DEFAULT_CLASS_VOCABULARY if num_classes > 2 * DEFAULT_CLASS_VOCABULARY else 0
+def default_class_vocabulary_size(num_classes: int, num_augmentations: int, top_k: int) -> int:
+    """:data:`DEFAULT_CLASS_VOCABULARY` when a store has more than twice as many classes and each sample stores
+    at least 16 indices per vocabulary entry (``A * K >= 16 V``), else 0 (none).
+
+    Measured (benchmarks/RESULTS.md): at ``A * K = 4000`` the vocabulary cuts ImageNet+ records from 29.4 to
+    22.8 bytes; at ``A * K = 160`` it costs 1.2 bytes/record for rrc. The threshold between is a choice.
+    """
+    size = DEFAULT_CLASS_VOCABULARY
+    return size if num_classes > 2 * size and num_augmentations * top_k >= 16 * size else 0
 
 
 def class_vocabulary(indices: np.ndarray, size: int, fill: int) -> np.ndarray:
@@ -504,16 +509,23 @@ def array_specs(header: StoreHeader) -> dict[str, dict[str, Any]]:
         CLASS_VOCABULARY: vocabulary,
         RECORDS: dict(
             shape=(n, a, w), shards=(b, a, w), chunks=(b, 1, w), dtype=dtype, fill_value=header.fill_value,
-            # Column-major inside a chunk (every column of the block contiguous), byte planes, zstd, checksum.
-            # Byte shuffling beat bit shuffling by 1.4 bytes/record on ImageNet+ records (benchmarks/RESULTS.md).
+            # Column-major inside a chunk (every column of the block contiguous), shuffled, zstd, checksum.
+            # Measured (benchmarks/RESULTS.md): with a class vocabulary byte shuffling is smaller (ImageNet+
+            # 22.65 vs 24.06 bytes/record); with plain class ids mostly bit shuffling (digits demo 11.9 vs 13.1).
             filters=[TransposeCodec(order=(2, 1, 0))], serializer=BytesCodec(endian="little"),
-            compressors=[BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle="shuffle", typesize=dtype.itemsize),
+            compressors=[BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=record_shuffle(header),
+                                    typesize=dtype.itemsize),
                          Crc32cCodec()],
         ),
         BLOCKS_DONE: dict(shape=(header.num_blocks,), chunks=(1,), dtype=BLOCK_DONE_DTYPE, fill_value=0,
                           compressors=[Crc32cCodec()]),
     }
     return {name: specs[name] for name in header.array_names}
+
+
+def record_shuffle(header: StoreHeader) -> str:
+    """Blosc shuffle of ``records``: byte shuffle with a class vocabulary, bit shuffle without."""
+    return "shuffle" if header.class_vocabulary_size else "bitshuffle"
 
 
 def expected_file_count(header: StoreHeader) -> int:
