@@ -16,6 +16,7 @@ from reinforce.writer import BlockResult, StoreWriter
 from reinforce_loaders import ReinforcedDataset, make_pipeline
 from reinforce_loaders import format as fmt
 from reinforce_loaders import rng
+from reinforce_loaders.codecs import ParamLayout
 from reinforce_loaders.errors import IncompleteStoreError, StoreFormatError
 
 
@@ -116,7 +117,7 @@ def test_param_encoding_kinds_roundtrip():
     encodings = [{"param": "a.x", "kind": "float16"}, {"param": "a.n", "kind": "int", "offset": -5, "width": 2},
                  {"param": "a.m", "kind": "linear", "lo": 0.0, "hi": 10.0, "levels": 100},
                  {"param": "a.t", "kind": "relative", "ref": "output", "levels": 255}]
-    codec = fmt.ParamCodec(encodings, output_size=224)
+    codec = ParamLayout.from_json(encodings, output_size=224)
     params = np.array([[0.1234, 123456.0, 9.04, 100.0], [-3.5, -5.0, 0.0, 224.0]])
     columns = codec.encode(params, np.array([300, 300]), np.array([400, 400]))
     assert columns.shape == (2, 5) and columns.max() <= 0xFFFF

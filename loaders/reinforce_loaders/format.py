@@ -15,6 +15,7 @@ with one chunk per block.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
+from .codecs import ParamLayout
 from .errors import IncompleteStoreError, StoreFormatError
 
 FORMAT_NAME = "reinforce-store"
@@ -121,222 +123,50 @@ def topk_index_dtype(num_classes: int) -> np.dtype:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Augmentation parameter encodings
+# Augmentation parameter encodings: one typed codec per parameter, declared by the ops (codecs.py)
 # ----------------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class ParamEncoding:
-    """How one augmentation parameter (a float64 in the pipeline) becomes unsigned 16-bit record columns.
-
-    ``kind`` is one of:
-
-    * ``"float16"`` (default for undeclared params): the IEEE binary16 bit pattern of the value.
-    * ``"int"``: an integer value ``v`` in ``[offset, offset + 2**(16 * width))`` stored as ``v - offset``
-      in ``width`` (1 or 2) columns, low 16 bits first.
-    * ``"linear"``: a float in ``[lo, hi]`` stored as ``round((v - lo) / (hi - lo) * levels)``.
-    * ``"relative"``: an integer pixel coordinate or extent in ``[0, ref]`` stored as
-      ``round(v * levels / ref)`` where ``ref`` is the source image's height or width
-      (``"source_height"`` / ``"source_width"``) or the pipeline's output size (``"output"``). An extent
-      names its ``start`` param: it decodes to at least 1, and the encoder keeps ``start + extent <= ref``.
-
-    An op declares encodings with the optional attribute ``param_encoding: dict[str, ParamEncoding]``
-    (keyed by its param names); else :data:`KNOWN_PARAM_ENCODINGS` (source-pixel crop boxes), else the op's
-    ``param_specs`` (see :func:`encoding_from_spec`), else ``float16``. The build applies the *decoded* parameters, so teacher and student see the same image
-    whatever the precision.
-    """
-
-    kind: str = "float16"
-    offset: int = 0
-    width: int = 1
-    lo: float = 0.0
-    hi: float = 1.0
-    levels: int = 255
-    ref: str = ""
-    start: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("float16", "int", "linear", "relative"):
-            raise StoreFormatError(f"unknown parameter encoding kind {self.kind!r}")
-        if self.kind == "int" and self.width not in (1, 2):
-            raise StoreFormatError(f"int parameter encoding width must be 1 or 2, got {self.width}")
-        if self.kind in ("linear", "relative") and not 1 <= self.levels <= RECORD_FILL_U16 - 1:
-            raise StoreFormatError(f"parameter encoding levels must be in [1, 65534], got {self.levels}")
-        if self.kind == "linear" and not self.hi > self.lo:
-            raise StoreFormatError(f"linear parameter encoding needs hi > lo, got [{self.lo}, {self.hi}]")
-        if self.kind == "relative" and self.ref not in ("source_height", "source_width", "output"):
-            raise StoreFormatError(f"relative parameter encoding ref must be source_height, source_width or "
-                                   f"output, got {self.ref!r}")
-
-    @property
-    def columns(self) -> int:
-        return self.width if self.kind == "int" else 1
-
-    def to_json(self) -> dict[str, Any]:
-        keys = {"float16": (), "int": ("offset", "width"), "linear": ("lo", "hi", "levels"),
-                "relative": ("ref", "levels", "start")}[self.kind]
-        out: dict[str, Any] = {"kind": self.kind}
-        out.update({key: getattr(self, key) for key in keys if not (key == "start" and not self.start)})
-        return out
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ParamEncoding:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
-
-
-def rel(ref: str, levels: int = 255, start: str = "") -> ParamEncoding:
-    """Shorthand for a ``relative`` encoding."""
-    return ParamEncoding(kind="relative", ref=ref, levels=levels, start=start)
-
-
-FLAG = ParamEncoding(kind="int")
-
-KNOWN_PARAM_ENCODINGS: dict[str, ParamEncoding] = {
-    "random_resized_crop.top": rel("source_height"),
-    "random_resized_crop.left": rel("source_width"),
-    "random_resized_crop.height": rel("source_height", start="random_resized_crop.top"),
-    "random_resized_crop.width": rel("source_width", start="random_resized_crop.left"),
-    "random_crop.top": rel("source_height"),
-    "random_crop.left": rel("source_width"),
-    "random_crop.height": rel("source_height", start="random_crop.top"),
-    "random_crop.width": rel("source_width", start="random_crop.left"),
-    "horizontal_flip.flip": FLAG,
-}
-"""Encodings of the ops that do not declare ``param_encoding`` themselves, keyed ``op.param``."""
-
-
-REAL_LEVELS = 255
-"""Levels of a bounded real parameter that neither the op nor :data:`KNOWN_PARAM_ENCODINGS` encodes."""
-
-
-def encoding_from_spec(spec: Any) -> ParamEncoding | None:
-    """Default encoding from an op's ``param_specs`` entry (``low``, ``high``, ``integer``), if it has one.
-
-    Integers become ``int`` (two columns when the range may exceed 16 bits), bounded reals ``linear`` with
-    :data:`REAL_LEVELS` levels, unbounded reals ``float16``.
-    """
-    low, high, integer = getattr(spec, "low", None), getattr(spec, "high", None), getattr(spec, "integer", None)
-    if low is None or integer is None:
-        return None
-    if integer:
-        width = 1 if high is not None and high - low <= RECORD_FILL_U16 - 1 else 2
-        return ParamEncoding(kind="int", offset=int(low), width=width)
-    if high is None:
-        return ParamEncoding()
-    return ParamEncoding(kind="linear", lo=float(low), hi=float(high), levels=REAL_LEVELS)
+ParamCodec = ParamLayout
+"""Earlier name of :class:`~reinforce_loaders.codecs.ParamLayout`."""
 
 
 def pipeline_param_encodings(pipeline: Any) -> list[dict[str, Any]]:
-    """``[{"param": "op.name", **encoding}, ...]`` for every parameter of an ``AugmentPipeline``, in order."""
-    out = []
-    for op in pipeline.ops:
-        declared = getattr(op, "param_encoding", None) or {}
-        specs = getattr(op, "param_specs", None)
-        for position, name in enumerate(op.param_names):
-            full = f"{op.name}.{name}"
-            encoding = (declared.get(name) or KNOWN_PARAM_ENCODINGS.get(full)
-                        or (encoding_from_spec(specs[position]) if specs else None) or ParamEncoding())
-            if isinstance(encoding, Mapping):
-                encoding = ParamEncoding.from_json(encoding)
-            out.append({"param": full, **encoding.to_json()})
-    return out
+    """``[{"param": "op.name", **codec}, ...]`` for every parameter of an ``AugmentPipeline``, in order: the
+    header's ``param_encodings``."""
+    return pipeline.param_layout.to_json()
 
 
-class ParamCodec:
-    """Encodes ``(n, P)`` float64 parameters to ``(n, columns)`` integers and back, per the header's encodings."""
+@dataclasses.dataclass(frozen=True)
+class StoreLayout:
+    """What a reader needs on every record, parsed once from a header (:attr:`StoreHeader.layout`)."""
 
-    def __init__(self, encodings: Sequence[Mapping[str, Any]], output_size: int) -> None:
-        self.names = [str(item["param"]) for item in encodings]
-        self.encodings = [ParamEncoding.from_json(item) for item in encodings]
-        self.output_size = int(output_size)
-        self.columns = int(sum(e.columns for e in self.encodings))
-        for name, encoding in zip(self.names, self.encodings):
-            if encoding.start and encoding.start not in self.names[:self.names.index(name)]:
-                raise StoreFormatError(f"parameter {name} is an extent of {encoding.start!r}, which must come "
-                                       "before it in the pipeline")
+    params: ParamLayout
+    columns: dict[str, slice]
+    """Column ranges of one ``records`` row: ``topk_indices``, ``topk_probs``, ``aug_params``, ``teacher_entropy``."""
+    width: int
+    dtype: np.dtype
+    fill: int
+    prob_scale: np.float32
+    entropy_levels: np.float32
+    max_entropy: np.float32
+    """``ln(num_classes)``: the entropy of stored level ``entropy_levels``."""
 
     @classmethod
-    def for_pipeline(cls, pipeline: Any) -> ParamCodec:
-        return cls(pipeline_param_encodings(pipeline), pipeline.size)
-
-    def _ref(self, encoding: ParamEncoding, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
-        if encoding.ref == "source_height":
-            return heights.astype(np.int64)
-        if encoding.ref == "source_width":
-            return widths.astype(np.int64)
-        return np.full(heights.shape, self.output_size, dtype=np.int64)
-
-    def encode(self, params: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
-        """``params`` ``(..., P)`` and per-row source ``heights``/``widths`` ``(...)`` -> ``(..., columns)`` int64."""
-        params = np.asarray(params, dtype=np.float64)
-        heights, widths = np.broadcast_to(heights, params.shape[:-1]), np.broadcast_to(widths, params.shape[:-1])
-        out = np.empty(params.shape[:-1] + (self.columns,), dtype=np.int64)
-        q_start: dict[str, np.ndarray] = {}
-        column = 0
-        for p, (name, encoding) in enumerate(zip(self.names, self.encodings)):
-            value = params[..., p]
-            if not np.isfinite(value).all():
-                raise StoreFormatError(f"augmentation parameter {name} has non-finite values")
-            if encoding.kind == "float16":
-                with np.errstate(over="ignore"):
-                    half = value.astype(np.float16)
-                if not np.isfinite(half).all():
-                    raise StoreFormatError(f"augmentation parameter {name} overflows float16: declare a "
-                                           "param_encoding for it")
-                out[..., column] = half.view(np.uint16)
-            elif encoding.kind == "int":
-                q = np.rint(value).astype(np.int64) - encoding.offset
-                if (q < 0).any() or (q >= 1 << (16 * encoding.width)).any():
-                    raise StoreFormatError(f"augmentation parameter {name} is outside its int encoding range")
-                out[..., column] = q & 0xFFFF
-                if encoding.width == 2:
-                    out[..., column + 1] = q >> 16
-            elif encoding.kind == "linear":
-                scaled = (np.clip(value, encoding.lo, encoding.hi) - encoding.lo) / (encoding.hi - encoding.lo)
-                out[..., column] = np.rint(scaled * encoding.levels).astype(np.int64)
-            else:
-                ref = self._ref(encoding, heights, widths)
-                v = np.clip(np.rint(value).astype(np.int64), 0, ref)
-                q = (2 * v * encoding.levels + ref) // (2 * np.maximum(ref, 1))  # ref 0: a skipped sample
-                if encoding.start:  # choose the extent so the decoded box stays inside the image
-                    limit = ref - _grid(q_start[encoding.start], ref, encoding.levels)
-                    for _ in range(2):
-                        q = np.where((_grid(q, ref, encoding.levels) > limit) & (q > 0), q - 1, q)
-                out[..., column] = q
-                q_start[name] = q
-            column += encoding.columns
-        return out
-
-    def decode(self, columns: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`encode` (up to the declared precision): ``(..., columns)`` -> ``(..., P)`` float64."""
-        columns = np.asarray(columns).astype(np.int64)
-        heights, widths = np.broadcast_to(heights, columns.shape[:-1]), np.broadcast_to(widths, columns.shape[:-1])
-        out = np.empty(columns.shape[:-1] + (len(self.encodings),), dtype=np.float64)
-        column = 0
-        for p, encoding in enumerate(self.encodings):
-            q = columns[..., column]
-            if encoding.kind == "float16":
-                out[..., p] = q.astype(np.uint16).view(np.float16).astype(np.float64)
-            elif encoding.kind == "int":
-                if encoding.width == 2:
-                    q = q | (columns[..., column + 1] << 16)
-                out[..., p] = q + encoding.offset
-            elif encoding.kind == "linear":
-                out[..., p] = encoding.lo + q * ((encoding.hi - encoding.lo) / encoding.levels)
-            else:
-                v = _grid(q, self._ref(encoding, heights, widths), encoding.levels)
-                out[..., p] = np.maximum(v, 1) if encoding.start else v
-            column += encoding.columns
-        return out
-
-    def quantize(self, params: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
-        """``decode(encode(params))``: the parameters a student will replay. The build applies these."""
-        return self.decode(self.encode(params, heights, widths), heights, widths)
-
-
-def _grid(q: np.ndarray, ref: np.ndarray, levels: int) -> np.ndarray:
-    """Pixel value of quantized level ``q``: ``round_half_up(q * ref / levels)`` in integers."""
-    return (2 * q * ref + levels) // (2 * levels)
+    def of(cls, header: StoreHeader) -> StoreLayout:
+        if header.param_encodings is None:
+            raise StoreFormatError("the store header has no param_encodings: it was not written by a v1 writer")
+        size = header.augmentation.get("size") if isinstance(header.augmentation, Mapping) else None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise StoreFormatError(f"the header's augmentation.size must be a positive integer, got {size!r:.40}")
+        params = ParamLayout.from_json(header.param_encodings, size)
+        k, p = header.top_k, params.columns
+        columns = {"topk_indices": slice(0, k), "topk_probs": slice(k, 2 * k), "aug_params": slice(2 * k, 2 * k + p),
+                   "teacher_entropy": slice(2 * k + p, 2 * k + p + 1)}
+        dtype = record_dtype(header.num_classes, header.class_vocabulary_size)
+        return cls(params=params, columns=columns, width=2 * k + p + 1, dtype=dtype,
+                   fill=int(np.iinfo(dtype).max), prob_scale=np.float32(header.prob_scale),
+                   entropy_levels=np.float32(header.entropy_levels),
+                   max_entropy=np.float32(math.log(header.num_classes)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,15 +225,20 @@ class StoreHeader:
     def index_dtype(self) -> np.dtype:
         return topk_index_dtype(self.num_classes)
 
+    @functools.cached_property
+    def layout(self) -> StoreLayout:
+        """The record layout, parsed once per header object."""
+        return StoreLayout.of(self)
+
     @property
     def dtype(self) -> np.dtype:
         """Element type of the ``records`` and ``class_vocabulary`` arrays."""
-        return record_dtype(self.num_classes, self.class_vocabulary_size)
+        return self.layout.dtype
 
     @property
     def fill_value(self) -> int:
         """Fill value of ``records`` and ``class_vocabulary`` (``max(T)``): never a valid stored value."""
-        return int(np.iinfo(self.dtype).max)
+        return self.layout.fill
 
     @property
     def array_names(self) -> tuple[str, ...]:
@@ -411,22 +246,18 @@ class StoreHeader:
         return tuple(name for name in ALL_ARRAYS if name != CLASS_VOCABULARY or self.class_vocabulary_size)
 
     @property
-    def param_codec(self) -> ParamCodec:
-        if self.param_encodings is None:
-            raise StoreFormatError("the store header has no param_encodings: it was not written by a v1 writer")
-        return ParamCodec(self.param_encodings, self.augmentation["size"])
+    def param_codec(self) -> ParamLayout:
+        """The codecs of the augmentation parameters (``layout.params``)."""
+        return self.layout.params
 
     @property
     def record_columns(self) -> dict[str, slice]:
-        """Column ranges of one ``records`` row."""
-        k = self.top_k
-        p = self.param_codec.columns
-        return {"topk_indices": slice(0, k), "topk_probs": slice(k, 2 * k), "aug_params": slice(2 * k, 2 * k + p),
-                "teacher_entropy": slice(2 * k + p, 2 * k + p + 1)}
+        """Column ranges of one ``records`` row (``layout.columns``)."""
+        return self.layout.columns
 
     @property
     def record_width(self) -> int:
-        return self.record_columns["teacher_entropy"].stop
+        return self.layout.width
 
     @property
     def skipped_indices(self) -> np.ndarray:
@@ -541,10 +372,14 @@ def open_store_group(store: Any, mode: str = "r", storage_options: dict[str, Any
     """
     if hasattr(store, "__fspath__"):
         store = str(store)
+    where = store
     is_url = isinstance(store, str) and "://" in store and not store.startswith("file://")
     kwargs: dict[str, Any] = {"storage_options": storage_options} if is_url and storage_options else {}
     if isinstance(store, str) and store.startswith("file://"):
         store = store[len("file://"):]
+    if is_url and store.startswith(("http://", "https://")):
+        store = _http_store(store, read_only=mode == "r", storage_options=storage_options or {})
+        kwargs = {}
     try:
         if mode == "r":
             try:
@@ -554,9 +389,45 @@ def open_store_group(store: Any, mode: str = "r", storage_options: dict[str, Any
         return zarr.open_group(store=store, mode=mode, zarr_format=3, **kwargs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise StoreFormatError(
-            f"no reinforce store at {store!s}: check the path or URL (it must be the directory written by "
+            f"no reinforce store at {where!s}: check the path or URL (it must be the directory written by "
             "`reinforce build --out`)"
         ) from None
+
+
+def _http_store(url: str, *, read_only: bool, storage_options: dict[str, Any]) -> Any:
+    """A zarr store over HTTP(S) whose range reads stay correct on a server that ignores ``Range``.
+
+    Such a server (``python -m http.server`` is one) answers a range request with the whole file and status
+    200; fsspec would hand that to zarr as the range, which then fails its checksums. Here the asked-for bytes
+    are cut out of the whole file instead, with a warning that every read now downloads whole shard files.
+    """
+    import warnings
+
+    from fsspec.implementations.http import HTTPFileSystem
+    from zarr.storage import FsspecStore
+
+    class RangeCheckingHTTPFileSystem(HTTPFileSystem):
+        async def _cat_file(self, url, start=None, end=None, **kwargs):  # type: ignore[no-untyped-def]
+            if (start is None and end is None) or start == end:
+                return await super()._cat_file(url, start=start, end=end, **kwargs)
+            options = {**self.kwargs, **kwargs}
+            headers = {**options.pop("headers", {}), "Range": await self._process_limits(url, start, end)}
+            session = await self.set_session()
+            async with session.get(self.encode_url(url), headers=headers, **options) as response:
+                data = await response.read()
+                self._raise_not_found_for_status(response, url)
+            if response.status == 206:
+                return data
+            warnings.warn(
+                f"the web server of {url} ignores HTTP Range requests (it answered one with the whole file, "
+                "status 200, as `python -m http.server` does): reading on by downloading whole shard files, "
+                "up to num_augmentations times the bytes an epoch needs. Serve the store with a server that "
+                "supports Range requests (nginx, Apache, caddy, object storage) or copy it to a local disk",
+                RuntimeWarning, stacklevel=2)
+            return data[start:end]
+
+    fs = RangeCheckingHTTPFileSystem(asynchronous=True, **storage_options)
+    return FsspecStore(fs=fs, path=url.rstrip("/"), read_only=read_only)
 
 
 def read_header(group: zarr.Group, *, require_complete: bool = True) -> StoreHeader:
@@ -634,18 +505,18 @@ def check_rows_present(header: StoreHeader, rows: np.ndarray, where: str) -> Non
 
 
 def decode_records(header: StoreHeader, rows: np.ndarray, heights: np.ndarray, widths: np.ndarray,
-                   codec: ParamCodec | None = None, vocabulary: np.ndarray | None = None) -> DecodedRecords:
+                   codec: ParamLayout | None = None, vocabulary: np.ndarray | None = None) -> DecodedRecords:
     """Decode raw ``records`` rows ``(..., W)`` given the source ``heights``/``widths`` of their samples and,
     for a store with a class vocabulary, their samples' ``class_vocabulary`` rows (broadcast like the
     heights, with a trailing ``V`` axis: ``(n, 1, V)`` for rows ``(n, A, W)``, ``(V,)`` for one row)."""
-    columns = header.record_columns
-    codec = codec or header.param_codec
+    layout = header.layout
+    columns = layout.columns
     return DecodedRecords(
         indices=decode_indices(header, rows[..., columns["topk_indices"]], vocabulary),
-        probs=quantized_probs(header, rows).astype(np.float32) / np.float32(header.prob_scale),
-        params=codec.decode(rows[..., columns["aug_params"]], heights, widths),
-        entropy=rows[..., columns["teacher_entropy"].start].astype(np.float32) / np.float32(header.entropy_levels)
-        * np.float32(math.log(header.num_classes)),
+        probs=quantized_probs(header, rows).astype(np.float32) / layout.prob_scale,
+        params=(codec or layout.params).decode(rows[..., columns["aug_params"]], heights, widths),
+        entropy=rows[..., columns["teacher_entropy"].start].astype(np.float32) / layout.entropy_levels
+        * layout.max_entropy,
     )
 
 
@@ -709,7 +580,7 @@ def quantized_probs(header: StoreHeader, rows: np.ndarray) -> np.ndarray:
 
 def encode_records(header: StoreHeader, indices: np.ndarray, probs: np.ndarray, params: np.ndarray,
                    entropy: np.ndarray, heights: np.ndarray, widths: np.ndarray,
-                   codec: ParamCodec | None = None, vocabulary: np.ndarray | None = None) -> np.ndarray:
+                   codec: ParamLayout | None = None, vocabulary: np.ndarray | None = None) -> np.ndarray:
     """Raw ``records`` rows ``(..., W)`` from top-k ``indices``/``probs`` ``(..., K)``, float ``params``
     ``(..., P)`` and entropy in nats ``(...)``; ``heights``/``widths`` broadcast against ``(...)``, and the
     samples' ``vocabulary`` rows (see :func:`decode_records`) when the store has one."""

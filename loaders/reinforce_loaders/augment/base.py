@@ -1,15 +1,21 @@
 """Base classes of augmentation ops and the helpers they share.
 
-Every op splits into ``sample`` (draw parameters from keyed uniforms, on the CPU, per record) and
-``apply_batch`` (replay the parameters of many records at once on uint8 ``[N, C, H, W]`` tensors, on any
-device). The student path replays one record as a batch of one through the same ``apply_batch``, so the
-build (teacher) and the student see the same pixels.
+Every op splits, like a ``torchvision.transforms.v2`` transform, into making parameters and applying them:
+``sample_batch`` draws the parameters of many records at once from their keyed uniforms (numpy, on the CPU),
+and ``apply_batch`` replays the parameters of many records at once on uint8 ``[N, C, H, W]`` tensors on any
+device. The student replays one record as a batch of one through the same ``apply_batch``, so the build
+(teacher) and the student see the same pixels. Each op declares how its parameters are stored
+(``param_codecs``, see :mod:`reinforce_loaders.codecs`).
 
 Parameter conventions, so a store replays at any output resolution and quantizes well:
 
-* boxes in the *source* image are fractions of its height / width (:class:`SourceOp`);
+* boxes in the *source* image are integer source pixels (:class:`SourceOp`);
 * boxes in the *output* image are fractions of the output side;
 * everything else is a small integer (flags, op ids, magnitude bins) or a fraction in ``[0, 1]``.
+
+Sampling arithmetic is IEEE binary64; transcendental functions (exp, log, cos) are the C library's, through
+Python's ``math`` module (:func:`libm`), so that a record's parameters are the same whether it is sampled alone
+or in a batch.
 """
 
 from __future__ import annotations
@@ -17,37 +23,42 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from ..codecs import Codec
 from ..errors import AugmentationError
 
 
 @dataclasses.dataclass(frozen=True)
-class ParamSpec:
-    """Range of one stored parameter: ``low <= value <= high`` (``high`` None: unbounded), integer or real."""
+class SampleContext:
+    """What ops may know about the records they sample, one entry per record.
 
-    low: float
-    high: float | None
-    integer: bool
+    ``heights``/``widths`` are the decoded source image's size. Mixers also use the record's ``samples``
+    index, the dataset's ``num_samples`` and the block's ``partner_pool`` (sorted sample indices, or None for
+    the whole dataset).
+    """
 
-    def describe(self) -> str:
-        kind = "integer" if self.integer else "real"
-        return f"{kind} in [{self.low:g}, {'N-1' if self.high is None else f'{self.high:g}'}]"
+    heights: np.ndarray
+    widths: np.ndarray
+    samples: np.ndarray | None = None
+    num_samples: int | None = None
+    partner_pool: np.ndarray | None = None
 
-
-FRACTION = ParamSpec(0.0, 1.0, False)
-BIT = ParamSpec(0.0, 1.0, True)
+    @classmethod
+    def single(cls, height: int, width: int, **kwargs: Any) -> SampleContext:
+        return cls(np.array([int(height)], dtype=np.int64), np.array([int(width)], dtype=np.int64), **kwargs)
 
 
 class AugmentOp(ABC):
-    """One augmentation of a pipeline: ``sample`` draws its parameters, ``apply_batch`` replays them.
+    """One augmentation of a pipeline: ``sample_batch`` draws its parameters, ``apply_batch`` replays them.
 
     Ops after the first take and return uint8 ``[N, C, S, S]`` batches at the pipeline's output side ``S``.
-    Subclasses set ``name`` (the key in configs) and ``param_names`` (the stored parameter layout).
+    Subclasses set ``name`` (the key in configs) and ``param_names`` (the stored parameter layout) and declare
+    ``param_codecs`` (one per name).
     """
 
     name: ClassVar[str]
@@ -55,16 +66,20 @@ class AugmentOp(ABC):
 
     @property
     @abstractmethod
-    def param_specs(self) -> tuple[ParamSpec, ...]:
-        """Range of each parameter of ``param_names`` (for encoders and validation)."""
+    def param_codecs(self) -> tuple[Codec, ...]:
+        """How each parameter of ``param_names`` is stored."""
 
     @abstractmethod
-    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
-        """Parameters of one record for a source of ``height`` x ``width`` from ``rng.UNIFORMS_PER_SLOT`` uniforms."""
+    def sample_batch(self, u: np.ndarray, context: SampleContext) -> np.ndarray:
+        """Parameters ``(n, P)`` of ``n`` records from their ``(n, rng.UNIFORMS_PER_SLOT)`` uniforms."""
 
     @abstractmethod
     def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Replay ``params[r]`` (float64 ``[N, P]``, on the images' device) on uint8 ``images[r]``."""
+
+    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Parameters of one record of a ``height`` x ``width`` source (:meth:`sample_batch` on one row)."""
+        return self.sample_batch(np.asarray(u, dtype=np.float64)[None], SampleContext.single(height, width))[0]
 
     def config(self) -> dict[str, Any]:
         """JSON description of the op (its constructor arguments), stored in the store header."""
@@ -87,6 +102,40 @@ class SourceOp(AugmentOp):
 
     def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         return self.apply_sources(list(images), params, images.shape[-1])
+
+
+class Mixer(AugmentOp):
+    """An op that combines each record's image with a partner sample's (MixUp, CutMix).
+
+    Its first parameter is the partner's sample index (-1: the record is not mixed). The pipeline replays the
+    ops before the mixer on the partner with the partner's own stored parameters and hands both images to
+    :meth:`apply_mixed`; ``apply_batch`` replays records without a partner (it refuses mixed ones).
+    """
+
+    @abstractmethod
+    def apply_mixed(self, images: torch.Tensor, partners: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Mix uint8 ``images[r]`` with ``partners[r]`` (the partner's image at the same stage) by ``params[r]``."""
+
+    @abstractmethod
+    def unmixed(self, count: int) -> np.ndarray:
+        """Parameters ``(count, P)`` of records that are not mixed."""
+
+    def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        if bool((params[:, 0] >= 0).any()):
+            raise AugmentationError(f"{self.name}: mixed records need their partner images; replay them with "
+                                    "AugmentPipeline.apply_batch(..., partner_images=...)")
+        return images
+
+
+def libm(function: Callable[[float], float], values: np.ndarray) -> np.ndarray:
+    """``function`` (from :mod:`math`) applied to every element: the C library's result for each value."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    return np.fromiter(map(function, flat.tolist()), dtype=np.float64, count=flat.size).reshape(np.shape(values))
+
+
+def as_int(values: np.ndarray) -> np.ndarray:
+    """Truncation toward zero to int64 (Python's ``int`` of a float)."""
+    return np.asarray(values).astype(np.int64)
 
 
 def check_probability(op: str, name: str, value: float) -> float:
@@ -118,28 +167,43 @@ def blend(images: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) 
     return to_uint8(images.to(torch.float32) * f + degenerate.to(torch.float32) * (1.0 - f))
 
 
-def beta_sample(u: np.ndarray, alpha: float) -> float:
-    """A Beta(alpha, alpha) draw from the uniforms ``u`` (a pure function of them).
+def beta_batch(u: np.ndarray, alpha: float) -> np.ndarray:
+    """Beta(alpha, alpha) draws ``(n,)`` from rows of uniforms ``u`` ``(n, m)`` (a pure function of each row).
 
-    alpha == 1 uses ``u[0]`` directly. Otherwise Joehnk's rejection method on pairs of uniforms, in log space
-    so that small alphas do not underflow; if every pair is rejected (probability below 1e-6 for alpha <= 1)
-    the mean 0.5 is returned.
+    alpha == 1 uses ``u[:, 0]`` directly. Otherwise Joehnk's rejection method on consecutive pairs of uniforms,
+    in log space so that small alphas do not underflow; a row whose every pair is rejected (probability below
+    1e-6 for alpha <= 1) gets the mean 0.5.
     """
+    u = np.asarray(u, dtype=np.float64)
     if alpha == 1.0:
-        return float(u[0])
-    for first in range(0, len(u) - 1, 2):
-        a, b = max(u[first], 1e-300), max(u[first + 1], 1e-300)
-        log_x, log_y = math.log(a) / alpha, math.log(b) / alpha
-        top = max(log_x, log_y)
-        log_sum = top + math.log(math.exp(log_x - top) + math.exp(log_y - top))
-        if log_sum <= 0.0:
-            return math.exp(log_x - log_sum)
-    return 0.5
+        return u[:, 0].copy()
+    out = np.full(len(u), 0.5)
+    pending = np.arange(len(u))
+    for first in range(0, u.shape[1] - 1, 2):
+        if not pending.size:
+            break
+        log_x = libm(math.log, np.maximum(u[pending, first], 1e-300)) / alpha
+        log_y = libm(math.log, np.maximum(u[pending, first + 1], 1e-300)) / alpha
+        top = np.maximum(log_x, log_y)
+        log_sum = top + libm(math.log, libm(math.exp, log_x - top) + libm(math.exp, log_y - top))
+        accepted = log_sum <= 0.0
+        out[pending[accepted]] = libm(math.exp, log_x[accepted] - log_sum[accepted])
+        pending = pending[~accepted]
+    return out
 
 
-def normal_sample(u0: float, u1: float) -> float:
-    """A standard normal draw from two uniforms (Box-Muller)."""
-    return math.sqrt(-2.0 * math.log(max(1.0 - u0, 1e-300))) * math.cos(2.0 * math.pi * u1)
+def beta_sample(u: np.ndarray, alpha: float) -> float:
+    """One Beta(alpha, alpha) draw from the uniforms ``u`` (:func:`beta_batch` on one row)."""
+    return float(beta_batch(np.asarray(u, dtype=np.float64)[None], alpha)[0])
+
+
+TWO_PI = 2.0 * math.pi
+
+
+def normal_batch(u0: np.ndarray, u1: np.ndarray) -> np.ndarray:
+    """Standard normal draws from pairs of uniforms (Box-Muller: ``sqrt(-2 log(1 - u0)) cos(2 pi u1)``)."""
+    radius = np.sqrt(-2.0 * libm(math.log, np.maximum(1.0 - u0, 1e-300)))
+    return radius * libm(math.cos, TWO_PI * u1)
 
 
 def output_box(params: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:

@@ -17,8 +17,9 @@ import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
+from ..codecs import FRACTION_255, Codec, IntCodec
 from ..errors import AugmentationError
-from .base import FRACTION, AugmentOp, ParamSpec, blend, check_probability, normal_sample, to_uint8
+from .base import AugmentOp, SampleContext, as_int, blend, check_probability, normal_batch, to_uint8
 
 # Op ids, stored as parameters: never renumber, only append.
 OP_NAMES = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
@@ -27,6 +28,8 @@ SIGNED = frozenset({"shear_x", "shear_y", "translate_x", "translate_y", "rotate"
                     "contrast", "sharpness"})
 NO_MAGNITUDE = frozenset({"identity", "autocontrast", "equalize"})
 OP_IDS = {name: index for index, name in enumerate(OP_NAMES)}
+_SIGNED_IDS = np.array(sorted(OP_IDS[name] for name in SIGNED))
+_NO_MAGNITUDE_IDS = np.array(sorted(OP_IDS[name] for name in NO_MAGNITUDE))
 
 
 def _affine(images: torch.Tensor, matrices: list[list[float]]) -> torch.Tensor:
@@ -127,14 +130,15 @@ def apply_grouped(images: torch.Tensor, op_ids: torch.Tensor, magnitudes: torch.
     return out
 
 
-def _draw_op(u: np.ndarray, ops: tuple[int, ...], magnitude: Callable[[np.ndarray], int]) -> tuple[int, int]:
-    """(op id, signed magnitude bin) from five uniforms."""
-    op_id = ops[min(int(u[0] * len(ops)), len(ops) - 1)]
-    name = OP_NAMES[op_id]
-    if name in NO_MAGNITUDE:
-        return op_id, 0
-    m = magnitude(u[1:4])
-    return op_id, (-m if name in SIGNED and u[4] < 0.5 else m)
+def draw_ops(u: np.ndarray, ops: np.ndarray, magnitudes: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """(op id, signed magnitude bin) ``(n, 2)`` of ``n`` records from five uniforms each, ``u`` ``(n, 5)``:
+    ``u[0]`` picks the op uniformly from ``ops``, ``magnitudes(u[:, 1:4])`` gives the bins, and ``u[4] < 0.5``
+    negates a signed op's bin. Ops without a magnitude get bin 0."""
+    op_ids = ops[np.minimum(as_int(u[:, 0] * len(ops)), len(ops) - 1)]
+    bins = magnitudes(u[:, 1:4])
+    signed = np.isin(op_ids, _SIGNED_IDS) & (u[:, 4] < 0.5)
+    bins = np.where(np.isin(op_ids, _NO_MAGNITUDE_IDS), 0, np.where(signed, -bins, bins))
+    return np.stack([op_ids, bins], axis=-1).astype(np.float64)
 
 
 class RandAugment(AugmentOp):
@@ -175,23 +179,24 @@ class RandAugment(AugmentOp):
         return tuple(name for i in range(self.num_ops) for name in (f"op{i}", f"magnitude{i}"))
 
     @property
-    def param_specs(self) -> tuple[ParamSpec, ...]:
+    def param_codecs(self) -> tuple[Codec, ...]:
         top = self.num_magnitude_bins - 1
-        return (ParamSpec(0, len(OP_NAMES) - 1, True), ParamSpec(-top, top, True)) * self.num_ops
+        return (IntCodec.spanning(0, len(OP_NAMES) - 1), IntCodec.spanning(-top, top)) * self.num_ops
 
-    def _bin(self, u: np.ndarray) -> int:
+    def _bins(self, u: np.ndarray) -> np.ndarray:
+        """Magnitude bins from uniforms ``(n, 3)``: ``magnitude``, or with ``magnitude_std`` a rounded normal
+        draw around it (``u[:, 0]``, ``u[:, 1]``), clipped to the bins."""
         if self.magnitude_std == 0:
-            return self.magnitude
-        value = self.magnitude + self.magnitude_std * normal_sample(u[0], u[1])
-        return int(min(max(round(value), 0), self.num_magnitude_bins - 1))
+            return np.full(len(u), self.magnitude, dtype=np.int64)
+        value = self.magnitude + self.magnitude_std * normal_batch(u[:, 0], u[:, 1])
+        return np.clip(np.rint(value), 0, self.num_magnitude_bins - 1).astype(np.int64)
 
-    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
-        out = np.zeros(2 * self.num_ops, dtype=np.float64)
-        all_ops = tuple(range(len(OP_NAMES)))
+    def sample_batch(self, u: np.ndarray, context: SampleContext) -> np.ndarray:
+        out = np.zeros((len(u), 2 * self.num_ops), dtype=np.float64)
+        all_ops = np.arange(len(OP_NAMES))
         for i in range(self.num_ops):
-            chunk = u[5 * i:5 * i + 5]
-            if u[5 * self.num_ops + i] < self.p:
-                out[2 * i:2 * i + 2] = _draw_op(chunk, all_ops, self._bin)
+            applied = u[:, 5 * self.num_ops + i] < self.p
+            out[applied, 2 * i:2 * i + 2] = draw_ops(u[applied, 5 * i:5 * i + 5], all_ops, self._bins)
         return out
 
     def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -217,13 +222,13 @@ class AugMix(AugmentOp):
 
     name = "augmix"
     _NUM_BINS = 10
-    _OPS = tuple(OP_IDS[name] for name in OP_NAMES if name != "identity")
+    _OPS = np.array([OP_IDS[name] for name in OP_NAMES if name != "identity"])
 
     def __init__(self, severity: int = 3, width: int = 3, depth: int = -1, alpha: float = 1.0) -> None:
         if not 1 <= int(severity) <= 10:
             raise AugmentationError(f"augmix severity must be between 1 and 10, got {severity}")
-        if not 1 <= int(width) <= 4:
-            raise AugmentationError(f"augmix width must be between 1 and 4, got {width}")
+        if not 1 <= int(width) <= 3:  # 3 chains use 53 of a record's 64 uniforms; a fourth would not fit
+            raise AugmentationError(f"augmix width must be between 1 and 3, got {width}")
         if int(depth) == 0 or not -1 <= int(depth) <= 3:
             raise AugmentationError(f"augmix depth must be 1, 2, 3 or -1 (random 1..3), got {depth}")
         if float(alpha) != 1.0:
@@ -238,24 +243,27 @@ class AugMix(AugmentOp):
         return weights + steps
 
     @property
-    def param_specs(self) -> tuple[ParamSpec, ...]:
-        step = (ParamSpec(0, len(OP_NAMES) - 1, True), ParamSpec(-(self._NUM_BINS - 1), self._NUM_BINS - 1, True))
-        return (FRACTION,) * (self.width + 1) + step * (3 * self.width)
+    def param_codecs(self) -> tuple[Codec, ...]:
+        step = (IntCodec.spanning(0, len(OP_NAMES) - 1), IntCodec.spanning(-(self._NUM_BINS - 1), self._NUM_BINS - 1))
+        return (FRACTION_255,) * (self.width + 1) + step * (3 * self.width)
 
-    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
-        exps = -np.log1p(-u[:self.width + 2].clip(max=1 - 2**-53))
-        keep = exps[0] / (exps[0] + exps[1])  # Beta(1, 1) as a ratio of exponentials
-        chains = exps[2:2 + self.width] / exps[2:2 + self.width].sum() * (1.0 - keep)
-        out = [keep, *chains]
-        steps = []
-        for c in range(self.width):
-            base = self.width + 2 + 16 * c
-            depth = self.depth if self.depth > 0 else 1 + min(int(u[base] * 3), 2)
+    def _bins(self, u: np.ndarray) -> np.ndarray:
+        return np.minimum(as_int(u[:, 0] * self.severity), self.severity - 1)
+
+    def sample_batch(self, u: np.ndarray, context: SampleContext) -> np.ndarray:
+        width = self.width
+        exps = -np.log1p(-u[:, :width + 2].clip(max=1 - 2**-53))
+        keep = exps[:, 0] / (exps[:, 0] + exps[:, 1])  # Beta(1, 1) as a ratio of exponentials
+        chains = exps[:, 2:2 + width] / exps[:, 2:2 + width].sum(axis=1, keepdims=True) * (1.0 - keep[:, None])
+        steps = np.zeros((len(u), width, 3, 2), dtype=np.float64)
+        for c in range(width):
+            base = width + 2 + 16 * c
+            depth = (np.full(len(u), self.depth) if self.depth > 0
+                     else 1 + np.minimum(as_int(u[:, base] * 3), 2))
             for d in range(3):
-                chunk = u[base + 1 + 5 * d:base + 6 + 5 * d]
-                steps.extend(_draw_op(chunk, self._OPS, lambda v: min(int(v[0] * self.severity), self.severity - 1))
-                             if d < depth else (0, 0))
-        return np.array(out + steps, dtype=np.float64)
+                rows = depth > d
+                steps[rows, c, d] = draw_ops(u[rows, base + 1 + 5 * d:base + 6 + 5 * d], self._OPS, self._bins)
+        return np.concatenate([keep[:, None], chains, steps.reshape(len(u), -1)], axis=1)
 
     def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         mix = images.to(torch.float32) * params[:, 0].to(torch.float32).view(-1, 1, 1, 1)

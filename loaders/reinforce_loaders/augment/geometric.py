@@ -22,16 +22,14 @@ import torch
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as F
 
+from ..codecs import FLAG, Codec, IntCodec, relative
 from ..errors import AugmentationError
-from .base import BIT, AugmentOp, ParamSpec, SourceOp, check_probability, check_range
+from .base import AugmentOp, SampleContext, SourceOp, as_int, check_probability, check_range, libm
 
 _MAX_TRIES = 10
 
 
 RESAMPLERS = ("roi_align", "antialias")
-
-PIXEL = ParamSpec(0, None, True)
-"""A source-pixel coordinate or extent (bounded by the source's side, not known to the op)."""
 
 
 def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, resample: str = "antialias",
@@ -92,8 +90,20 @@ def _check_resample(op: str, resample: str) -> str:
     return resample
 
 
-def _box(top: int, left: int, h: int, w: int) -> np.ndarray:
-    return np.array([top, left, h, w], dtype=np.float64)
+def source_box_codecs(op: str) -> tuple[Codec, ...]:
+    """Codecs of a ``(top, left, height, width)`` box in source pixels: levels of the source's height/width."""
+    return (relative("source_height"), relative("source_width"), relative("source_height", start=f"{op}.top"),
+            relative("source_width", start=f"{op}.left"))
+
+
+def partner_box_codecs() -> tuple[Codec, ...]:
+    """Codecs of a mixing partner's box: exact integers, since the levels would be relative to the record's own
+    source, not the partner's."""
+    return (IntCodec(),) * 4
+
+
+def _boxes(top: np.ndarray, left: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.stack([top, left, h, w], axis=-1).astype(np.float64)
 
 
 class RandomResizedCrop(SourceOp):
@@ -108,7 +118,6 @@ class RandomResizedCrop(SourceOp):
 
     name = "random_resized_crop"
     param_names = ("top", "left", "height", "width")
-    param_specs: tuple[ParamSpec, ...] = (PIXEL,) * 4
 
     def __init__(self, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
                  resample: str = "antialias") -> None:
@@ -116,19 +125,33 @@ class RandomResizedCrop(SourceOp):
         self.ratio = check_range(self.name, "ratio", ratio)
         self.resample = _check_resample(self.name, resample)
 
-    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
-        area = height * width
+    @property
+    def param_codecs(self) -> tuple[Codec, ...]:
+        return source_box_codecs(self.name)
+
+    def sample_batch(self, u: np.ndarray, context: SampleContext) -> np.ndarray:
+        heights, widths = context.heights, context.widths
+        area = (heights * widths).astype(np.float64)
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        for t in range(_MAX_TRIES):
-            target_area = area * (self.scale[0] + u[2 * t] * (self.scale[1] - self.scale[0]))
-            aspect = math.exp(log_lo + u[2 * t + 1] * (log_hi - log_lo))
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                top = min(int(u[2 * _MAX_TRIES + 2 * t] * (height - h + 1)), height - h)
-                left = min(int(u[2 * _MAX_TRIES + 2 * t + 1] * (width - w + 1)), width - w)
-                return _box(top, left, h, w)
-        return _box(*_central_crop(height, width, self.ratio))
+        out = np.empty((len(u), 4))
+        pending = np.arange(len(u))
+        for t in range(_MAX_TRIES):  # rows still looking for a box that fits
+            if not pending.size:
+                break
+            rows, height, width = u[pending], heights[pending], widths[pending]
+            target_area = area[pending] * (self.scale[0] + rows[:, 2 * t] * (self.scale[1] - self.scale[0]))
+            aspect = libm(math.exp, log_lo + rows[:, 2 * t + 1] * (log_hi - log_lo))
+            w = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
+            h = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)
+            fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+            height, width, h, w, rows = height[fits], width[fits], h[fits], w[fits], rows[fits]
+            top = np.minimum(as_int(rows[:, 2 * _MAX_TRIES + 2 * t] * (height - h + 1)), height - h)
+            left = np.minimum(as_int(rows[:, 2 * _MAX_TRIES + 2 * t + 1] * (width - w + 1)), width - w)
+            out[pending[fits]] = _boxes(top, left, h, w)
+            pending = pending[~fits]
+        for row in pending:
+            out[row] = _central_crop(int(heights[row]), int(widths[row]), self.ratio)
+        return out
 
     def apply_sources(self, images: Sequence[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
         return crop_resize(images, params, size, self.resample)
@@ -138,6 +161,7 @@ class RandomResizedCrop(SourceOp):
 
 
 def _central_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """torchvision's fallback box: the whole image, cut to the nearest aspect ratio in ``ratio``."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, max(1, min(height, int(round(width / ratio[0]))))
@@ -160,7 +184,6 @@ class RandomCrop(SourceOp):
 
     name = "random_crop"
     param_names = ("top", "left", "height", "width")
-    param_specs: tuple[ParamSpec, ...] = (PIXEL,) * 4
 
     def __init__(self, crop_fraction: float = 0.875, resample: str = "antialias") -> None:
         self.crop_fraction = check_probability(self.name, "crop_fraction", crop_fraction)
@@ -168,11 +191,16 @@ class RandomCrop(SourceOp):
         if self.crop_fraction == 0:
             raise AugmentationError("random_crop crop_fraction must be > 0")
 
-    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
-        side = max(1, int(round(self.crop_fraction * min(height, width))))
-        top = min(int(u[0] * (height - side + 1)), height - side)
-        left = min(int(u[1] * (width - side + 1)), width - side)
-        return _box(top, left, side, side)
+    @property
+    def param_codecs(self) -> tuple[Codec, ...]:
+        return source_box_codecs(self.name)
+
+    def sample_batch(self, u: np.ndarray, context: SampleContext) -> np.ndarray:
+        heights, widths = context.heights, context.widths
+        side = np.maximum(1, np.rint(self.crop_fraction * np.minimum(heights, widths)).astype(np.int64))
+        top = np.minimum(as_int(u[:, 0] * (heights - side + 1)), heights - side)
+        left = np.minimum(as_int(u[:, 1] * (widths - side + 1)), widths - side)
+        return _boxes(top, left, side, side)
 
     def apply_sources(self, images: Sequence[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
         return crop_resize(images, params, size, self.resample)
@@ -186,7 +214,7 @@ class CenterCrop(SourceOp):
 
     name = "center_crop"
     param_names = ()
-    param_specs: tuple[ParamSpec, ...] = ()
+    param_codecs: tuple[Codec, ...] = ()
 
     def __init__(self, crop_fraction: float = 0.875, resample: str = "antialias") -> None:
         self.crop_fraction = check_probability(self.name, "crop_fraction", crop_fraction)
@@ -194,16 +222,17 @@ class CenterCrop(SourceOp):
         if self.crop_fraction == 0:
             raise AugmentationError("center_crop crop_fraction must be > 0")
 
-    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
-        return np.empty(0, dtype=np.float64)
+    def sample_batch(self, u: np.ndarray, context: SampleContext) -> np.ndarray:
+        return np.empty((len(u), 0), dtype=np.float64)
 
     def apply_sources(self, images: Sequence[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
         boxes = []
         for image in images:
             height, width = image.shape[-2:]
             side = max(1, int(round(self.crop_fraction * min(height, width))))
-            boxes.append(_box((height - side) // 2, (width - side) // 2, side, side))
-        return crop_resize(images, torch.from_numpy(np.stack(boxes)).to(images[0].device), size, self.resample)
+            boxes.append(((height - side) // 2, (width - side) // 2, side, side))
+        return crop_resize(images, torch.tensor(boxes, dtype=torch.float64, device=images[0].device), size,
+                           self.resample)
 
     def _kwargs(self) -> dict[str, Any]:
         return {"crop_fraction": self.crop_fraction, "resample": self.resample}
@@ -214,13 +243,13 @@ class HorizontalFlip(AugmentOp):
 
     name = "horizontal_flip"
     param_names = ("flip",)
-    param_specs: tuple[ParamSpec, ...] = (BIT,)
+    param_codecs: tuple[Codec, ...] = (FLAG,)
 
     def __init__(self, p: float = 0.5) -> None:
         self.p = check_probability(self.name, "p", p)
 
-    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
-        return np.array([1.0 if u[0] < self.p else 0.0])
+    def sample_batch(self, u: np.ndarray, context: SampleContext) -> np.ndarray:
+        return (u[:, :1] < self.p).astype(np.float64)
 
     def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         rows = torch.nonzero(params[:, 0] >= 0.5).flatten()

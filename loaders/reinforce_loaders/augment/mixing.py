@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..codecs import FRACTION_255, Codec, IntCodec
 from ..errors import AugmentationError
-from .base import (FRACTION, AugmentOp, ParamSpec, SourceOp, beta_sample, box_mask, check_probability, check_range,
-                   to_uint8)
+from .base import (AugmentOp, Mixer, SampleContext, as_int, beta_batch, box_mask, check_probability, check_range,
+                   libm, to_uint8)
 
 _MAX_TRIES = 10
 
@@ -28,7 +29,7 @@ class RandomErasing(AugmentOp):
 
     name = "random_erasing"
     param_names = ("top", "left", "height", "width")
-    param_specs: tuple[ParamSpec, ...] = (FRACTION,) * 4
+    param_codecs: tuple[Codec, ...] = (FRACTION_255,) * 4
 
     def __init__(self, p: float = 0.25, scale: Sequence[float] = (0.02, 0.33), ratio: Sequence[float] = (0.3, 3.3),
                  value: int | Sequence[int] = 0) -> None:
@@ -40,17 +41,22 @@ class RandomErasing(AugmentOp):
             raise AugmentationError(f"random_erasing value must be one or three integers in 0..255, got {value!r}")
         self.value = [int(v) for v in values] if len(values) == 3 else int(values[0])
 
-    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
-        if u[0] >= self.p:
-            return np.zeros(4)
+    def sample_batch(self, u: np.ndarray, context: SampleContext) -> np.ndarray:
+        out = np.zeros((len(u), 4))
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        for t in range(_MAX_TRIES):
-            area = self.scale[0] + u[1 + 4 * t] * (self.scale[1] - self.scale[0])
-            aspect = math.exp(log_lo + u[2 + 4 * t] * (log_hi - log_lo))
-            h, w = math.sqrt(area * aspect), math.sqrt(area / aspect)
-            if h < 1.0 and w < 1.0:
-                return np.array([u[3 + 4 * t] * (1.0 - h), u[4 + 4 * t] * (1.0 - w), h, w])
-        return np.zeros(4)
+        pending = np.flatnonzero(u[:, 0] < self.p)
+        for t in range(_MAX_TRIES):  # erased rows still looking for a box that fits
+            if not pending.size:
+                break
+            rows = u[pending]
+            area = self.scale[0] + rows[:, 1 + 4 * t] * (self.scale[1] - self.scale[0])
+            aspect = libm(math.exp, log_lo + rows[:, 2 + 4 * t] * (log_hi - log_lo))
+            h, w = np.sqrt(area * aspect), np.sqrt(area / aspect)
+            fits = (h < 1.0) & (w < 1.0)
+            rows, h, w = rows[fits], h[fits], w[fits]
+            out[pending[fits]] = np.stack([rows[:, 3 + 4 * t] * (1.0 - h), rows[:, 4 + 4 * t] * (1.0 - w), h, w], -1)
+            pending = pending[~fits]
+        return out
 
     def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         mask = box_mask(params, images.shape[-1])
@@ -64,56 +70,43 @@ class RandomErasing(AugmentOp):
 NO_MIX, MIXUP, CUTMIX = 0, 1, 2
 
 
-class Mix(AugmentOp):
+def draw_partners(u: np.ndarray, samples: np.ndarray, num_samples: int, pool: np.ndarray | None) -> np.ndarray:
+    """Partner of each record of ``samples`` from one uniform each: uniform over the other samples of the
+    dataset, or over the other members of ``pool`` (sorted sample indices) when given; the sample itself when
+    there is no other."""
+    samples = np.asarray(samples, dtype=np.int64)
+    if pool is None:
+        if num_samples < 2:
+            return samples.copy()
+        return (samples + 1 + np.minimum(as_int(u * (num_samples - 1)), num_samples - 2)) % num_samples
+    pool = np.asarray(pool, dtype=np.int64)
+    own = np.searchsorted(pool, samples)
+    contains = (own < len(pool)) & (pool[np.minimum(own, len(pool) - 1)] == samples)
+    count = len(pool) - contains
+    pick = np.minimum(as_int(u * count), count - 1)
+    pick = np.where(contains & (pick >= own), pick + 1, pick)
+    return np.where(count < 1, samples, pool[np.clip(pick, 0, len(pool) - 1)])
+
+
+class Mix(Mixer):
     """MixUp or CutMix with a partner sample, for every record with probability ``p``.
 
     Both alphas positive: CutMix with probability ``switch_prob``, else MixUp (timm's switching; the DR
     paper's "MixUp + CutMix" with probabilities 0.5, 0.5); one alpha zero: only the other. The partner is
-    another sample drawn uniformly from the record's keyed RNG; in the pipeline it goes through the same ops
-    as the record before this one, with its own stored parameters (``partner.*``), then the two are mixed.
+    another sample drawn uniformly from the record's keyed RNG (from the block's partner pool when the context
+    has one); in the pipeline it goes through the same ops as the record before this one, with its own stored
+    parameters, then the two are mixed.
 
     Parameters: ``partner`` (integer sample index, -1 = not mixed), ``mode`` (0 none, 1 MixUp, 2 CutMix),
     ``lam`` (fraction of the record's own image: the MixUp weight, or 1 - the CutMix box area), and the
     CutMix box ``top``, ``left``, ``height``, ``width`` in fractions of the output side (rounded to pixels
-    as in :class:`RandomErasing`; zeros for MixUp); then, once a pipeline binds the ops before this one,
-    the partner's parameters of those ops, ``partner.<op>.<param>`` (same meaning and encodings).
+    as in :class:`RandomErasing`; zeros for MixUp). The pipeline stores the partner's parameters of the ops
+    before this one after these, as ``partner.<op>.<param>``.
     """
 
     name = "mix"
-    OWN_PARAMS = ("partner", "mode", "lam", "top", "left", "height", "width")
-    _OWN_SPECS: tuple[ParamSpec, ...] = (ParamSpec(-1, None, True), ParamSpec(0, 2, True)) + (FRACTION,) * 5
-    _partner_ops: tuple[AugmentOp, ...] = ()
-
-    def bind_partner_ops(self, ops: Sequence[AugmentOp]) -> None:
-        """The ops the partner goes through (those before this one); their parameters follow ours."""
-        self._partner_ops = tuple(ops)
-
-    @property
-    def param_names(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.OWN_PARAMS + tuple(f"partner.{op.name}.{name}" for op in self._partner_ops
-                                       for name in op.param_names)
-
-    @property
-    def param_specs(self) -> tuple[ParamSpec, ...]:  # type: ignore[override]
-        return self._OWN_SPECS + tuple(spec for op in self._partner_ops for spec in op.param_specs)
-
-    @property
-    def param_encoding(self) -> dict[str, Any]:
-        """The partner ops' declared store encodings, under the partner's parameter names."""
-        from ..format import KNOWN_PARAM_ENCODINGS, ParamEncoding
-
-        out = {}
-        for op in self._partner_ops:
-            declared = getattr(op, "param_encoding", None) or {}
-            for name in op.param_names:
-                encoding = declared.get(name) or KNOWN_PARAM_ENCODINGS.get(f"{op.name}.{name}")
-                if isinstance(op, SourceOp):
-                    # The store's crop encodings are relative to the record's own source; the partner's box is
-                    # in the partner's pixels, so it is stored exactly as an integer instead.
-                    encoding = ParamEncoding(kind="int", offset=0, width=1)
-                if encoding is not None:
-                    out[f"partner.{op.name}.{name}"] = encoding
-        return out
+    param_names = ("partner", "mode", "lam", "top", "left", "height", "width")
+    param_codecs: tuple[Codec, ...] = (IntCodec.spanning(-1, None), IntCodec.spanning(0, 2)) + (FRACTION_255,) * 5
 
     def __init__(self, mixup_alpha: float = 0.2, cutmix_alpha: float = 1.0, p: float = 1.0,
                  switch_prob: float = 0.5) -> None:
@@ -124,45 +117,35 @@ class Mix(AugmentOp):
         self.p = check_probability(self.name, "p", p)
         self.switch_prob = check_probability(self.name, "switch_prob", switch_prob)
 
-    def sample(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
-        raise AugmentationError("mixing ops are sampled by the pipeline (they need the sample index)")
+    def unmixed(self, count: int = 1) -> np.ndarray:
+        return np.tile(np.array([-1.0, NO_MIX, 1.0, 0.0, 0.0, 0.0, 0.0]), (count, 1))
 
-    @staticmethod
-    def unmixed() -> np.ndarray:
-        """Own parameters of a record that is not mixed."""
-        return np.array([-1.0, NO_MIX, 1.0, 0.0, 0.0, 0.0, 0.0])
+    def sample_batch(self, u: np.ndarray, context: SampleContext) -> np.ndarray:
+        if context.samples is None or context.num_samples is None:
+            raise AugmentationError(f"{self.name} draws partner samples: its context needs samples and num_samples")
+        out = self.unmixed(len(u))
+        mixed = np.flatnonzero(u[:, 0] < self.p)
+        u = u[mixed]
+        out[mixed, 0] = draw_partners(u[:, 1], context.samples[mixed], context.num_samples, context.partner_pool)
+        cutmix = (self.cutmix_alpha > 0) & ((self.mixup_alpha == 0) | (u[:, 2] < self.switch_prob))
+        rows, cut_u = mixed[cutmix], u[cutmix]
+        cut = np.sqrt(1.0 - beta_batch(cut_u[:, 8:], self.cutmix_alpha)) if len(rows) else np.empty(0)
+        top, bottom = np.maximum(cut_u[:, 3] - cut / 2, 0.0), np.minimum(cut_u[:, 3] + cut / 2, 1.0)
+        left, right = np.maximum(cut_u[:, 4] - cut / 2, 0.0), np.minimum(cut_u[:, 4] + cut / 2, 1.0)
+        h, w = bottom - top, right - left
+        out[rows, 1:] = np.stack([np.full(len(rows), CUTMIX), 1.0 - h * w, top, left, h, w], axis=-1)
+        rows, mix_u = mixed[~cutmix], u[~cutmix]
+        if len(rows):
+            out[rows, 1], out[rows, 2] = MIXUP, beta_batch(mix_u[:, 8:], self.mixup_alpha)
+        return out
 
     def sample_mix(self, u: np.ndarray, sample: int, num_samples: int, pool: np.ndarray | None = None) -> np.ndarray:
-        """Parameters of one record of sample ``sample`` of ``num_samples``. The partner is uniform over the
-        other samples, or over the other members of ``pool`` (sorted sample indices) when given."""
-        if u[0] >= self.p:
-            return self.unmixed()
-        if pool is None:
-            partner = ((sample + 1 + min(int(u[1] * (num_samples - 1)), num_samples - 2)) % num_samples
-                       if num_samples > 1 else sample)
-        else:
-            own = int(np.searchsorted(pool, sample))
-            contains = own < len(pool) and int(pool[own]) == sample
-            count = len(pool) - contains
-            if count < 1:
-                partner = sample
-            else:
-                pick = min(int(u[1] * count), count - 1)
-                partner = int(pool[pick + 1 if contains and pick >= own else pick])
-        if self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or u[2] < self.switch_prob):
-            lam = beta_sample(u[8:], self.cutmix_alpha)
-            cut = math.sqrt(1.0 - lam)
-            top, bottom = max(u[3] - cut / 2, 0.0), min(u[3] + cut / 2, 1.0)
-            left, right = max(u[4] - cut / 2, 0.0), min(u[4] + cut / 2, 1.0)
-            h, w = bottom - top, right - left
-            return np.array([partner, CUTMIX, 1.0 - h * w, top, left, h, w])
-        lam = beta_sample(u[8:], self.mixup_alpha)
-        return np.array([partner, MIXUP, lam, 0.0, 0.0, 0.0, 0.0])
+        """Parameters of one record of sample ``sample`` of ``num_samples`` (:meth:`sample_batch` on one row)."""
+        context = SampleContext(np.zeros(1, np.int64), np.zeros(1, np.int64), samples=np.array([sample]),
+                                num_samples=num_samples, partner_pool=pool)
+        return self.sample_batch(np.asarray(u, dtype=np.float64)[None], context)[0]
 
-    def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        raise AugmentationError("mixing ops are applied by the pipeline (they need the partner image)")
-
-    def mix(self, images: torch.Tensor, partners: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    def apply_mixed(self, images: torch.Tensor, partners: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Mix uint8 ``images[r]`` with ``partners[r]`` by ``params[r]`` (every record here is mixed)."""
         mode = params[:, 1].round()
         out = images.clone()

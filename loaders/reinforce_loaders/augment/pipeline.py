@@ -12,17 +12,15 @@ import numpy as np
 import torch
 
 from .. import rng
+from ..codecs import Codec, LinearCodec, ParamLayout, Float16Codec
 from ..errors import AugmentationError
-from .base import AugmentOp, ParamSpec, SourceOp
+from .base import AugmentOp, Mixer, SampleContext, SourceOp
 from .color import AugMix, RandAugment
-from .geometric import CenterCrop, HorizontalFlip, RandomCrop, RandomResizedCrop
+from .geometric import CenterCrop, HorizontalFlip, RandomCrop, RandomResizedCrop, partner_box_codecs
 from .mixing import CutMix, Mix, MixUp, RandomErasing
 
 PARTNER_STREAM_OFFSET = 1 << 16
 """The partner's copy of op ``k`` draws from RNG stream ``PARTNER_STREAM_OFFSET + k`` of the record's key."""
-
-MAX_EXACT_INDEX = 1 << 24
-"""Partner indices are stored in float32 parameters, exact below 2**24."""
 
 OPS: dict[str, type[AugmentOp]] = {op.name: op for op in (
     RandomResizedCrop, RandomCrop, CenterCrop, HorizontalFlip, RandAugment, AugMix, RandomErasing, Mix, MixUp, CutMix,
@@ -31,19 +29,20 @@ OPS: dict[str, type[AugmentOp]] = {op.name: op for op in (
 CPU_CHUNK = 8
 """Records per chunk of the ops after the crop on the CPU (results do not depend on it)."""
 
-PartnerSize = Callable[[int], Sequence[int]]
+PartnerSize = Callable[[int], Sequence[int] | None]
+Uniforms = Callable[[int], np.ndarray]
 
 
 class AugmentPipeline:
     """An ordered list of ops producing ``size`` x ``size`` uint8 images.
 
-    The first op is a crop (a :class:`SourceOp`); at most one mixing op (:class:`Mix`) may follow, and the
-    ops before it are also applied to the partner with the partner's own parameters. Op ``k`` of record
-    (sample, slot) draws from RNG stream ``k`` of key (seed, sample, slot); the partner's copy of op ``k``
-    from stream ``PARTNER_STREAM_OFFSET + k``.
+    The first op is a crop (a :class:`SourceOp`); at most one :class:`Mixer` may follow, and the ops before it
+    are also applied to the partner with the partner's own parameters. Op ``k`` of record (sample, slot) draws
+    from RNG stream ``k`` of key (seed, sample, slot); the partner's copy of op ``k`` from stream
+    ``PARTNER_STREAM_OFFSET + k``.
 
-    Parameter layout of a record: every op's parameters in order; a mixing op's block ends with the
-    partner's parameters of the ops before it, named ``mix.partner.<op>.<param>``.
+    Parameter layout of a record (:attr:`param_layout`): every op's parameters in order; the mixer's block
+    ends with the partner's parameters of the ops before it, named ``<mixer>.partner.<op>.<param>``.
     """
 
     def __init__(self, ops: Sequence[AugmentOp], size: int) -> None:
@@ -58,29 +57,36 @@ class AugmentPipeline:
                 f"got {ops[0].name}")
         if any(isinstance(op, SourceOp) for op in ops[1:]):
             raise AugmentationError("only the first op of a pipeline may be a crop")
-        mixers = [k for k, op in enumerate(ops) if isinstance(op, Mix)]
+        mixers = [k for k, op in enumerate(ops) if isinstance(op, Mixer)]
         if len(mixers) > 1:
             raise AugmentationError("a pipeline may hold at most one mixing op (mix, mixup or cutmix)")
         self.ops = ops
         self.size = int(size)
         self.mix_index: int | None = mixers[0] if mixers else None
-        if self.mix_index is not None:
-            ops[self.mix_index].bind_partner_ops(ops[:self.mix_index])
-        widths = [len(op.param_names) for op in ops]
-        offsets = np.cumsum([0] + widths)
-        self._own = [(int(offsets[k]), int(offsets[k + 1])) for k in range(len(ops))]
-        if self.mix_index is not None:  # the partner's copies sit inside the mixing op's block, after its own
-            first = self._own[self.mix_index][0] + len(Mix.OWN_PARAMS)
-            partner_offsets = first + np.cumsum([0] + widths[:self.mix_index])
-            self._own[self.mix_index] = (self._own[self.mix_index][0], first)
-            self._partner = [(int(partner_offsets[k]), int(partner_offsets[k + 1])) for k in range(self.mix_index)]
-        else:
-            self._partner = []
-        self._num_params = int(offsets[-1])
+        names: list[str] = []
+        codecs: list[Codec] = []
+
+        def add(prefix: str, op: AugmentOp, op_codecs: Sequence[Codec]) -> tuple[int, int]:
+            first = len(names)
+            names.extend(f"{prefix}{name}" for name in op.param_names)
+            codecs.extend(op_codecs)
+            return first, len(names)
+
+        self._own: list[tuple[int, int]] = []
+        self._partner: list[tuple[int, int]] = []
+        for k, op in enumerate(ops):
+            self._own.append(add(f"{op.name}.", op, op.param_codecs))
+            if k == self.mix_index:
+                self._partner = [add(f"{op.name}.partner.{before.name}.", before,
+                                     partner_box_codecs() if isinstance(before, SourceOp) else before.param_codecs)
+                                 for before in ops[:k]]
+        self.param_layout = ParamLayout(names, codecs, self.size)
+        # Real-valued parameters are rounded to binary32 when sampled (format_spec.md, section 5).
+        self._real_columns = np.array([isinstance(codec, (LinearCodec, Float16Codec)) for codec in codecs], bool)
 
     @property
     def num_params(self) -> int:
-        return self._num_params
+        return len(self.param_layout.names)
 
     @property
     def mixes(self) -> bool:
@@ -89,69 +95,89 @@ class AugmentPipeline:
 
     @property
     def param_names(self) -> list[str]:
-        return [f"{op.name}.{name}" for op in self.ops for name in op.param_names]
-
-    @property
-    def param_specs(self) -> list[ParamSpec]:
-        """Range of every parameter, aligned with :attr:`param_names`."""
-        return [spec for op in self.ops for spec in op.param_specs]
+        return list(self.param_layout.names)
 
     # -- sampling ---------------------------------------------------------------------------------------------
 
-    def sample(self, seed: int, sample: int, slot: int, height: int, width: int, num_samples: int | None = None,
-               partner_size: PartnerSize | None = None, partner_pool: np.ndarray | None = None) -> np.ndarray:
-        """Parameters of record (sample, slot) as a ``(num_params,)`` vector (see :meth:`sample_slots`)."""
-        uniforms = [rng.slot_uniforms(seed, sample, slot, k)[None] for k in range(len(self.ops))]
-        return self._sample(seed, sample, [slot], uniforms, height, width, num_samples, partner_size,
-                            partner_pool)[0]
+    def sample_block(self, seed: int, samples: Sequence[int] | np.ndarray, num_slots: int,
+                     heights: Sequence[int] | np.ndarray, widths: Sequence[int] | np.ndarray, *,
+                     num_samples: int | None = None, partner_size: PartnerSize | None = None,
+                     partner_pool: np.ndarray | None = None) -> np.ndarray:
+        """Parameters ``(n, num_slots, num_params)`` of slots ``0..num_slots-1`` of each of ``n`` samples.
+
+        ``heights``/``widths`` ``(n,)`` are the decoded source images' sizes. Mixing pipelines also need
+        ``num_samples`` (the dataset's length) and ``partner_size(index) -> (height, width)`` of any source
+        image, or None for an image that cannot be read: a record drawing it is left unmixed.
+        ``partner_pool`` (sorted sample indices, :func:`~reinforce_loaders.rng.partner_pool`) restricts the
+        partners to its members; the build passes its block's pool. A record's values do not depend on the
+        other records sampled with it.
+        """
+        samples = np.asarray(samples, dtype=np.int64).reshape(-1)
+
+        def uniforms(stream: int) -> np.ndarray:
+            if not len(samples):
+                return np.empty((0, rng.UNIFORMS_PER_SLOT))
+            return np.concatenate([rng.all_slot_uniforms(seed, int(s), num_slots, stream) for s in samples])
+
+        params = self._sample(uniforms, np.repeat(samples, num_slots),
+                              np.repeat(np.asarray(heights, dtype=np.int64).reshape(-1), num_slots),
+                              np.repeat(np.asarray(widths, dtype=np.int64).reshape(-1), num_slots),
+                              num_samples, partner_size, partner_pool)
+        return params.reshape(len(samples), num_slots, self.num_params)
 
     def sample_slots(self, seed: int, sample: int, num_slots: int, height: int, width: int,
                      num_samples: int | None = None, partner_size: PartnerSize | None = None,
                      partner_pool: np.ndarray | None = None) -> np.ndarray:
-        """Parameters of slots ``0..num_slots-1`` of one sample, shape ``(num_slots, num_params)``.
+        """Parameters ``(num_slots, num_params)`` of slots ``0..num_slots-1`` of one sample (see
+        :meth:`sample_block`)."""
+        return self.sample_block(seed, [sample], num_slots, [height], [width], num_samples=num_samples,
+                                 partner_size=partner_size, partner_pool=partner_pool)[0]
 
-        ``height`` x ``width`` is the decoded source image's size. Mixing pipelines also need ``num_samples``
-        (the dataset's length, partners are drawn from it) and ``partner_size(index) -> (height, width)`` of
-        any source image, or None for an image that cannot be read: a record drawing it is left unmixed.
-        ``partner_pool`` (sorted sample indices, :func:`~reinforce_loaders.rng.partner_pool`) restricts the
-        partners to its members; the build passes its block's pool. Values are float32-exact, so replaying stored float32 parameters is bit-identical.
-        """
-        uniforms = [rng.all_slot_uniforms(seed, sample, num_slots, k) for k in range(len(self.ops))]
-        return self._sample(seed, sample, list(range(num_slots)), uniforms, height, width, num_samples, partner_size,
-                            partner_pool)
+    def sample(self, seed: int, sample: int, slot: int, height: int, width: int, num_samples: int | None = None,
+               partner_size: PartnerSize | None = None, partner_pool: np.ndarray | None = None) -> np.ndarray:
+        """Parameters ``(num_params,)`` of record (sample, slot) (see :meth:`sample_block`)."""
+        def uniforms(stream: int) -> np.ndarray:
+            return rng.slot_uniforms(seed, sample, slot, stream)[None]
 
-    def _sample(self, seed: int, sample: int, slots: list[int], uniforms: list[np.ndarray], height: int, width: int,
+        return self._sample(uniforms, np.array([sample]), np.array([height]), np.array([width]), num_samples,
+                            partner_size, partner_pool)[0]
+
+    def _sample(self, uniforms: Uniforms, samples: np.ndarray, heights: np.ndarray, widths: np.ndarray,
                 num_samples: int | None, partner_size: PartnerSize | None,
-                partner_pool: np.ndarray | None = None) -> np.ndarray:
+                partner_pool: np.ndarray | None) -> np.ndarray:
+        """Parameters ``(m, P)`` of ``m`` records; ``uniforms(stream)`` gives their ``(m, 64)`` uniforms."""
         if self.mixes:
             if num_samples is None or partner_size is None:
                 raise AugmentationError("a mixing pipeline samples partners: pass num_samples and partner_size")
-            if not 0 <= sample < num_samples or num_samples > MAX_EXACT_INDEX:
-                raise AugmentationError(f"sample {sample} of {num_samples}: mixing needs 0 <= sample < num_samples "
-                                        f"<= {MAX_EXACT_INDEX}")
-        out = np.zeros((len(slots), self.num_params), dtype=np.float64)
+            if len(samples) and not (0 <= samples.min() and samples.max() < num_samples):
+                raise AugmentationError(f"samples must lie in [0, num_samples={num_samples}) to draw partners")
+        context = SampleContext(heights, widths, samples, num_samples, partner_pool)
+        out = np.zeros((len(samples), self.num_params), dtype=np.float64)
         for k, op in enumerate(self.ops):
             lo, hi = self._own[k]
-            for row in range(len(slots)):
-                u = uniforms[k][row]
-                out[row, lo:hi] = (op.sample_mix(u, sample, num_samples, partner_pool) if isinstance(op, Mix)
-                                   else op.sample(u, height, width))
+            out[:, lo:hi] = op.sample_batch(uniforms(k), context)
         if self.mixes:
-            partner_column = self._own[self.mix_index][0]
-            for row, slot in enumerate(slots):
-                partner = int(out[row, partner_column])
-                if partner < 0:
-                    continue
-                size = partner_size(partner)
-                if size is None:  # an unreadable (skipped) partner: the record is not mixed
-                    lo, hi = self._own[self.mix_index]
-                    out[row, lo:hi] = self.ops[self.mix_index].unmixed()
-                    continue
-                p_height, p_width = (int(v) for v in size)
-                for k, (lo, hi) in enumerate(self._partner):
-                    u = rng.slot_uniforms(seed, sample, slot, PARTNER_STREAM_OFFSET + k)
-                    out[row, lo:hi] = self.ops[k].sample(u, p_height, p_width)
-        return out.astype(np.float32).astype(np.float64)
+            self._sample_partners(uniforms, out, partner_size)
+        out[:, self._real_columns] = out[:, self._real_columns].astype(np.float32)
+        return out
+
+    def _sample_partners(self, uniforms: Uniforms, out: np.ndarray, partner_size: PartnerSize) -> None:
+        """Fill the partner parameters of mixed records; a record whose partner cannot be read is unmixed."""
+        lo, hi = self._own[self.mix_index]
+        partners = np.rint(out[:, lo]).astype(np.int64)
+        mixed = np.flatnonzero(partners >= 0)
+        if not mixed.size:
+            return
+        sizes = {int(p): partner_size(int(p)) for p in np.unique(partners[mixed])}
+        readable = np.array([sizes[int(p)] is not None for p in partners[mixed]], dtype=bool)
+        out[mixed[~readable], lo:hi] = self.ops[self.mix_index].unmixed(int((~readable).sum()))
+        mixed = mixed[readable]
+        if not mixed.size:
+            return
+        shape = np.array([[int(v) for v in sizes[int(p)]] for p in partners[mixed]], dtype=np.int64)
+        context = SampleContext(shape[:, 0], shape[:, 1])
+        for k, (first, last) in enumerate(self._partner):
+            out[mixed, first:last] = self.ops[k].sample_batch(uniforms(PARTNER_STREAM_OFFSET + k)[mixed], context)
 
     def partner_indices(self, params: np.ndarray) -> np.ndarray | None:
         """Source sample each record of ``params`` (``[n, num_params]``) mixes with (-1: none), or None if the
@@ -207,7 +233,7 @@ class AugmentPipeline:
             every = len(rows) == len(out)
             own, own_params = (out, params) if every else (out[mixed], params[mixed])
             step = CPU_CHUNK if device.type == "cpu" else len(own)
-            result = torch.cat([mix.mix(own[i:i + step], partners[i:i + step], own_params[i:i + step, lo:hi])
+            result = torch.cat([mix.apply_mixed(own[i:i + step], partners[i:i + step], own_params[i:i + step, lo:hi])
                                 for i in range(0, len(own), step)])
             if every:
                 out = result
