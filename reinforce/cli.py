@@ -1,4 +1,4 @@
-"""The ``reinforce`` command line: build, inspect, verify, demo."""
+"""The ``reinforce`` command line: build, inspect, verify, train, demo."""
 
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="teachers, store and two students on scikit-learn's digits")
     demo.add_argument("--workdir", help="where to keep the data, weights and store (default: a temporary dir)")
     demo.add_argument("--seed", type=int, default=0)
+
+    from .recipes.cli import add_train_parser
+    add_train_parser(commands)
     return parser
 
 
@@ -132,6 +135,10 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         print(f"{args.store}: verified")
         return 0
+    if args.command == "train":
+        from .recipes.cli import run_from_args
+
+        return run_from_args(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -1,0 +1,69 @@
+"""The process group under ``torchrun``: rank, world size, and small collectives the loop needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device: str) -> World:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1), with gloo on CPU and nccl on CUDA."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device_for(device: str, world: World) -> torch.device:
+    if device == "cuda" and world.distributed:
+        return torch.device("cuda", world.local_rank)
+    return torch.device(device)
+
+
+def all_sum(values: list[float], world: World) -> list[float]:
+    """Element-wise sum over ranks (float64)."""
+    if not world.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast(value: Any, world: World) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,100 @@
+"""Initial learning-rate estimation of paper 000 (section 3).
+
+- :func:`range_test`: fast.ai's LR range test (an exponential LR ramp, stop when the smoothed loss explodes,
+  choose the point of steepest descent), run after one epoch at a small LR so that a pretrained model is not
+  wrecked by the ramp's large LRs (the paper's change).
+- :func:`tpe_search`: Optuna's TPE over an LR interval with median pruning; each trial trains a few epochs and
+  reports validation top-1 after each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class RangeTest:
+    lrs: list[float]
+    losses: list[float]
+    """Smoothed (bias-corrected exponential moving average) losses."""
+    chosen: float
+
+
+def steepest_point(lrs: list[float], losses: list[float]) -> float:
+    """The LR where the smoothed loss falls fastest per unit of log LR."""
+    if len(lrs) < 3:
+        raise ValueError("the range test needs at least 3 points")
+    slopes = np.gradient(np.asarray(losses), np.log(np.asarray(lrs)))
+    return float(lrs[int(np.argmin(slopes))])
+
+
+def range_test(train_step: Callable[[Any, float], float], batches: Iterable[Any], *, start_lr: float = 1e-6,
+               end_lr: float = 1.0, num_steps: int = 100, smoothing: float = 0.98,
+               divergence: float = 4.0) -> RangeTest:
+    """Ramp the LR geometrically from ``start_lr`` to ``end_lr`` over ``num_steps`` batches of ``batches``
+    (``train_step(batch, lr)`` trains one step and returns its loss); stop early once the smoothed loss exceeds
+    ``divergence`` times its minimum. Returns the points and the steepest-descent LR."""
+    ratio = (end_lr / start_lr) ** (1 / max(num_steps - 1, 1))
+    lrs: list[float] = []
+    losses: list[float] = []
+    average, best = 0.0, math.inf
+    for step, batch in enumerate(batches):
+        if step == num_steps:
+            break
+        lr = start_lr * ratio ** step
+        loss = train_step(batch, lr)
+        if not math.isfinite(loss):
+            break
+        average = smoothing * average + (1 - smoothing) * loss
+        smoothed = average / (1 - smoothing ** (step + 1))
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if step > 0 and smoothed > divergence * best:
+            break
+    # Drop the exploding tail so it cannot hold the steepest point.
+    keep = max(3, int(np.argmin(losses)) + 1) if losses else 0
+    lrs, losses = lrs[:keep], losses[:keep]
+    return RangeTest(lrs, losses, steepest_point(lrs, losses))
+
+
+def tpe_search(objective: Callable[[float, Callable[[float, int], bool]], float], low: float, high: float, *,
+               trials: int = 15, seed: int = 0) -> tuple[float, list[dict[str, float]]]:
+    """Optuna TPE over ``[low, high]`` (log scale) maximizing ``objective(lr, report)``.
+
+    ``report(score, epoch)`` records an intermediate validation score and returns True when the trial should
+    stop (Optuna's MedianPruner: its best so far is below the median of earlier trials at that epoch).
+    Returns the best LR and every finished or pruned trial.
+    """
+    try:
+        import optuna
+    except ImportError as error:
+        from .config import TrainError
+
+        raise TrainError("--lr-search tpe needs Optuna: pip install 'reinforce[train]'") from error
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+
+    def run_trial(trial: Any) -> float:
+        lr = trial.suggest_float("lr", low, high, log=True)
+
+        def report(score: float, epoch: int) -> bool:
+            trial.report(score, epoch)
+            return trial.should_prune()
+
+        score = objective(lr, report)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+        return score
+
+    study.optimize(run_trial, n_trials=trials)
+    history = [{"lr": t.params["lr"], "score": t.value if t.value is not None else max(t.intermediate_values.values(),
+                                                                                            default=float("nan")),
+                "pruned": float(t.state == optuna.trial.TrialState.PRUNED)} for t in study.trials]
+    return float(study.best_params["lr"]), history

@@ -1,0 +1,91 @@
+"""The student: a timm model (timm's factory) with optional local weights, or any module passed from Python."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..teachers import IMAGENET_MEAN, IMAGENET_STD, load_state_dict, parse_teacher_spec
+from .config import TrainError
+
+
+@dataclasses.dataclass
+class Student:
+    module: torch.nn.Module
+    name: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int | None
+    notes: list[str]
+
+
+def create_student(spec: str, num_classes: int, *, fine_tune: bool, mean=None, std=None) -> Student:
+    """``ARCH[=WEIGHTS]`` -> a timm model with ``num_classes`` outputs.
+
+    Local weights whose classifier has another class count are refused, except when fine-tuning
+    (``fine_tune``), where the classifier is re-initialized for ``num_classes`` (the ImageNet-pretrained case).
+    """
+    import timm
+
+    arch, weights = parse_teacher_spec(spec)
+    if not timm.is_model(arch):
+        raise TrainError(f"unknown model {arch!r}: use a timm model name (timm.list_models())")
+    if fine_tune and weights is None:
+        raise TrainError("--recipe adaptive fine-tunes pretrained weights: pass --model ARCH=WEIGHTS "
+                         "(.safetensors or a state_dict file)")
+    module = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    metadata: dict[str, str] = {}
+    notes: list[str] = []
+    if weights is not None:
+        state, metadata = load_state_dict(weights)
+        notes += _load_weights(module, state, weights, num_classes, fine_tune)
+    config = module.pretrained_cfg
+    size = _meta(metadata, "input_size")
+    return Student(module=module, name=arch,
+                   mean=tuple(mean or _meta(metadata, "mean") or config.get("mean", IMAGENET_MEAN)),
+                   std=tuple(std or _meta(metadata, "std") or config.get("std", IMAGENET_STD)),
+                   input_size=int(size) if size else None, notes=notes)
+
+
+def _load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], weights: str, num_classes: int,
+                  fine_tune: bool) -> list[str]:
+    classifier = module.pretrained_cfg.get("classifier", "fc")
+    head_keys = [key for key in state if key.startswith(f"{classifier}.")]
+    head = state.get(f"{classifier}.weight")
+    notes = []
+    if head is not None and head.shape[0] != num_classes:
+        if not fine_tune:
+            raise TrainError(
+                f"model weights {weights} predict {head.shape[0]} classes but the training data has {num_classes}: "
+                "pass weights for these classes, or fine-tune with --recipe adaptive (which re-initializes the "
+                "classifier)"
+            )
+        state = {key: value for key, value in state.items() if key not in head_keys}
+        notes.append(f"classifier {classifier} re-initialized for {num_classes} classes (the weights had "
+                     f"{head.shape[0]})")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.startswith(f"{classifier}.")]
+    if missing or unexpected:
+        raise TrainError(f"weights {weights} do not fit the model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    return notes
+
+
+def check_module_classes(module: torch.nn.Module, num_classes: int, size: int) -> None:
+    """Refuse a model (passed from Python) whose output count is not the store's class count."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        outputs = module(torch.zeros(1, 3, size, size)).shape[-1]
+    module.train(was_training)
+    if outputs != num_classes:
+        raise TrainError(f"the model predicts {outputs} classes but the store/training data has {num_classes}: "
+                         f"create it with num_classes={num_classes}")
+
+
+def _meta(metadata: dict[str, str], key: str) -> Any:
+    import json
+
+    return json.loads(metadata[key]) if key in metadata else None

@@ -1,0 +1,150 @@
+"""Batch samplers and curricula.
+
+- :class:`FixedBatchSampler`: a fresh permutation each epoch (seeded by (seed, epoch)), split into disjoint
+  per-rank batches; every rank runs the same number of steps (the incomplete tail is dropped), which keeps DDP
+  from hanging at the end of an epoch. Resuming mid-epoch skips the batches already trained on.
+- :class:`VariableBatchSampler`: paper 003's multi-scale sampler with variable batch size: every step draws a
+  resolution from a set and a batch size inversely proportional to its pixels; the store replays each record
+  at that resolution, so nothing is rebuilt.
+- :class:`EntropyCurriculum`: paper 001, Appendix C.4: each sample's stored records are ranked by the stored
+  teacher entropy and each epoch draws from a window of ranks that widens from the easiest (or hardest) 10 %
+  to all of them along a cosine.
+
+These are small and local to the recipes; a loader-side distributed sampler can replace
+:class:`FixedBatchSampler` without changing the training loop (it only needs ``set_epoch``/``set_start``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .config import TrainError
+from .data import sample_seed
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, 0, purpose=1))
+
+
+class FixedBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's batches (lists of positions) of one epoch."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0
+        if len(self) == 0:
+            raise TrainError(f"{num_samples} training samples cannot fill one step of {world_size} x {batch_size}: "
+                             "lower --batch-size")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start(self, step: int) -> None:
+        """Skip the first ``step`` batches of the epoch (a resumed run)."""
+        self.start = step
+
+    def __len__(self) -> int:
+        return self.num_samples // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch)).tolist()
+        per_step = self.batch_size * self.world_size
+        for step in range(self.start, len(self)):
+            first = step * per_step + self.rank * self.batch_size
+            yield order[first:first + self.batch_size]
+
+
+def multiscale_sizes(base: int, low: float = 0.5, high: float = 1.5) -> list[int]:
+    """Resolutions from ``low * base`` to ``high * base`` on a grid of 32 px, scaled down for small images
+    (a grid of ``max(8, 32 * base / 224)`` rounded to a multiple of 8), always including ``base``."""
+    grid = 32 if base >= 224 else max(8, int(round(32 * base / 224 / 8)) * 8)
+    sizes = set(range(int(math.ceil(low * base / grid)) * grid, int(high * base) + 1, grid))
+    sizes.add(base)
+    return sorted(size for size in sizes if size > 0)
+
+
+class VariableBatchSampler(FixedBatchSampler):
+    """Yields this rank's batches of ``(position, resolution)``: resolution ``r`` drawn per step from ``sizes``,
+    batch ``max(1, batch_size * base^2 // r^2)`` (paper 003, MSc-VBS)."""
+
+    def __init__(self, num_samples: int, batch_size: int, base: int, sizes: Sequence[int], *, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.base = base
+        self.sizes = list(sizes)
+        super().__init__(num_samples, batch_size, seed=seed, rank=rank, world_size=world_size)
+
+    def batch_for(self, resolution: int) -> int:
+        return max(1, self.batch_size * self.base ** 2 // resolution ** 2)
+
+    def _plan(self) -> list[tuple[int, int, int]]:
+        """(first position in the permutation, resolution, per-rank batch) of every step of this epoch."""
+        generator = epoch_generator(self.seed + 1, self.epoch)
+        plan, cursor = [], 0
+        while True:
+            resolution = self.sizes[int(torch.randint(len(self.sizes), (1,), generator=generator))]
+            batch = self.batch_for(resolution)
+            if cursor + batch * self.world_size > self.num_samples:
+                return plan
+            plan.append((cursor, resolution, batch))
+            cursor += batch * self.world_size
+
+    def __len__(self) -> int:
+        return len(self._plan())
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch)).tolist()
+        for first, resolution, batch in self._plan()[self.start:]:
+            mine = first + self.rank * batch
+            yield [(position, resolution) for position in order[mine:mine + batch]]
+
+
+class EntropyCurriculum:
+    """Chooses the stored slot of (index, epoch) from a window of its records ranked by teacher entropy.
+
+    ``kind="easy"`` starts at the 10 % lowest-entropy records, ``"hard"`` at the 10 % highest; the window widens
+    to all records by the last epoch along a cosine (the "easy -> all" and "hard -> all" curricula).
+    """
+
+    def __init__(self, entropies: np.ndarray, kind: str, epochs: int, seed: int, start_fraction: float = 0.1) -> None:
+        if kind not in ("easy", "hard"):
+            raise TrainError(f"unknown curriculum {kind!r}: use easy or hard")
+        self.ranked = np.argsort(entropies, axis=1, kind="stable")  # [num_samples, A] slots, easiest first
+        self.kind = kind
+        self.epochs = epochs
+        self.seed = seed
+        self.start_fraction = start_fraction
+
+    def window(self, epoch: int) -> tuple[int, int]:
+        """[first, stop) of the allowed entropy ranks in ``epoch``."""
+        slots = self.ranked.shape[1]
+        progress = 0.5 * (1 - math.cos(math.pi * min(1.0, epoch / max(self.epochs - 1, 1))))
+        width = self.start_fraction + (1 - self.start_fraction) * progress
+        count = max(1, int(round(width * slots)))
+        return (0, count) if self.kind == "easy" else (slots - count, slots)
+
+    def __call__(self, index: int, epoch: int) -> int:
+        first, stop = self.window(epoch)
+        rank = first + sample_seed(self.seed, epoch, index, purpose=3) % (stop - first)
+        return int(self.ranked[index, rank])
+
+
+def stored_entropies(dataset, block_size: int) -> np.ndarray:
+    """``[num_samples, A]`` stored teacher entropies of every record, read one (block, slot) chunk at a time."""
+    header = dataset.header
+    slots = header.num_augmentations
+    entropies = np.zeros((header.num_samples, slots), dtype=np.float32)
+    for start in range(0, header.num_samples, block_size):
+        stop = min(start + block_size, header.num_samples)
+        for slot in range(slots):
+            for index in range(start, stop):
+                entropies[index, slot] = dataset.teacher_entropy(index, slot)
+    return entropies

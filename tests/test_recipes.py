@@ -1,0 +1,140 @@
+"""reinforce train: the run directory, resume, and clear errors, on the digits store (tiny timm models, 32 px)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reinforce.cli import main
+from reinforce.recipes import TrainConfig, TrainError, TrainingDiverged, train
+
+
+def _config(digits, store, out, **overrides) -> TrainConfig:
+    settings = dict(train_source=str(digits[0]), store=str(store) if store else None, val_source=str(digits[1]), model="test_resnet",
+                    recipe="usi", epochs=2, batch_size=8, out=str(out), progress=False, seed=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _quiet(*_):
+    pass
+
+
+def test_train_cli_writes_a_usable_run_directory(digits, store, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", str(digits[0]), "--store", str(store), "--val", str(digits[1]), "--model", "test_resnet",
+            "--recipe", "usi", "--epochs", "2", "--batch-size", "8", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "teacher top-1" in printed and "epoch 2/2" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert (config["recipe"], config["lr"], config["weight_decay"], config["alpha_kd"], config["test_crop"]) == \
+        ("usi", 2e-3, 2e-2, 5.0, 0.95)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]
+    for key in ("train_loss", "val_top1", "val_top5", "val_ece", "lr", "images_per_s", "ema_top1"):
+        assert all(row[key] is not None for row in rows), key
+    # one-cycle: the LR at the end of the last epoch is far below the peak
+    assert rows[-1]["lr"] < 0.2 * 2e-3
+    weights = load_file(str(out / "best.safetensors"))
+    assert weights["fc.weight"].shape[0] == 10
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher"]["kind"] == "held-out"  # the store records its teacher files, which exist here
+    assert (out / "checkpoint.pt").is_file() and (out / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("recipe,extra", [("usi", {"mixup": 0.4, "cutmix": 1.0}), ("plain", {})])
+def test_interrupted_and_resumed_run_equals_uninterrupted(digits, store, tmp_path, recipe, extra):
+    store_arg = store if recipe == "usi" else None
+    whole = train(_config(digits, store_arg, tmp_path / "whole", recipe=recipe, **extra), log=_quiet)
+
+    def interrupt(trainer, epoch, step):
+        if (epoch, step) == (1, 2):
+            raise KeyboardInterrupt
+
+    parted = _config(digits, store_arg, tmp_path / "parted", recipe=recipe, **extra)
+    with pytest.raises(KeyboardInterrupt):
+        train(parted, log=_quiet, on_step=interrupt)
+    assert (tmp_path / "parted" / "checkpoint.pt").is_file()  # Ctrl-C left a resumable checkpoint
+    resumed = train(_config(digits, store_arg, tmp_path / "parted", recipe=recipe, resume=True, **extra),
+                    log=_quiet)
+
+    for name in ("last.safetensors", "last_ema.safetensors", "best.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "parted" / name))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    rows = [json.loads(line) for line in (tmp_path / "parted" / "metrics.jsonl").read_text().splitlines()]
+    whole_rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    strip = ("epoch_seconds", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in whole_rows]
+    assert resumed.best_top1 == whole.best_top1
+
+
+def test_resume_with_a_changed_recipe_names_the_field(digits, store, tmp_path):
+    train(_config(digits, store, tmp_path / "run", epochs=1), log=_quiet)
+    with pytest.raises(TrainError, match=r"alpha_kd was 5\.0, now 2\.0"):
+        train(_config(digits, store, tmp_path / "run", epochs=1, alpha_kd=2.0, resume=True), log=_quiet)
+    with pytest.raises(TrainError, match="not empty.*--resume"):
+        train(_config(digits, store, tmp_path / "run", epochs=1), log=_quiet)
+
+
+def test_model_with_another_class_count_is_refused(digits, store, tmp_path):
+    import timm
+
+    model = timm.create_model("test_resnet", num_classes=7)
+    with pytest.raises(TrainError, match="predicts 7 classes but the store/training data has 10"):
+        train(_config(digits, store, tmp_path / "run"), model=model, log=_quiet)
+
+
+def test_weights_with_another_class_count_are_refused_unless_fine_tuning(digits, store, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    path = tmp_path / "r.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=1000).state_dict(), str(path))
+    with pytest.raises(TrainError, match="predict 1000 classes but the training data has 10"):
+        train(_config(digits, store, tmp_path / "run", model=f"test_resnet={path}"), log=_quiet)
+
+
+def test_validation_set_with_other_class_names_is_refused(digits, store, tmp_path):
+    val = tmp_path / "val"
+    shutil.copytree(digits[1], val)
+    (val / "3").rename(val / "three")
+    with pytest.raises(TrainError, match=r"classes differ.*missing \['3'\].*unknown \['three'\]"):
+        train(_config(digits, store, tmp_path / "run", val_source=str(val)), log=_quiet)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, store, tmp_path):
+    def poison(trainer, epoch, step):
+        if (epoch, step) == (1, 1):
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 1 step 1.*checkpoint.*kept.*Lower --lr"):
+        train(_config(digits, store, out), log=_quiet, on_step=poison)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["step_in_epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+
+
+def test_plain_recipe_refuses_a_store_and_usi_needs_soft_targets(digits, store, tmp_path):
+    with pytest.raises(TrainError, match="--recipe plain trains on hard labels only"):
+        train(_config(digits, store, tmp_path / "a", recipe="plain"), log=_quiet)
+    with pytest.raises(TrainError, match="--recipe usi needs soft targets"):
+        train(_config(digits, None, tmp_path / "b"), log=_quiet)
+
+
+def test_online_teacher_and_a_weak_teacher_warning(digits, teacher_weights, tmp_path):
+    # Online USI: the teacher runs on the student's own augmentation; its held-out accuracy is reported, and a
+    # random-weight teacher is not clearly stronger than the student, which the run says.
+    result = train(_config(digits, None, tmp_path / "run", teachers=[teacher_weights[0]], image_size=32, epochs=1,
+                           kd_only=True), log=_quiet)
+    assert result.teacher["kind"] == "held-out" and result.teacher["top1"] is not None
+    assert any("points better than the student" in w for w in result.warnings) or \
+        result.teacher["top1"] - result.best_top1 >= 5
