@@ -10,6 +10,7 @@ from reinforce_loaders.augment import PRESETS
 from reinforce_loaders.errors import ReinforceError
 
 from . import __version__
+from .publishing_cli import PUBLISHING_COMMANDS, add_publishing_parsers, run_publishing_command
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -75,11 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="print what a store holds")
     inspect.add_argument("store")
+    inspect.add_argument("--data", help="source directory the store was built from (needed by --grid)")
+    inspect.add_argument("--grid", metavar="PNG", help="also draw a few samples with stored records replayed, "
+                                                       "captioned with the teacher's top classes")
 
     verify = commands.add_parser("verify", help="check a store for completeness and consistency with its data")
     verify.add_argument("store")
     verify.add_argument("--data", help="source directory the store was built from; checks counts, labels, "
                                        "sizes and fingerprints")
+    verify.add_argument("--quick", action="store_true",
+                        help="with --data: check the source's names, sizes and sha256 against the source manifest "
+                             "beside the store (written by publish) instead of decoding every image")
+    add_publishing_parsers(commands)
 
     demo = commands.add_parser("demo", help="teachers, store and two students on scikit-learn's digits")
     demo.add_argument("--workdir", help="where to keep the data, weights and store (default: a temporary dir)")
@@ -123,12 +131,18 @@ def _run(args: argparse.Namespace) -> int:
         from .report import describe_store
 
         print(describe_store(args.store))
+        if args.grid:
+            from .grid import replay_grid
+
+            if not args.data:
+                raise ReinforceError("inspect --grid replays records from the source images: pass --data SOURCE")
+            print(f"wrote {replay_grid(args.store, args.data, args.grid)}")
         return 0
     if args.command == "verify":
         from .report import VerificationError, verify_store
 
         try:
-            for line in verify_store(args.store, args.data):
+            for line in verify_store(args.store, args.data, quick=args.quick):
                 print(f"ok  {line}")
         except VerificationError as error:
             print(f"reinforce verify: FAILED: {error}", file=sys.stderr)
@@ -139,6 +153,8 @@ def _run(args: argparse.Namespace) -> int:
         from .recipes.cli import run_from_args
 
         return run_from_args(args)
+    if args.command in PUBLISHING_COMMANDS:
+        return run_publishing_command(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -80,8 +80,13 @@ def _array_bytes(store: str | os.PathLike[str], name: str) -> tuple[int, int]:
     return sum(file.stat().st_size for file in files), len(files)
 
 
-def verify_store(store: str | os.PathLike[str], source: Any | None = None) -> list[str]:
+def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, quick: bool = False,
+                 source_manifest: str | os.PathLike[str] | None = None) -> list[str]:
     """Check a store (and optionally its source); return lines describing the checks that passed.
+
+    ``quick``: check the source directory against the source manifest (default: ``source-manifest.jsonl``
+    beside the store, written by ``reinforce publish``) by names, sizes and sha256, without decoding, before
+    the records are read.
 
     Raises :class:`VerificationError` naming the first defect found: an incomplete build, a missing or
     damaged (checksum) chunk, a shape that disagrees with the header, or a value out of range.
@@ -133,6 +138,13 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None) -> li
         raise VerificationError(f"image size or fingerprint of sample {first} is missing (chunk absent)")
     passed.append(f"samples: {n} labels in range, sizes and fingerprints present"
                   + (f" ({int(skipped.sum())} skipped at build, listed in the header)" if skipped.any() else ""))
+    if quick and source is None:
+        raise VerificationError("--quick checks the source images against the source manifest: pass --data SOURCE")
+    if source is not None and quick:
+        from .manifest import check_source, find_source_manifest, read_source_manifest
+
+        rows = read_source_manifest(source_manifest or find_source_manifest(store))
+        passed.extend(check_source(source, rows, fingerprints))
     vocabulary = None
     if header.class_vocabulary_size:
         vocabulary = _read(group, fmt.CLASS_VOCABULARY).astype(np.int64)
@@ -147,7 +159,7 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None) -> li
         _check_records(header, codec, rows[kept], start + kept, sizes[start:stop][kept], block_vocabulary)
     passed.append(f"records: {n * a} rows of {w} checksummed columns; valid class indices, sorted probabilities "
                   "in [0, 1] summing to <= 1, entropies in range, parameters that decode to themselves")
-    if source is not None:
+    if source is not None and not quick:
         passed.extend(_check_source(open_source(source), header, labels, sizes, fingerprints))
     return passed
 

@@ -1,0 +1,309 @@
+"""``reinforce download URL DEST``: fetch a published store, resumably and verified.
+
+The publication's ``manifest.json`` is read first and every path in it checked (relative, no ``..``, no
+symlink on the way, inside DEST) before anything is written. Then several files are fetched at once. Each is
+written to ``PATH.part``, which survives the process: a re-run (even after ``kill -9``) continues it with an HTTP
+``Range`` request (or from zero when the server ignores ranges). Connection errors and 5xx answers are retried
+with exponential backoff. A finished ``.part`` whose sha256 differs from the manifest's is discarded and fetched
+again; only a correct file is renamed into place. Files already in place are re-hashed, so re-running is a
+no-op that re-checks. The download ends with ``reinforce verify`` on the store.
+
+http(s) goes through ``requests`` (ranges, status codes); every other URL (``s3://``, local paths, ...) through
+fsspec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+from reinforce_loaders.errors import ReinforceError
+from tqdm import tqdm
+
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_destination, hash_files, sha256_file
+
+PART_SUFFIX = ".part"
+T = TypeVar("T")
+
+
+class DownloadError(ReinforceError):
+    """A download could not complete: a file kept failing, a server answered 4xx, or a file is not what the
+    manifest says."""
+
+
+class RetryableError(Exception):
+    """A transient failure (connection dropped, timeout, 5xx): the request is tried again after a pause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadOptions:
+    workers: int = 4
+    retries: int = 5
+    backoff: float = 0.5
+    """First pause in seconds; doubled after each failure of the same file (with jitter), up to ``max_backoff``."""
+    max_backoff: float = 30.0
+    timeout: float = 60.0
+    chunk_size: int = 1 << 20
+    """Bytes per read and write: a killed download keeps what it wrote, in steps of this size."""
+    progress: bool = True
+    verify: bool = True
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class DownloadSummary:
+    dest: Path
+    store: Path
+    files: int
+    fetched: int
+    bytes_fetched: int
+    retries: int
+    seconds: float
+    verified: list[str]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transports: "give me the bytes of PATH from OFFSET on"
+# ----------------------------------------------------------------------------------------------------------
+
+class HttpTransport:
+    """http(s) with ``requests``: a thread-local session per worker, ``Range: bytes=OFFSET-`` to resume."""
+
+    def __init__(self, base: str, options: DownloadOptions) -> None:
+        import requests
+
+        self._requests = requests
+        self.base = base.rstrip("/")
+        self.options = options
+        self._local = threading.local()
+
+    def _session(self) -> Any:
+        if not hasattr(self._local, "session"):
+            self._local.session = self._requests.Session()
+        return self._local.session
+
+    def open(self, path: str, offset: int) -> tuple[int, Iterator[bytes]]:
+        """(first byte offset the stream starts at, chunks). A server that ignores Range starts at 0."""
+        url = f"{self.base}/{path}"
+        headers = {"Range": f"bytes={offset}-", "Accept-Encoding": "identity"} if offset else {
+            "Accept-Encoding": "identity"}
+        try:
+            response = self._session().get(url, headers=headers, stream=True, timeout=self.options.timeout)
+        except self._requests.RequestException as error:
+            raise RetryableError(f"{url}: {error}") from None
+        status = response.status_code
+        if status >= 500 or status == 429:
+            response.close()
+            raise RetryableError(f"{url}: server answered {status}")
+        if status == 404:
+            response.close()
+            raise DownloadError(f"{url} is not on the server (404): the publication is incomplete; ask its owner "
+                                "to publish again")
+        if status not in (200, 206):
+            response.close()
+            raise DownloadError(f"{url}: server answered {status}")
+        start = 0
+        if status == 206:
+            start = _content_range_start(response.headers.get("Content-Range", ""), url)
+            if start != offset:
+                response.close()
+                raise RetryableError(f"{url}: asked for bytes from {offset}, got a range from {start}")
+        return start, self._chunks(response, url)
+
+    def _chunks(self, response: Any, url: str) -> Iterator[bytes]:
+        try:
+            yield from response.iter_content(self.options.chunk_size)
+        except self._requests.RequestException as error:
+            raise RetryableError(f"{url}: connection lost ({type(error).__name__})") from None
+        finally:
+            response.close()
+
+
+def _content_range_start(value: str, url: str) -> int:
+    try:
+        return int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        raise RetryableError(f"{url}: 206 answer with a malformed Content-Range {value!r}") from None
+
+
+class FsspecTransport:
+    """Any fsspec filesystem (s3, gcs, local, ...): open, seek to the offset, read chunks."""
+
+    def __init__(self, url: str, options: DownloadOptions) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(url, **(options.storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.options = options
+
+    def open(self, path: str, offset: int) -> tuple[int, Iterator[bytes]]:
+        location = f"{self.root}/{path}"
+        try:
+            handle = self.fs.open(location, "rb", block_size=self.options.chunk_size)
+            handle.seek(offset)
+        except FileNotFoundError:
+            raise DownloadError(f"{location} does not exist: the publication is incomplete") from None
+        except (OSError, TimeoutError) as error:
+            raise RetryableError(f"{location}: {error}") from None
+        return offset, self._chunks(handle, location)
+
+    def _chunks(self, handle: Any, location: str) -> Iterator[bytes]:
+        try:
+            while chunk := handle.read(self.options.chunk_size):
+                yield chunk
+        except FileNotFoundError:
+            raise DownloadError(f"{location} disappeared during the download") from None
+        except (OSError, TimeoutError) as error:
+            raise RetryableError(f"{location}: {error}") from None
+        finally:
+            handle.close()
+
+
+Transport = HttpTransport | FsspecTransport
+
+
+def make_transport(url: str, options: DownloadOptions) -> Transport:
+    if url.startswith(("http://", "https://")):
+        return HttpTransport(url, options)
+    return FsspecTransport(url, options)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The download
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Downloader:
+    transport: Transport
+    dest: Path
+    options: DownloadOptions
+    bar: tqdm
+    retries: int = 0
+    bytes_fetched: int = 0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def with_retries(self, what: str, action: Callable[[], T]) -> T:
+        """``action()``, retried on :class:`RetryableError` with exponential backoff and jitter."""
+        for attempt in range(self.options.retries + 1):
+            try:
+                return action()
+            except RetryableError as error:
+                if attempt == self.options.retries:
+                    raise DownloadError(f"{what}: gave up after {attempt + 1} attempts; last error: {error}. "
+                                        "Run the same command again to resume") from None
+                with self._lock:
+                    self.retries += 1
+                pause = min(self.options.backoff * 2 ** attempt, self.options.max_backoff)
+                time.sleep(pause * (0.5 + random.random() / 2))
+        raise AssertionError("unreachable")
+
+    def read_all(self, path: str) -> bytes:
+        def fetch() -> bytes:
+            _, chunks = self.transport.open(path, 0)
+            return b"".join(chunks)
+
+        return self.with_retries(path, fetch)
+
+    def fetch(self, entry: FileEntry) -> None:
+        """Fetch one file into place: resume its ``.part``, check sha256, rename."""
+        final = self.dest / entry.path
+        part = final.with_name(final.name + PART_SUFFIX)
+        final.parent.mkdir(parents=True, exist_ok=True)
+
+        def attempt() -> None:
+            self._resume(entry, part)
+            if sha256_file(part) != entry.sha256:
+                self.bar.update(-entry.size)
+                part.unlink()
+                raise RetryableError(f"{entry.path}: sha256 differs from the manifest's (corrupted in transit); "
+                                     "fetching it again")
+            os.replace(part, final)
+
+        self.with_retries(entry.path, attempt)
+
+    def _resume(self, entry: FileEntry, part: Path) -> None:
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > entry.size:
+            offset = 0
+        if offset == entry.size and entry.size > 0:
+            return
+        start, chunks = self.transport.open(entry.path, offset)
+        if start < offset:
+            self.bar.update(start - offset)  # the server ignores Range: those bytes come again
+        with open(part, "r+b" if part.exists() else "wb") as handle:
+            handle.seek(start)
+            handle.truncate()
+            written = start
+            for chunk in chunks:
+                written += len(chunk)
+                if written > entry.size:
+                    raise DownloadError(f"{entry.path}: the server sends more than the manifest's {entry.size} "
+                                        "bytes: the publication changed; run the download again from an empty DEST")
+                handle.write(chunk)
+                self._count(len(chunk))
+        if written < entry.size:
+            raise RetryableError(f"{entry.path}: the transfer ended at byte {written} of {entry.size}")
+
+    def _count(self, size: int) -> None:
+        self.bar.update(size)
+        with self._lock:
+            self.bytes_fetched += size
+
+
+def _in_place(dest: Path, entries: list[FileEntry]) -> list[bool]:
+    """Whether each entry's final file is present with the right size and sha256 (re-hashed every run)."""
+    present = [(dest / entry.path).is_file() and (dest / entry.path).stat().st_size == entry.size for entry in entries]
+    candidates = [dest / entry.path for entry, ok in zip(entries, present) if ok]
+    digests = iter(hash_files(candidates))
+    return [ok and next(digests) == entry.sha256 for entry, ok in zip(entries, present)]
+
+
+def _partial_bytes(dest: Path, entry: FileEntry) -> int:
+    part = dest / (entry.path + PART_SUFFIX)
+    return min(part.stat().st_size, entry.size) if part.is_file() else 0
+
+
+def download(url: str, dest: str | os.PathLike[str], options: DownloadOptions = DownloadOptions()) -> DownloadSummary:
+    """Download the publication at ``url`` into ``dest`` (see the module docstring)."""
+    began = time.perf_counter()
+    url = url.removesuffix("/" + MANIFEST_NAME).rstrip("/")
+    dest = Path(dest)
+    transport = make_transport(url, options)
+    with tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="reinforce download",
+              disable=not options.progress, dynamic_ncols=True) as bar:
+        downloader = _Downloader(transport, dest, options, bar)
+        raw = downloader.read_all(MANIFEST_NAME)
+        manifest = Manifest.from_bytes(raw)
+        check_destination(dest, manifest.files + [FileEntry(MANIFEST_NAME, len(raw), "0" * 64)])
+        dest.mkdir(parents=True, exist_ok=True)
+        done = _in_place(dest, manifest.files)
+        pending = [entry for entry, ok in zip(manifest.files, done) if not ok]
+        for entry in pending:
+            stale = dest / entry.path
+            if stale.is_file():  # present but wrong: it is fetched again
+                stale.unlink()
+        bar.reset(total=sum(entry.size for entry in pending))
+        bar.update(sum(_partial_bytes(dest, entry) for entry in pending))
+        # Largest files first, so the last worker does not start a big file when the others are done.
+        pending.sort(key=lambda entry: -entry.size)
+        with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
+            for future in [pool.submit(downloader.fetch, entry) for entry in pending]:
+                future.result()
+    staged = dest / (MANIFEST_NAME + PART_SUFFIX)
+    staged.write_bytes(raw)
+    os.replace(staged, dest / MANIFEST_NAME)
+    store = dest / manifest.store
+    verified: list[str] = []
+    if options.verify:
+        from .report import verify_store
+
+        verified = verify_store(store)
+    return DownloadSummary(dest=dest, store=store, files=len(manifest.files), fetched=len(pending),
+                           bytes_fetched=downloader.bytes_fetched, retries=downloader.retries,
+                           seconds=time.perf_counter() - began, verified=verified)
