@@ -94,7 +94,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_from_args(args: argparse.Namespace) -> int:
     from .train import train
 
-    result = train(config_from_args(args))
-    for warning in result.warnings:
-        print(f"reinforce train: warning: {warning}")
+    train(config_from_args(args))  # warnings are printed as they arise and kept in OUT/summary.json
     return 0

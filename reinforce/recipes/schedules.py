@@ -81,7 +81,9 @@ class ReduceLROnPlateauV2:
     def _decay(self) -> None:
         if self.lr <= self.min_lr:
             return
-        self.lr = max(self.lr * self.factor, self.min_lr)
+        decayed = self.lr * self.factor
+        # Snap to the floor when within rounding of it (0.1 x 0.1 is not exactly 0.01 in floating point).
+        self.lr = self.min_lr if decayed <= self.min_lr * (1 + 1e-9) else decayed
         self.decays += 1
         self.loss_bad_epochs = 0
         self.best_loss = math.inf  # a new LR starts a new plateau search

@@ -1,0 +1,160 @@
+"""The recipes' parts on hand-checked numbers: losses, ReduceLROnPlateauV2, SAM, samplers, curriculum, LR search."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reinforce.recipes.distill import TeacherReport
+from reinforce.recipes.losses import DistillationLoss, SoftMixing, kd_kl
+from reinforce.recipes.lr_finder import range_test, tpe_search
+from reinforce.recipes.sam import SAM
+from reinforce.recipes.samplers import EntropyCurriculum, FixedBatchSampler, VariableBatchSampler, multiscale_sizes
+from reinforce.recipes.schedules import ReduceLROnPlateauV2
+
+
+def test_usi_loss_is_ce_plus_alpha_kl_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    teacher = torch.tensor([[0.7, 0.2, 0.1]])
+    z = math.exp(2) + 1 + math.exp(-1)
+    student = [math.exp(2) / z, 1 / z, math.exp(-1) / z]
+    ce = -math.log(student[0])
+    kl = sum(t * math.log(t / s) for t, s in zip([0.7, 0.2, 0.1], student))
+    label = torch.tensor([0])
+    assert float(DistillationLoss(5.0)(logits, label, teacher)) == pytest.approx(ce + 5 * kl, rel=1e-6)
+    assert float(DistillationLoss(math.inf)(logits, label, teacher)) == pytest.approx(kl, rel=1e-6)
+    assert float(DistillationLoss(5.0)(logits, label, torch.zeros(1, 0))) == pytest.approx(ce, rel=1e-6)
+    # tau = 2: both distributions softened, KL scaled by tau^2 (Eq. 4)
+    soft_s = np.exp(np.array([2.0, 0.0, -1.0]) / 2)
+    soft_s /= soft_s.sum()
+    soft_t = np.array([0.7, 0.2, 0.1]) ** 0.5
+    soft_t /= soft_t.sum()
+    expected = 4 * float(np.sum(soft_t * np.log(soft_t / soft_s)))
+    assert float(kd_kl(logits, teacher, 2.0)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_soft_mixing_mixes_labels_and_soft_targets_with_one_weight():
+    np.random.seed(0)
+    mixing = SoftMixing(mixup_alpha=1.0, cutmix_alpha=0.0, num_classes=3)
+    images = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+    soft = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    mixed, labels, targets = mixing(images.clone(), torch.tensor([0, 2]), soft)
+    lam = 1 - float(mixed[0, 0, 0, 0])  # image 0 (zeros) mixed with image 1 (ones): value = 1 - lam
+    assert torch.allclose(labels[0], torch.tensor([lam, 0.0, 1 - lam]))
+    assert torch.allclose(targets[0], lam * soft[0] + (1 - lam) * soft[1])
+    assert torch.allclose(targets.sum(-1), torch.ones(2))
+
+
+def _lr_curve(losses, scores, **settings):
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [param]}, {"params": [torch.nn.Parameter(torch.zeros(1))],
+                                                       "lr_scale": 2.0}], lr=1.0)
+    schedule = ReduceLROnPlateauV2(optimizer, 1.0, **settings)
+    curve, bias = [], []
+    for loss, score in zip(losses, scores):
+        curve.append(optimizer.param_groups[0]["lr"])
+        bias.append(optimizer.param_groups[1]["lr"])
+        schedule.step(loss, score)
+        if schedule.should_stop:
+            break
+    return curve, bias
+
+
+def test_reduce_lr_on_plateau_v2_warmup_plateau_decay_and_early_stop():
+    losses = [5, 4, 3, 3, 3, 3, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9]
+    scores = [10, 20, 30, 40, 40, 40, 40, 40, 40, 40, 40, 40]
+    curve, bias = _lr_curve(losses, scores, max_epochs=12, warmup_epochs=2, patience=2, factor=0.1,
+                            min_lr_ratio=0.01)
+    # warmup 0.5, 1; best loss 3 at epoch 2; epochs 3, 4, 5 without improvement (> patience 2) -> 0.1;
+    # the new plateau (2.9 from epoch 6) runs out after epoch 9 -> 0.01 = the floor; the score has not improved
+    # since epoch 3, so training stops after epoch 9.
+    assert curve == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1])
+    assert bias == pytest.approx([2 * lr for lr in curve])  # biases keep their x2 scale
+
+
+def test_reduce_lr_on_plateau_v2_forces_a_decay_at_75_percent():
+    curve, _ = _lr_curve([10 - e for e in range(8)], list(range(8)), max_epochs=8, warmup_epochs=1, patience=5)
+    # the loss always improves, so no plateau; the decay is forced once 6 of 8 epochs (75 %) have run
+    assert curve == pytest.approx([1, 1, 1, 1, 1, 1, 0.1, 0.1])
+
+
+def test_sam_step_by_hand():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    sam = SAM(torch.optim.SGD([w], lr=0.1), rho=0.5)
+    (w ** 2).sum().div(2).backward()  # gradient w = (3, 4), norm 5
+    sam.perturb()
+    assert torch.allclose(w.detach(), torch.tensor([3.3, 4.4]))  # w + rho * g / |g|
+    sam.zero_grad()
+    (w ** 2).sum().div(2).backward()  # gradient at the perturbed point: (3.3, 4.4)
+    sam.step()
+    assert torch.allclose(w.detach(), torch.tensor([3.0 - 0.33, 4.0 - 0.44]))
+
+
+def test_fixed_batch_sampler_splits_ranks_disjointly_with_equal_steps():
+    samplers = [FixedBatchSampler(45, 8, seed=3, rank=rank, world_size=2) for rank in (0, 1)]
+    for epoch in (0, 1):
+        batches = []
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            batches.append(list(sampler))
+        assert [len(b) for b in batches] == [2, 2]  # 45 // (2 x 8)
+        seen = [p for rank in batches for batch in rank for p in batch]
+        assert len(seen) == len(set(seen)) == 32
+    samplers[0].set_start(1)
+    assert list(samplers[0]) == batches[0][1:]
+
+
+def test_variable_batch_sampler_trades_batch_size_for_resolution():
+    assert multiscale_sizes(224) == [128, 160, 192, 224, 256, 288, 320]
+    assert multiscale_sizes(32) == [16, 24, 32, 40, 48]
+    ranks = [VariableBatchSampler(400, 8, 32, [16, 32, 48], seed=0, rank=r, world_size=2) for r in (0, 1)]
+    plans = [list(sampler) for sampler in ranks]
+    assert len(plans[0]) == len(plans[1]) > 0
+    batch_of = {16: 32, 32: 8, 48: 3}  # 8 x 32^2 / r^2, rounded down
+    for one, two in zip(*plans):
+        assert one[0][1] == two[0][1]  # both ranks at one resolution per step
+        assert len(one) == len(two) == batch_of[one[0][1]]
+    seen = [p for plan in plans for batch in plan for p, _ in batch]
+    assert len(seen) == len(set(seen))
+    assert len({batch[0][1] for batch in plans[0]}) > 1
+
+
+def test_entropy_curriculum_widens_from_the_easiest_records():
+    entropies = np.random.default_rng(0).random((5, 10))
+    easy = EntropyCurriculum(entropies, "easy", epochs=5, seed=0)
+    hard = EntropyCurriculum(entropies, "hard", epochs=5, seed=0)
+    assert easy.window(0) == (0, 1) and hard.window(0) == (9, 10)
+    assert easy.window(4) == (0, 10) and hard.window(4) == (0, 10)
+    assert [easy(i, 0) for i in range(5)] == list(entropies.argmin(1))
+    assert [hard(i, 0) for i in range(5)] == list(entropies.argmax(1))
+
+
+def test_range_test_picks_the_steepest_descent():
+    # loss(lr) = -tanh(log(lr / 1e-3)) falls fastest at lr = 1e-3
+    found = range_test(lambda batch, lr: -math.tanh(math.log(lr / 1e-3)), iter(range(1000)), start_lr=1e-6,
+                       end_lr=1.0, num_steps=61, smoothing=0.0)
+    assert found.chosen == pytest.approx(1e-3, rel=0.13)  # the grid steps by 10^(6/60), 26 %
+
+
+def test_tpe_search_finds_the_best_interval_and_prunes():
+    def objective(lr, report):
+        score = -abs(math.log(lr / 3e-3))
+        for epoch in range(3):
+            if report(score - (2 - epoch), epoch):
+                return score
+        return score
+
+    lr, history = tpe_search(objective, 1e-3, 1e-2, trials=12, seed=0)
+    assert 2e-3 < lr < 4.5e-3
+    assert len(history) == 12 and sum(h["pruned"] for h in history) >= 1
+
+
+def test_teacher_warning_needs_a_clear_margin():
+    strong = TeacherReport(95.0, "held-out", "")
+    assert strong.warning(89.0, kd_only=False) is None
+    close = TeacherReport(92.0, "train-agreement", "")
+    warning = close.warning(88.0, kd_only=True)
+    assert "+4.00 points" in warning and "--kd-only is risky" in warning and "optimistic" in warning
