@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RecordingTeacher
 from reinforce.cli import main
 from reinforce.teachers import create_ensemble
 from reinforce_loaders import ReinforcedDataset, make_pipeline
@@ -50,9 +49,11 @@ def assert_replay_matches_teacher(ds: ReinforcedDataset, ensemble, index: int, s
     by_size = {size: ds.replay(index, slot, resolution=size)[0][None] for size in ensemble.input_sizes}
     probs = ensemble.probs(by_size)[0]
     stored_indices, stored_probs = ds.replay(index, slot)[1]
-    # Stored probabilities are quantized (format.py); the pixel-exact check is test_student_sees_the_teachers_image.
-    torch.testing.assert_close(probs[stored_indices], stored_probs, atol=2e-3, rtol=0)
-    assert probs.max() <= stored_probs[0] + 2e-3
+    # The replayed image is the teacher's (bit-exact: tests/test_replay.py), so the teacher's probabilities on it
+    # are the stored ones up to their quantization (0.5 / prob_scale) and float noise of batch size 1 vs 96.
+    tolerance = 0.5 / ds.header.prob_scale + 1e-5
+    torch.testing.assert_close(probs[stored_indices], stored_probs, atol=tolerance, rtol=0)
+    assert probs.max() <= stored_probs[0] + tolerance
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -131,21 +132,3 @@ def test_damaged_partner_index_is_a_clear_error(digits, stores, tmp_path):
     records[2, 0] = row
     with pytest.raises(StoreFormatError, match="mixes with sample 10000"):
         ReinforcedDataset(digits[0], out).replay(2, 0)
-
-
-@pytest.mark.parametrize("preset", ["rrc+ra/re", "rrc+m*+r*", "cropflip"])
-def test_student_sees_the_teachers_pixels(preset, digits, tmp_path):
-    from reinforce.build import BuildConfig, run_build
-    from reinforce.teachers import Ensemble, TeacherMember
-
-    torch.manual_seed(0)
-    teacher = RecordingTeacher(SIZE)
-    member = TeacherMember("recording", teacher, SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    out = tmp_path / "s.zarr"
-    run_build(BuildConfig(source=str(digits[0]), out=str(out), augment=preset, image_size=SIZE, num_augmentations=3,
-                          top_k=3, seed=2, batch_size=20, block_size=16), ensemble=Ensemble([member]), progress=False)
-    seen = (torch.cat(teacher.seen[1:]) * 255).round()  # the first call is the class-count probe
-    ds = ReinforcedDataset(digits[0], out, transform=lambda image: image)
-    replayed = torch.stack([ds.replay(i, j)[0] for i in range(len(ds)) for j in range(3)]).float()
-    difference = (replayed - seen).abs()
-    assert difference.mean() <= 1.0 and difference.max() <= 8.0, (difference.mean(), difference.max())

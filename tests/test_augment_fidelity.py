@@ -1,7 +1,6 @@
-"""Replay fidelity: the build path (apply_batch over many records) equals the student path (apply, per image).
-
-Bounds from the issue: mean absolute difference <= 1/255 and max <= 8/255 on the uint8 scale, per op and per
-preset, on the parameters as stored (float32).
+"""Replay fidelity: the build path (apply_batch over many records) equals the student path (apply, one record)
+bit for bit on the CPU, per op and per preset; the resamplers and RandAugment's ops agree with independent
+implementations (PIL, a hand-computed area average, torchvision's functional ops).
 """
 
 from __future__ import annotations
@@ -9,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision.transforms.v2 import functional as F
 
@@ -41,7 +41,8 @@ def records(pipeline: AugmentPipeline, images: list[torch.Tensor], slots: int = 
     return per_record, params, partner_images
 
 
-def replay_difference(pipeline, per_record, params, partner_images, size=None, device="cpu"):
+def batched_and_single(pipeline, per_record, params, partner_images, size=None, device="cpu"):
+    """(all records through one apply_batch on ``device``, each record through apply on the CPU), uint8."""
     moved = {id(image): image.to(device) for image in per_record}
     batched = pipeline.apply_batch([moved[id(image)] for image in per_record], params, size,
                                    None if partner_images is None else
@@ -49,13 +50,18 @@ def replay_difference(pipeline, per_record, params, partner_images, size=None, d
     single = torch.stack([
         pipeline.apply(image, row, size, None if partner_images is None else partner_images[r])
         for r, (image, row) in enumerate(zip(per_record, params))])
-    difference = (batched.float() - single.float()).abs() / 255.0
-    return difference.mean().item(), difference.max().item()
+    return batched, single
+
+
+def assert_identical(batched: torch.Tensor, single: torch.Tensor, what) -> None:
+    differs = (batched != single).flatten(1).any(1)
+    assert not differs.any(), (f"{what}: {int(differs.sum())} of {len(differs)} records differ, first "
+                               f"{int(torch.nonzero(differs)[0])}, max {(batched.int() - single.int()).abs().max()}")
 
 
 OPS_UNDER_TEST = {
     "random_resized_crop": [RandomResizedCrop()],
-    "random_resized_crop_antialias": [RandomResizedCrop(resample="antialias"), HorizontalFlip(),
+    "random_resized_crop_roi_align": [RandomResizedCrop(resample="roi_align"), HorizontalFlip(),
                                       RandAugment(magnitude=15, magnitude_std=3.0)],
     "random_crop": [RandomCrop()],
     "center_crop": [CenterCrop()],
@@ -71,16 +77,15 @@ OPS_UNDER_TEST = {
 @pytest.mark.parametrize("name", sorted(OPS_UNDER_TEST))
 def test_fidelity_per_op(images, name):
     pipeline = AugmentPipeline(OPS_UNDER_TEST[name], 48)
-    mean, worst = replay_difference(pipeline, *records(pipeline, images))
-    assert mean <= 1 / 255 and worst <= 8 / 255, (name, mean * 255, worst * 255)
+    assert_identical(*batched_and_single(pipeline, *records(pipeline, images)), name)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("size", [40, 72])
 def test_fidelity_per_preset(images, preset, size):
     pipeline = make_pipeline(preset, 56)
-    mean, worst = replay_difference(pipeline, *records(pipeline, images, slots=8, seed=3), size=size)
-    assert mean <= 1 / 255 and worst <= 8 / 255, (preset, mean * 255, worst * 255)
+    assert_identical(*batched_and_single(pipeline, *records(pipeline, images, slots=8, seed=3), size=size),
+                     (preset, size))
 
 
 @pytest.mark.parametrize("op_id", range(1, len(OP_NAMES)))
@@ -94,43 +99,135 @@ def test_each_rand_augment_op_is_batch_invariant_and_does_something(images, op_i
     assert not torch.equal(together[:3], batch[:3]), OP_NAMES[op_id]
 
 
-def test_rand_augment_ops_follow_torchvision(images):
-    """Where torchvision's functional op takes the same magnitude, ours gives (nearly) the same pixels."""
-    image = F.resize(images[0], [48, 48], antialias=True)[None]
-    magnitude = torch.tensor([20.0], dtype=torch.float64)  # bin 20 of 31
-    fraction = 20 / 30
-    expected = {
-        "shear_x": lambda x: F.affine(x, angle=0.0, translate=[0, 0], scale=1.0, center=[0, 0],
-                                      shear=[float(np.degrees(np.arctan(0.3 * fraction))), 0.0]),
-        "translate_y": lambda x: F.affine(x, angle=0.0, translate=[0, int(150 / 331 * 48 * fraction)], scale=1.0,
-                                          shear=[0.0, 0.0]),
-        "rotate": lambda x: F.rotate(x, 30.0 * fraction),
-        "brightness": lambda x: F.adjust_brightness(x, 1 + 0.9 * fraction),
-        "color": lambda x: F.adjust_saturation(x, 1 + 0.9 * fraction),
-        "contrast": lambda x: F.adjust_contrast(x, 1 + 0.9 * fraction),
-        "sharpness": lambda x: F.adjust_sharpness(x, 1 + 0.9 * fraction),
-        "posterize": lambda x: F.posterize(x, int(round(8 - 20 / 7.5))),
+def _torchvision_rand_augment_ops(magnitude: float, height: int, width: int) -> dict:
+    """torchvision's functional op for each RandAugment op at signed bin ``magnitude`` of 31 (its RandAugment's
+    magnitude tables: shear 0.3, translate 150/331 of the side, rotate 30 degrees, enhance 0.9, posterize
+    8 - bin/7.5 bits rounded, solarize 255 * (1 - fraction))."""
+    fraction, sign = abs(magnitude) / 30, (1.0 if magnitude >= 0 else -1.0)
+    shear = float(np.degrees(np.arctan(sign * 0.3 * fraction)))
+    return {
+        "shear_x": lambda x: F.affine(x, angle=0.0, translate=[0, 0], scale=1.0, center=[0, 0], shear=[shear, 0.0]),
+        "shear_y": lambda x: F.affine(x, angle=0.0, translate=[0, 0], scale=1.0, center=[0, 0], shear=[0.0, shear]),
+        "translate_x": lambda x: F.affine(x, angle=0.0, translate=[int(sign * 150 / 331 * width * fraction), 0],
+                                          scale=1.0, shear=[0.0, 0.0]),
+        "translate_y": lambda x: F.affine(x, angle=0.0, translate=[0, int(sign * 150 / 331 * height * fraction)],
+                                          scale=1.0, shear=[0.0, 0.0]),
+        "rotate": lambda x: F.rotate(x, sign * 30.0 * fraction),
+        "posterize": lambda x: F.posterize(x, int(round(8 - abs(magnitude) / 7.5))),
         "solarize": lambda x: F.solarize(x, 255.0 * (1 - fraction)),
         "autocontrast": F.autocontrast,
         "equalize": F.equalize,
+        "brightness": lambda x: F.adjust_brightness(x, 1 + sign * 0.9 * fraction),
+        "color": lambda x: F.adjust_saturation(x, 1 + sign * 0.9 * fraction),
+        "contrast": lambda x: F.adjust_contrast(x, 1 + sign * 0.9 * fraction),
+        "sharpness": lambda x: F.adjust_sharpness(x, 1 + sign * 0.9 * fraction),
     }
-    for name, reference in expected.items():
-        ours = apply_op(image, OP_NAMES.index(name), magnitude, 31).float()
-        difference = (ours - reference(image).float()).abs()
-        # Nearest-neighbour warps may round a pixel on a tie the other way: allow a few such pixels.
-        assert difference.mean() <= 1.0 and (difference > 2).float().mean() <= 0.01, (name, difference.mean())
 
 
-def test_crop_resample_is_close_to_torchvision_resized_crop(images):
-    """roi_align's area-averaging resample stays close to torchvision's antialiased resized_crop."""
-    image = images[0]
-    pipeline = AugmentPipeline([RandomResizedCrop()], 64)
-    params = pipeline.sample_slots(0, 0, 16, *image.shape[1:])
-    for row in params:
-        top, left, h, w = (int(v) for v in row)
-        ours = pipeline.apply(image, row).float()
-        reference = F.resized_crop(image, top, left, h, w, [64, 64], antialias=True).float()
-        assert (ours - reference).abs().mean() < 4.0
+BLENDS = ("brightness", "color", "contrast", "sharpness")
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (40, 56)])
+@pytest.mark.parametrize("magnitude", [20.0, -13.0, 30.0, 1.0])
+def test_rand_augment_ops_follow_torchvision(images, shape, magnitude):
+    """Each op equals torchvision's functional op at the same magnitude pixel for pixel, except that our blends
+    (brightness, color, contrast, sharpness) round the float result to nearest where torchvision truncates it:
+    there ours is torchvision's value or one more."""
+    image = F.resize(images[0], list(shape), antialias=True)[None]
+    for name, reference in _torchvision_rand_augment_ops(magnitude, *shape).items():
+        ours = apply_op(image, OP_NAMES.index(name), torch.tensor([magnitude], dtype=torch.float64), 31).int()
+        difference = ours - reference(image).int()
+        if name in BLENDS:
+            assert 0 <= difference.min() and difference.max() <= 1, (name, difference.min(), difference.max())
+            assert difference.any(), name  # the rounding rule does matter on a natural image
+        else:
+            assert not difference.any(), (name, int((difference != 0).sum()), difference.abs().max())
+
+
+def test_antialias_crop_resample_matches_pil(images):
+    """The default resampler (whole-pixel box, antialiased bilinear) agrees with an independent implementation,
+    PIL's BILINEAR resize of the cropped box, within 1 on 8-bit values. On a noise image a box off by one pixel
+    or with swapped axes would differ by tens."""
+    generator = torch.Generator().manual_seed(1)
+    for shape in ((57, 83), (120, 90), (23, 41)):
+        image = torch.randint(0, 256, (3, *shape), dtype=torch.uint8, generator=generator)
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+        for size in (16, 50, 101):
+            pipeline = AugmentPipeline([RandomResizedCrop()], size)
+            for row in pipeline.sample_slots(3, 0, 6, *shape):
+                top, left, height, width = (int(v) for v in row)
+                ours = pipeline.apply(image, row).permute(1, 2, 0).numpy().astype(np.int64)
+                box = (left, top, left + width, top + height)
+                reference = np.asarray(pil.crop(box).resize((size, size), Image.BILINEAR)).astype(np.int64)
+                assert np.abs(ours - reference).max() <= 1, (shape, size, box)
+
+
+def _roi_align_reference(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """format_spec.md's roi_align resample, written out in float64: ``size`` x ``size`` bins over the box, each
+    the mean of a ceil(bin) x ceil(bin) grid of bilinear samples at pixel-centre coordinates (aligned)."""
+    channels, height, width = image.shape
+    top, left, box_h, box_w = box
+    bin_h, bin_w = box_h / size, box_w / size
+    grid_h, grid_w = int(np.ceil(bin_h)), int(np.ceil(bin_w))
+
+    def taps(start: float, extent: float, bins: float, grid: int, limit: int):
+        """(lower index, upper index, upper weight) of every sample coordinate along one axis."""
+        coords = (start - 0.5 + bins * np.arange(size)[:, None] + (np.arange(grid)[None] + 0.5) * bins / grid)
+        coords = np.maximum(coords, 0.0)  # the box lies inside the image: no sample falls beyond -1 or the side
+        low = np.floor(coords).astype(np.int64)
+        at_edge = low >= limit - 1
+        low = np.where(at_edge, limit - 1, low)
+        coords = np.where(at_edge, low, coords)
+        return low, np.where(at_edge, low, low + 1), coords - low
+
+    y0, y1, ly = taps(top, box_h, bin_h, grid_h, height)
+    x0, x1, lx = taps(left, box_w, bin_w, grid_w, width)
+    values = image.astype(np.float64)
+
+    def gather(ys, xs):  # (C, size, grid_h, size, grid_w)
+        return values[:, ys[:, :, None, None], xs[None, None]]
+
+    sampled = (gather(y0, x0) * ((1 - ly)[:, :, None, None] * (1 - lx)[None, None])
+               + gather(y0, x1) * ((1 - ly)[:, :, None, None] * lx[None, None])
+               + gather(y1, x0) * (ly[:, :, None, None] * (1 - lx)[None, None])
+               + gather(y1, x1) * (ly[:, :, None, None] * lx[None, None]))
+    return sampled.mean(axis=(2, 4))
+
+
+def test_roi_align_integer_downscale_is_the_area_average():
+    """An integer downscale (2 x 3 source pixels per output pixel) is the exact mean of each block, rounded half
+    to even: checked against a hand computation, on a box that is neither square nor at the origin, through
+    the pipeline (so the (top, left, height, width) -> roi mapping is covered), for RandomResizedCrop and
+    RandomCrop."""
+    generator = torch.Generator().manual_seed(2)
+    image = torch.randint(0, 256, (3, 12, 18), dtype=torch.uint8, generator=generator)
+    for op, box, size in ((RandomResizedCrop(resample="roi_align"), (2, 4, 8, 12), 4),
+                          (RandomResizedCrop(resample="roi_align"), (0, 0, 12, 18), 6),
+                          (RandomCrop(resample="roi_align"), (3, 5, 6, 6), 3)):
+        top, left, height, width = box
+        block_h, block_w = height // size, width // size
+        blocks = image[:, top:top + height, left:left + width].to(torch.int64)
+        sums = blocks.view(3, size, block_h, size, block_w).sum(dim=(2, 4))
+        expected = torch.round(sums.double() / (block_h * block_w)).to(torch.uint8)
+        ours = AugmentPipeline([op], size).apply(image, list(box))
+        assert torch.equal(ours, expected), (op.name, box)
+        np.testing.assert_allclose(_roi_align_reference(image.numpy(), box, size), sums.double().numpy()
+                                   / (block_h * block_w), atol=1e-9)
+
+
+def test_roi_align_identity_and_enlargement_follow_the_spec():
+    """At one source pixel per output pixel roi_align copies the box exactly; when enlarging (and at
+    non-integer ratios) it matches the spec's formula (``_roi_align_reference``) within the rounding of float32
+    against float64."""
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=generator)
+    crop = RandomResizedCrop(resample="roi_align")
+    assert torch.equal(AugmentPipeline([crop], 7).apply(image, [5, 11, 7, 7]), image[:, 5:12, 11:18])
+    for box, size in (((3, 2, 5, 9), 13), ((0, 0, 20, 30), 64), ((17, 25, 3, 5), 11), ((1, 3, 17, 23), 10)):
+        ours = AugmentPipeline([crop], size).apply(image, list(box)).numpy().astype(np.int64)
+        reference = _roi_align_reference(image.numpy(), box, size)
+        difference = np.abs(ours - np.round(reference))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (box, size, difference.max())
 
 
 def test_replay_at_another_resolution_shows_the_same_content(images):
@@ -148,6 +245,9 @@ def test_replay_at_another_resolution_shows_the_same_content(images):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_fidelity_cuda_build_vs_cpu_student(images, preset):
+    """Across devices the kernels differ (float rounding of blends and resamples), so this one is a bound: mean
+    absolute difference at most 1/255 and max 8/255 on the uint8 scale."""
     pipeline = make_pipeline(preset, 64)
-    mean, worst = replay_difference(pipeline, *records(pipeline, images, slots=8), device="cuda")
-    assert mean <= 1 / 255 and worst <= 8 / 255, (preset, mean * 255, worst * 255)
+    batched, single = batched_and_single(pipeline, *records(pipeline, images, slots=8), device="cuda")
+    difference = (batched.float() - single.float()).abs()
+    assert difference.mean() <= 1 and difference.max() <= 8, (preset, difference.mean(), difference.max())

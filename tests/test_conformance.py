@@ -37,6 +37,8 @@ def source(tmp_path_factory):
 
 def test_every_preset_has_vectors():
     assert sorted(EXPECTED) == sorted(mv.case_names()), "regenerate with tests/conformance/make_vectors.py"
+    assert all(case["skipped"] == [mv.BROKEN_INDEX] for case in EXPECTED.values())
+    assert mv.BROKEN_INDEX not in {sample for sample, _ in mv.REPLAYED}
 
 
 def test_teacher_probabilities_are_far_from_rounding_boundaries():

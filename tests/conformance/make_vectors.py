@@ -43,8 +43,10 @@ SHAPES = ((37, 53), (48, 64), (29, 29), (80, 45), (33, 40), (64, 32), (41, 41), 
           (90, 60))
 BROKEN_NAME = "c1/img_99.png"
 """A file with an image extension that is not an image: the build records it as skipped."""
+BROKEN_INDEX = 3
+"""Its index in the source (ImageFolder order: c0/img_00, c0/img_10, c1/img_01, c1/img_99, c2/img_02, ...)."""
 REPLAYED = ((0, 0), (2, 3), (5, 1), (7, 2), (9, 0), (11, 3))
-"""(sample, slot) of the records whose decoded values and replayed pixels are kept (sample 8 is the broken one)."""
+"""(sample, slot) of the records whose decoded values and replayed pixels are kept."""
 
 # Probability tables (distinct integers summing to 1000), one chosen per image by its pixel sum.
 WEIGHT_TABLES = ((300, 200, 150, 110, 80, 60, 40, 30, 20, 10),
@@ -100,9 +102,10 @@ def source_image(number: int, height: int, width: int) -> np.ndarray:
 
 
 def write_source(root: Path) -> Path:
-    """ImageFolder with three classes: the images of :data:`SHAPES` (class ``number % 3``) and one broken file."""
+    """ImageFolder with the teacher's ten classes: the images of :data:`SHAPES` (class ``number % 10``) and one
+    broken file."""
     for number, (height, width) in enumerate(SHAPES):
-        path = root / f"c{number % 3}" / f"img_{number:02d}.png"
+        path = root / f"c{number % NUM_CLASSES}" / f"img_{number:02d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(source_image(number, height, width)).save(path)
     (root / BROKEN_NAME).write_bytes(b"not an image")
