@@ -8,7 +8,7 @@ from typing import Any
 
 from reinforce_loaders.errors import ReinforceError
 
-PUBLISHING_COMMANDS = ("publish", "download")
+PUBLISHING_COMMANDS = ("publish", "download", "import")
 
 
 def _storage_options(text: str) -> dict[str, Any]:
@@ -45,9 +45,10 @@ def add_publishing_parsers(commands: Any) -> None:
     download.add_argument("--no-verify", action="store_true", help="skip `reinforce verify` at the end")
     download.add_argument("--no-progress", action="store_true")
     download.add_argument("--storage-options", type=_storage_options, help="fsspec options as JSON")
+    _add_import_parser(commands)
 
 
-def add_import_parser(commands: Any) -> None:
+def _add_import_parser(commands: Any) -> None:
     importer = commands.add_parser("import", help="convert a store released in another format")
     formats = importer.add_subparsers(dest="format", required=True)
     for name, what in (("ml-dr", "apple/ml-dr reinforced data: {index}.pth.tar files and config.pth.tar"),
