@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -41,6 +41,9 @@ class ParamRefs:
         return np.full(self.heights.shape, self.output_size, dtype=np.int64)
 
 
+GroupDecoder = Callable[[np.ndarray, "ParamRefs"], np.ndarray]
+
+
 class Codec(ABC):
     """One parameter's encoding. Subclasses are frozen dataclasses registered with :func:`register_codec`."""
 
@@ -61,12 +64,17 @@ class Codec(ABC):
         """int64 ``(..., columns)`` -> float64 ``(...)``: the inverse of :meth:`encode` up to its precision."""
 
     @classmethod
-    def decode_group(cls, codecs: Sequence[Codec], columns: np.ndarray, refs: ParamRefs) -> np.ndarray:
-        """Decode several parameters of this class at once: ``columns`` ``(..., n, columns)`` -> ``(..., n)``.
+    def group_decoder(cls, codecs: Sequence[Codec]) -> GroupDecoder:
+        """A function decoding several parameters of this class at once: ``columns`` ``(..., n, columns)`` ->
+        ``(..., n)``.
 
-        The default decodes one by one; codecs override it with one vectorised expression, which is what
-        makes decoding a single record cheap (a reader decodes one per sample)."""
-        return np.stack([codec.decode(columns[..., i, :], refs) for i, codec in enumerate(codecs)], axis=-1)
+        The default decodes one by one; codecs override it with one vectorised expression over constants
+        computed here, once, which is what makes decoding a single record cheap (a reader decodes one per
+        sample)."""
+        def decode(columns: np.ndarray, refs: ParamRefs) -> np.ndarray:
+            return np.stack([codec.decode(columns[..., i, :], refs) for i, codec in enumerate(codecs)], axis=-1)
+
+        return decode
 
     @property
     def reference(self) -> str | None:
@@ -181,9 +189,11 @@ class IntCodec(Codec):
         return (q + self.offset).astype(np.float64)
 
     @classmethod
-    def decode_group(cls, codecs: Sequence[Codec], columns: np.ndarray, refs: ParamRefs) -> np.ndarray:
-        q = columns[..., 0] | (columns[..., 1] << 16) if columns.shape[-1] == 2 else columns[..., 0]
-        return (q + np.array([codec.offset for codec in codecs])).astype(np.float64)  # type: ignore[attr-defined]
+    def group_decoder(cls, codecs: Sequence[Codec]) -> GroupDecoder:
+        offsets = np.array([codec.offset for codec in codecs], dtype=np.float64)  # type: ignore[attr-defined]
+        if codecs[0].columns == 2:
+            return lambda columns, refs: (columns[..., 0] | (columns[..., 1] << 16)) + offsets
+        return lambda columns, refs: columns[..., 0] + offsets
 
 
 @register_codec
@@ -210,10 +220,10 @@ class LinearCodec(Codec):
         return self.lo + columns[..., 0] * ((self.hi - self.lo) / self.levels)
 
     @classmethod
-    def decode_group(cls, codecs: Sequence[Codec], columns: np.ndarray, refs: ParamRefs) -> np.ndarray:
+    def group_decoder(cls, codecs: Sequence[Codec]) -> GroupDecoder:
         lo = np.array([codec.lo for codec in codecs])  # type: ignore[attr-defined]
         step = np.array([(codec.hi - codec.lo) / codec.levels for codec in codecs])  # type: ignore[attr-defined]
-        return lo + columns[..., 0] * step
+        return lambda columns, refs: lo + columns[..., 0] * step
 
 
 @register_codec
@@ -273,13 +283,20 @@ class RelativeCodec(Codec):
         return (np.maximum(v, 1) if self.start_param else v).astype(np.float64)
 
     @classmethod
-    def decode_group(cls, codecs: Sequence[Codec], columns: np.ndarray, refs: ParamRefs) -> np.ndarray:
-        which = [REFERENCES.index(codec.ref) for codec in codecs]  # type: ignore[attr-defined]
-        ref = np.stack([refs.heights, refs.widths, np.broadcast_to(refs.output_size, refs.heights.shape)],
-                       axis=-1)[..., which]
-        v = pixel_of_level(columns[..., 0], ref, np.array([codec.levels for codec in codecs]))  # type: ignore
-        extent = np.array([bool(codec.start) for codec in codecs])
-        return np.where(extent, np.maximum(v, 1), v).astype(np.float64)
+    def group_decoder(cls, codecs: Sequence[Codec]) -> GroupDecoder:
+        which = np.array([REFERENCES.index(codec.ref) for codec in codecs])  # type: ignore[attr-defined]
+        levels = np.array([codec.levels for codec in codecs], dtype=np.int64)  # type: ignore[attr-defined]
+        minimum = np.array([1 if codec.start else 0 for codec in codecs], dtype=np.int64)
+
+        def decode(columns: np.ndarray, refs: ParamRefs) -> np.ndarray:
+            if refs.heights.ndim == 0:
+                ref = np.array([refs.heights, refs.widths, refs.output_size], dtype=np.int64)[which]
+            else:
+                ref = np.stack([refs.heights, refs.widths, np.full_like(refs.heights, refs.output_size)],
+                               axis=-1)[..., which]
+            return np.maximum(pixel_of_level(columns[..., 0], ref, levels), minimum).astype(np.float64)
+
+        return decode
 
 
 def pixel_of_level(q: np.ndarray, ref: np.ndarray, levels: int) -> np.ndarray:
@@ -322,9 +339,10 @@ class ParamLayout:
         groups: dict[tuple[type[Codec], int], list[int]] = {}
         for p, codec in enumerate(self.codecs):
             groups.setdefault((type(codec), codec.columns), []).append(p)
-        self._groups = [(kind, [self.codecs[p] for p in params], np.array(params),
-                         np.array([np.arange(self.column_slices[p].start, self.column_slices[p].stop) for p in params]))
-                        for (kind, _), params in groups.items()]
+        self._decoders = [(np.array(params), np.array([np.arange(self.column_slices[p].start,
+                                                                   self.column_slices[p].stop) for p in params]),
+                           kind.group_decoder([self.codecs[p] for p in params]))
+                          for (kind, _), params in groups.items()]
 
     @classmethod
     def for_pipeline(cls, pipeline: Any) -> ParamLayout:
@@ -348,8 +366,10 @@ class ParamLayout:
         return [{"param": name, **codec.to_dict()} for name, codec in zip(self.names, self.codecs)]
 
     def _refs(self, shape: tuple[int, ...], heights: Any, widths: Any) -> ParamRefs:
-        return ParamRefs(np.broadcast_to(np.asarray(heights, dtype=np.int64), shape),
-                         np.broadcast_to(np.asarray(widths, dtype=np.int64), shape), self.output_size)
+        heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+        if heights.shape != shape or widths.shape != shape:
+            heights, widths = np.broadcast_to(heights, shape), np.broadcast_to(widths, shape)
+        return ParamRefs(heights, widths, self.output_size)
 
     def encode(self, params: np.ndarray, heights: Any, widths: Any) -> np.ndarray:
         params = np.asarray(params, dtype=np.float64)
@@ -371,8 +391,8 @@ class ParamLayout:
         columns = np.asarray(columns).astype(np.int64)
         refs = self._refs(columns.shape[:-1], heights, widths)
         out = np.empty(columns.shape[:-1] + (len(self.codecs),), dtype=np.float64)
-        for kind, codecs, params, column_index in self._groups:
-            out[..., params] = kind.decode_group(codecs, columns[..., column_index], refs)
+        for params, column_index, decode in self._decoders:
+            out[..., params] = decode(columns[..., column_index], refs)
         return out
 
     def quantize(self, params: np.ndarray, heights: Any, widths: Any) -> np.ndarray:

@@ -401,12 +401,32 @@ def _http_store(url: str, *, read_only: bool, storage_options: dict[str, Any]) -
     200; fsspec would hand that to zarr as the range, which then fails its checksums. Here the asked-for bytes
     are cut out of the whole file instead, with a warning that every read now downloads whole shard files.
     """
-    import warnings
-
-    from fsspec.implementations.http import HTTPFileSystem
     from zarr.storage import FsspecStore
 
+    fs = _range_checking_http_filesystem()(asynchronous=True, **storage_options)
+    return FsspecStore(fs=fs, path=url.rstrip("/"), read_only=read_only)
+
+
+@functools.cache
+def _range_checking_http_filesystem() -> type:
+    """fsspec's HTTP filesystem, checking that a range request got a range (status 206) back.
+
+    One class per process, made on first use (fsspec's HTTP support is optional), so fsspec's instance cache
+    shares one filesystem, and one connection pool, between the stores opened with the same options.
+    """
+    import warnings
+    import weakref
+
+    from fsspec.implementations.http import HTTPFileSystem
+
     class RangeCheckingHTTPFileSystem(HTTPFileSystem):
+        async def set_session(self):  # type: ignore[no-untyped-def]
+            fresh = self._session is None
+            session = await super().set_session()
+            if fresh:  # fsspec closes only a synchronous instance's session; closed here at exit, quietly
+                weakref.finalize(self, self.close_session, self.loop, session)
+            return session
+
         async def _cat_file(self, url, start=None, end=None, **kwargs):  # type: ignore[no-untyped-def]
             if (start is None and end is None) or start == end:
                 return await super()._cat_file(url, start=start, end=end, **kwargs)
@@ -418,16 +438,17 @@ def _http_store(url: str, *, read_only: bool, storage_options: dict[str, Any]) -
                 self._raise_not_found_for_status(response, url)
             if response.status == 206:
                 return data
-            warnings.warn(
-                f"the web server of {url} ignores HTTP Range requests (it answered one with the whole file, "
-                "status 200, as `python -m http.server` does): reading on by downloading whole shard files, "
-                "up to num_augmentations times the bytes an epoch needs. Serve the store with a server that "
-                "supports Range requests (nginx, Apache, caddy, object storage) or copy it to a local disk",
-                RuntimeWarning, stacklevel=2)
+            if not getattr(self, "_warned_about_range", False):
+                self._warned_about_range = True
+                warnings.warn(
+                    f"the web server of {url} ignores HTTP Range requests (it answered one with the whole file, "
+                    "status 200, as `python -m http.server` does): reading on by downloading whole shard "
+                    "files, up to num_augmentations times the bytes an epoch needs. Serve the store with a server "
+                    "that supports Range requests (nginx, Apache, caddy, object storage) or copy it to a local "
+                    "disk", RuntimeWarning, stacklevel=2)
             return data[start:end]
 
-    fs = RangeCheckingHTTPFileSystem(asynchronous=True, **storage_options)
-    return FsspecStore(fs=fs, path=url.rstrip("/"), read_only=read_only)
+    return RangeCheckingHTTPFileSystem
 
 
 def read_header(group: zarr.Group, *, require_complete: bool = True) -> StoreHeader:
@@ -547,8 +568,12 @@ def _vocabulary_lookup(header: StoreHeader, stored: np.ndarray,
     if vocabulary is None:
         raise ValueError("this store stores class indices in per-sample vocabularies: pass the samples' "
                          "class_vocabulary rows (format.read_vocabulary)")
-    table = np.broadcast_to(np.asarray(vocabulary).astype(np.int64), stored.shape[:-1] + (size,))
-    return stored < size, np.take_along_axis(table, np.minimum(stored, size - 1), axis=-1)
+    vocabulary = np.asarray(vocabulary)
+    positions = np.minimum(stored, size - 1)
+    if vocabulary.ndim == 1:  # one sample's records (the reader's per-sample path)
+        return stored < size, vocabulary[positions].astype(np.int64)
+    table = np.broadcast_to(vocabulary.astype(np.int64), stored.shape[:-1] + (size,))
+    return stored < size, np.take_along_axis(table, positions, axis=-1)
 
 
 def encode_indices(header: StoreHeader, indices: np.ndarray, vocabulary: np.ndarray | None) -> np.ndarray:
@@ -574,7 +599,7 @@ def encode_indices(header: StoreHeader, indices: np.ndarray, vocabulary: np.ndar
 def quantized_probs(header: StoreHeader, rows: np.ndarray) -> np.ndarray:
     """Quantized probabilities ``q`` (int64, ``(..., K)``) of raw rows: ``q[0]`` minus the cumulative drops."""
     stored = rows[..., header.record_columns["topk_probs"]].astype(np.int64)
-    drops = np.cumsum(stored[..., 1:], axis=-1)
+    drops = np.add.accumulate(stored[..., 1:], axis=-1)
     return np.concatenate([stored[..., :1], stored[..., :1] - drops], axis=-1)
 
 

@@ -168,13 +168,15 @@ class AugmentPipeline:
         mixed = np.flatnonzero(partners >= 0)
         if not mixed.size:
             return
-        sizes = {int(p): partner_size(int(p)) for p in np.unique(partners[mixed])}
-        readable = np.array([sizes[int(p)] is not None for p in partners[mixed]], dtype=bool)
+        unique, inverse = np.unique(partners[mixed], return_inverse=True)
+        sizes = [partner_size(int(p)) for p in unique]
+        known = np.array([[int(v) for v in size] if size is not None else [-1, -1] for size in sizes],
+                         dtype=np.int64).reshape(-1, 2)[inverse]
+        readable = known[:, 0] >= 0
         out[mixed[~readable], lo:hi] = self.ops[self.mix_index].unmixed(int((~readable).sum()))
-        mixed = mixed[readable]
+        mixed, shape = mixed[readable], known[readable]
         if not mixed.size:
             return
-        shape = np.array([[int(v) for v in sizes[int(p)]] for p in partners[mixed]], dtype=np.int64)
         context = SampleContext(shape[:, 0], shape[:, 1])
         for k, (first, last) in enumerate(self._partner):
             out[mixed, first:last] = self.ops[k].sample_batch(uniforms(PARTNER_STREAM_OFFSET + k)[mixed], context)
