@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 from reinforce_loaders import format as fmt
 from reinforce_loaders.augment import AugmentPipeline
 from reinforce_loaders.errors import ReinforceError
 from reinforce_loaders.source import fingerprint, open_source
+from zarr.core.sync import sync
 
 
 class VerificationError(ReinforceError):
@@ -49,7 +53,7 @@ def describe_store(store: str | os.PathLike[str]) -> str:
     total = files_total = 0
     for name in header.array_names:
         array = group[name]
-        size, files = _array_bytes(store, name)
+        size, files = _array_bytes(array)
         total += size
         files_total += files
         shards = str(array.shards) if array.shards is not None else "-"
@@ -69,15 +73,27 @@ def _encoding_text(item: dict[str, Any]) -> str:
     return f"{item['param']}:{item['kind']}" + (f"({args})" if args else "")
 
 
-def _array_bytes(store: str | os.PathLike[str], name: str) -> tuple[int, int]:
-    """(bytes, files) of an array's chunk/shard files; (0, 0) for a remote store (sizes need a listing)."""
-    if "://" in str(store) and not str(store).startswith("file://"):
-        return 0, 0
-    root = Path(str(store).removeprefix("file://")) / name
-    if not root.exists():
-        return 0, 0
-    files = [file for file in root.rglob("*") if file.is_file() and file.name != "zarr.json"]
-    return sum(file.stat().st_size for file in files), len(files)
+def _array_bytes(array: zarr.Array) -> tuple[int, int]:
+    """(bytes, files) of an array's shard (or chunk) files present in the store.
+
+    Each file is asked for by its key, as a reader finds it, so a remote store needs no directory listing.
+    """
+    step = array.shards or array.chunks
+    grid = [range(math.ceil(size / width)) for size, width in zip(array.shape, step)]
+    keys = [f"{array.path}/{array.metadata.encode_chunk_key(coords)}" for coords in itertools.product(*grid)]
+    present = [size for size in sync(_stored_sizes(array.store, keys)) if size is not None]
+    return sum(present), len(present)
+
+
+async def _stored_sizes(store: zarr.abc.store.Store, keys: list[str]) -> list[int | None]:
+    """Size of each key's file in ``store`` (None: absent), asked concurrently."""
+    async def size(key: str) -> int | None:
+        try:
+            return await store.getsize(key)
+        except FileNotFoundError:
+            return None
+
+    return await asyncio.gather(*(size(key) for key in keys))
 
 
 def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, quick: bool = False,
@@ -157,6 +173,8 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, qu
         kept = np.flatnonzero(~skipped[start:stop])
         block_vocabulary = None if vocabulary is None else vocabulary[start:stop][kept][:, None, :]
         _check_records(header, codec, rows[kept], start + kept, sizes[start:stop][kept], block_vocabulary)
+        if block == header.num_blocks - 1:
+            passed.append(_check_slot_read(group, header, block, rows))
     passed.append(f"records: {n * a} rows of {w} checksummed columns; valid class indices, sorted probabilities "
                   "in [0, 1] summing to <= 1, entropies in range, parameters that decode to themselves")
     if source is not None and not quick:
@@ -169,6 +187,18 @@ def _read(group: Any, name: str, selection: Any = slice(None), what: str = "") -
         return fmt.read_array(group, name, selection, what=what)
     except ReinforceError as error:
         raise VerificationError(str(error)) from None
+
+
+def _check_slot_read(group: Any, header: fmt.StoreHeader, block: int, rows: np.ndarray) -> str:
+    """Read one slot of ``block`` alone, as a training epoch does (the shard's index, then one chunk: range
+    requests on a remote store), and compare it with the same rows of the whole-shard read ``rows``."""
+    slot = header.num_augmentations - 1
+    start, stop = header.block_range(block)
+    alone = _read(group, fmt.RECORDS, (slice(start, stop), slot), what=f"block {block} slot {slot} alone")
+    if not np.array_equal(alone, rows[:, slot]):
+        raise VerificationError(f"slot {slot} of block {block} read alone, as training does, differs from the "
+                                "same rows of the whole block: the store or its server returns wrong byte ranges")
+    return f"slot reads: slot {slot} of block {block} read alone, as training does, equals the whole-block read"
 
 
 def _check_vocabulary(header: fmt.StoreHeader, vocabulary: np.ndarray, skipped: np.ndarray) -> None:

@@ -1,7 +1,8 @@
 """A static file server on 127.0.0.1 that honours HTTP Range requests and logs every request.
 
 Python's ``http.server`` ignores ``Range``; remote zarr reads need it. Used by the remote-reading tests
-and by ``benchmarks/storage.py`` to count requests and bytes served.
+and by ``benchmarks/storage.py`` to count requests and bytes served. ``RangeServer(root, honour_range=False)``
+answers like ``python -m http.server``: the whole file with status 200 whatever the ``Range`` header asks.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         data = Path(path).read_bytes()
         status, part, extra = 200, data, {}
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "") or "")
-        if match:
+        if match and self.server.honour_range:  # type: ignore[attr-defined]
             first, last = match.groups()
             if first:
                 start, stop = int(first), (int(last) + 1 if last else len(data))
@@ -54,7 +55,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(part)))
-        self.send_header("Accept-Ranges", "bytes")
+        if self.server.honour_range:  # type: ignore[attr-defined]
+            self.send_header("Accept-Ranges", "bytes")
         for key, value in extra.items():
             self.send_header(key, value)
         self.end_headers()
@@ -66,12 +68,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 class RangeServer:
-    """``with RangeServer(root) as server: server.url`` serves ``root``; ``server.log`` lists the requests."""
+    """``with RangeServer(root) as server: server.url`` serves ``root``; ``server.log`` lists the requests.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    ``honour_range=False`` ignores ``Range`` headers, as ``python -m http.server`` does.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, honour_range: bool = True) -> None:
         handler = functools.partial(_Handler, directory=str(root))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.log = []  # type: ignore[attr-defined]
+        self.httpd.honour_range = honour_range  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -25,11 +26,12 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
+from . import rng
 from .codecs import ParamLayout
 from .errors import IncompleteStoreError, StoreFormatError
 
 FORMAT_NAME = "reinforce-store"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 """(major, minor). Readers reject another major version and accept any minor version of their major."""
 
 ATTRS_KEY = "reinforce"
@@ -42,16 +44,22 @@ IMAGE_SIZES = "image_sizes"
 RECORDS = "records"
 BLOCKS_DONE = "blocks_done"
 CLASS_VOCABULARY = "class_vocabulary"
+PARAM_DIGESTS = "param_digests"
 
 PER_SAMPLE_ARRAYS = (LABELS, FINGERPRINTS, IMAGE_SIZES)
 PER_RECORD_ARRAYS = (RECORDS,)
-ALL_ARRAYS = PER_SAMPLE_ARRAYS + (CLASS_VOCABULARY,) + PER_RECORD_ARRAYS + (BLOCKS_DONE,)
+ALL_ARRAYS = PER_SAMPLE_ARRAYS + (CLASS_VOCABULARY,) + PER_RECORD_ARRAYS + (PARAM_DIGESTS, BLOCKS_DONE)
 """Every array a store may hold; :attr:`StoreHeader.array_names` lists those a given store holds."""
 
 LABEL_DTYPE = np.dtype("<i4")
 FINGERPRINT_DTYPE = np.dtype("<u8")
 IMAGE_SIZE_DTYPE = np.dtype("<u4")
 BLOCK_DONE_DTYPE = np.dtype("u1")
+PARAM_DIGEST_DTYPE = np.dtype("<u8")
+
+PARAM_STORAGE = ("columns", "derived")
+"""How a store keeps augmentation parameters: ``columns`` in every record (format 1.0), or ``derived``: not
+stored, a reader re-derives them from the keyed RNG and checks them against ``param_digests`` (format 1.1)."""
 
 SKIPPED_IMAGE_SIZE = (0, 0)
 """``image_sizes`` of a sample whose image could not be read and was skipped (``--on-bad-image skip``);
@@ -144,6 +152,9 @@ class StoreLayout:
     columns: dict[str, slice]
     """Column ranges of one ``records`` row: ``topk_indices``, ``topk_probs``, ``aug_params``, ``teacher_entropy``."""
     width: int
+    """Columns of a decoded row (what :func:`read_block_slot` returns and :func:`decode_records` takes)."""
+    stored_width: int
+    """Columns of a row of the ``records`` array: ``width`` less the parameter columns when they are derived."""
     dtype: np.dtype
     fill: int
     prob_scale: np.float32
@@ -163,7 +174,8 @@ class StoreLayout:
         columns = {"topk_indices": slice(0, k), "topk_probs": slice(k, 2 * k), "aug_params": slice(2 * k, 2 * k + p),
                    "teacher_entropy": slice(2 * k + p, 2 * k + p + 1)}
         dtype = record_dtype(header.num_classes, header.class_vocabulary_size)
-        return cls(params=params, columns=columns, width=2 * k + p + 1, dtype=dtype,
+        return cls(params=params, columns=columns, width=2 * k + p + 1,
+                   stored_width=2 * k + 1 if header.derives_params else 2 * k + p + 1, dtype=dtype,
                    fill=int(np.iinfo(dtype).max), prob_scale=np.float32(header.prob_scale),
                    entropy_levels=np.float32(header.entropy_levels),
                    max_entropy=np.float32(math.log(header.num_classes)))
@@ -198,6 +210,8 @@ class StoreHeader:
     entropy_levels: int = ENTROPY_LEVELS
     class_vocabulary_size: int = 0
     """``V``: top-k indices are stored as positions in a per-sample vocabulary of ``V`` classes (0: as is)."""
+    param_storage: str = "columns"
+    """``columns`` or ``derived`` (see :data:`PARAM_STORAGE`)."""
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
     complete: bool = False
     format_name: str = FORMAT_NAME
@@ -213,6 +227,9 @@ class StoreHeader:
         if not 500 < self.prob_scale < RECORD_FILL_U16:
             raise StoreFormatError(f"prob_scale={self.prob_scale} must be in (500, 65535) so probabilities keep "
                                    "an error below 1e-3")
+        if self.param_storage not in PARAM_STORAGE:
+            raise StoreFormatError(f"param_storage={self.param_storage!r} must be one of {', '.join(PARAM_STORAGE)}; "
+                                   "a newer writer may have made the store: upgrade reinforce-loaders")
         if not 0 <= self.class_vocabulary_size <= self.num_classes:
             raise StoreFormatError(f"class_vocabulary_size={self.class_vocabulary_size} must be between 0 and "
                                    f"num_classes={self.num_classes}")
@@ -243,7 +260,20 @@ class StoreHeader:
     @property
     def array_names(self) -> tuple[str, ...]:
         """The arrays of this store, in :data:`ALL_ARRAYS` order."""
-        return tuple(name for name in ALL_ARRAYS if name != CLASS_VOCABULARY or self.class_vocabulary_size)
+        optional = {CLASS_VOCABULARY: bool(self.class_vocabulary_size), PARAM_DIGESTS: self.derives_params}
+        return tuple(name for name in ALL_ARRAYS if optional.get(name, True))
+
+    @property
+    def derives_params(self) -> bool:
+        """Whether records hold no parameters: readers re-derive them (``param_storage == "derived"``)."""
+        return self.param_storage == "derived"
+
+    @functools.cached_property
+    def pipeline(self) -> Any:
+        """The store's :class:`~reinforce_loaders.augment.AugmentPipeline`, built once per header object."""
+        from .augment import AugmentPipeline
+
+        return AugmentPipeline.from_config(self.augmentation)
 
     @property
     def param_codec(self) -> ParamLayout:
@@ -328,7 +358,7 @@ def check_format_version(version: str) -> tuple[int, int]:
 
 def array_specs(header: StoreHeader) -> dict[str, dict[str, Any]]:
     """``zarr.Group.create_array`` keyword arguments of every array of a store with this header."""
-    n, a, b, w = header.num_samples, header.num_augmentations, header.block_size, header.record_width
+    n, a, b, w = header.num_samples, header.num_augmentations, header.block_size, header.layout.stored_width
     dtype = header.dtype
     per_sample = {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
     v = header.class_vocabulary_size
@@ -348,6 +378,8 @@ def array_specs(header: StoreHeader) -> dict[str, dict[str, Any]]:
                                     typesize=dtype.itemsize),
                          Crc32cCodec()],
         ),
+        PARAM_DIGESTS: dict(shape=(header.num_blocks, a), chunks=(1, a), dtype=PARAM_DIGEST_DTYPE, fill_value=0,
+                            compressors=[Crc32cCodec()]),
         BLOCKS_DONE: dict(shape=(header.num_blocks,), chunks=(1,), dtype=BLOCK_DONE_DTYPE, fill_value=0,
                           compressors=[Crc32cCodec()]),
     }
@@ -486,24 +518,47 @@ class DecodedRecords:
     entropy: np.ndarray
 
 
-def read_block_slot(group: zarr.Group, header: StoreHeader, block: int, slot: int) -> np.ndarray:
-    """Raw ``records`` rows ``(block samples, W)`` of one slot of one block: one chunk, one zarr call.
+def read_block_slot(group: zarr.Group, header: StoreHeader, block: int, slot: int,
+                    image_sizes: np.ndarray | None = None) -> np.ndarray:
+    """Decoded-layout ``records`` rows ``(block samples, W)`` of one slot of one block: one chunk, one zarr call.
 
-    Raises :class:`StoreFormatError` if the chunk is damaged or missing (fill values).
+    For a store with derived parameters the parameter columns are re-derived (``image_sizes``, the whole
+    ``(N, 2)`` array, is then required) and checked against the block's digest.
+    Raises :class:`StoreFormatError` if the chunk is damaged or missing (fill values), or if the derived
+    parameters do not match the digest.
     """
     start, stop = header.block_range(block)
     rows = read_array(group, RECORDS, (slice(start, stop), slot), what=f"block {block} slot {slot}")
     check_rows_present(header, rows, f"block {block} slot {slot}")
-    return rows
+    if not header.derives_params:
+        return rows
+    if image_sizes is None:
+        raise ValueError("this store derives augmentation parameters: pass image_sizes (the store's whole "
+                         "image_sizes array) to read its records")
+    columns = derive_param_columns(header, block, slot, image_sizes)
+    expected = int(read_array(group, PARAM_DIGESTS, (block, slot), what=f"block {block} slot {slot}"))
+    check_param_digest(header, block, slot, columns, image_sizes, expected)
+    return expand_rows(header, rows, columns)
 
 
 def read_all_records(group: zarr.Group, header: StoreHeader | None = None) -> DecodedRecords:
     """Every record of a store decoded, ``(N, A, ...)``, read one shard per block (for tools and tests)."""
     header = header or read_header(group, require_complete=False)
-    rows = np.concatenate([read_array(group, RECORDS, slice(*header.block_range(b)), what=f"block {b}")
-                           for b in range(header.num_blocks)])
-    check_rows_present(header, rows, "the store")
     sizes = read_array(group, IMAGE_SIZES).astype(np.int64)
+    blocks = []
+    for block in range(header.num_blocks):
+        rows = read_array(group, RECORDS, slice(*header.block_range(block)), what=f"block {block}")
+        check_rows_present(header, rows, f"block {block}")
+        if header.derives_params:
+            digests = read_array(group, PARAM_DIGESTS, block, what=f"block {block}")
+            slots = []
+            for slot in range(header.num_augmentations):
+                columns = derive_param_columns(header, block, slot, sizes)
+                check_param_digest(header, block, slot, columns, sizes, int(digests[slot]))
+                slots.append(expand_rows(header, rows[:, slot], columns))
+            rows = np.stack(slots, axis=1)
+        blocks.append(rows)
+    rows = np.concatenate(blocks)
     vocabulary = read_vocabulary(group, header)
     return decode_records(header, rows, sizes[:, :1], sizes[:, 1:],
                           vocabulary=None if vocabulary is None else vocabulary[:, None, :])
@@ -629,6 +684,83 @@ def encode_records(header: StoreHeader, indices: np.ndarray, probs: np.ndarray, 
     max_entropy = math.log(header.num_classes) if header.num_classes > 1 else 1.0
     normalized = np.clip(np.asarray(entropy, dtype=np.float64) / max_entropy, 0, 1)
     out[..., columns["teacher_entropy"].start] = np.rint(normalized * header.entropy_levels)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Derived parameters (param_storage "derived", format 1.1)
+# ----------------------------------------------------------------------------------------------------------
+
+def present_samples(image_sizes: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Samples of ``[start, stop)`` that were not skipped (their image size is not ``(0, 0)``)."""
+    sizes = np.asarray(image_sizes[start:stop])
+    return start + np.flatnonzero((sizes != 0).any(axis=1))
+
+
+def derive_param_columns(header: StoreHeader, block: int, slot: int, image_sizes: np.ndarray) -> np.ndarray:
+    """Encoded parameter columns ``(block samples, C)`` of one slot of one block, re-derived from the keyed RNG
+    exactly as the build sampled them (skipped samples: zeros). ``image_sizes`` is the store's ``(N, 2)`` array:
+    the sources' sizes, and the mixing partners' (a skipped partner leaves a record unmixed)."""
+    pipeline = header.pipeline
+    sizes = np.asarray(image_sizes, dtype=np.int64)
+    start, stop = header.block_range(block)
+    samples = present_samples(sizes, start, stop)
+    out = np.zeros((stop - start, header.layout.params.columns), dtype=np.int64)
+    if not len(samples):
+        return out
+    mixing = {}
+    if pipeline.mixes:
+        mixing = dict(num_samples=header.num_samples,
+                      partner_size=lambda p: None if not sizes[p].any() else (int(sizes[p, 0]), int(sizes[p, 1])),
+                      partner_pool=rng.partner_pool(header.seed, start, header.num_samples, header.block_size))
+    params = pipeline.sample_records(header.seed, samples, slot, sizes[samples, 0], sizes[samples, 1], **mixing)
+    out[samples - start] = header.layout.params.encode(params, sizes[samples, 0], sizes[samples, 1])
+    return out
+
+
+def param_digest(columns: np.ndarray) -> int:
+    """blake2b-64 of parameter columns ``(n, C)`` as little-endian uint16, row by row (nonzero: 0 is the fill)."""
+    data = np.ascontiguousarray(np.asarray(columns, dtype=np.int64).astype("<u2")).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") or 1
+
+
+def block_param_digests(header: StoreHeader, columns: np.ndarray, image_sizes: np.ndarray, start: int) -> np.ndarray:
+    """``param_digests`` row ``(A,)`` of a block starting at ``start`` from its parameter columns ``(n, A, C)``:
+    one digest per slot over the block's samples that were not skipped."""
+    present = present_samples(image_sizes, start, start + len(columns)) - start
+    return np.array([param_digest(columns[present, slot]) for slot in range(columns.shape[1])],
+                    dtype=PARAM_DIGEST_DTYPE)
+
+
+def check_param_digest(header: StoreHeader, block: int, slot: int, columns: np.ndarray, image_sizes: np.ndarray,
+                       expected: int) -> None:
+    start, stop = header.block_range(block)
+    present = present_samples(image_sizes, start, stop) - start
+    if expected == 0:
+        raise StoreFormatError(f"the parameter digest of block {block} slot {slot} is missing: the store is damaged "
+                               "or truncated; re-download or rebuild it")
+    if param_digest(columns[present]) != expected:
+        raise StoreFormatError(
+            f"the augmentation parameters re-derived for block {block} slot {slot} differ from those the store "
+            "was built with: this machine's arithmetic differs from the builder's (format_spec.md, section 5) "
+            "or the store is damaged. Use a store built with stored parameters (reinforce build without "
+            "--derived-params), or run `reinforce verify` to locate the damage")
+
+
+def stored_rows(header: StoreHeader, rows: np.ndarray) -> np.ndarray:
+    """The ``records`` array's rows of decoded-layout ``rows``: without the parameter columns when derived."""
+    if not header.derives_params:
+        return rows
+    return np.delete(rows, header.layout.columns["aug_params"], axis=-1)
+
+
+def expand_rows(header: StoreHeader, rows: np.ndarray, param_columns: np.ndarray) -> np.ndarray:
+    """Decoded-layout rows from stored rows of a derived-parameter store and their parameter columns."""
+    params = header.layout.columns["aug_params"]
+    out = np.empty(rows.shape[:-1] + (header.layout.width,), dtype=rows.dtype)
+    out[..., :params.start] = rows[..., :params.start]
+    out[..., params] = param_columns
+    out[..., params.stop:] = rows[..., params.start:]
     return out
 
 
