@@ -183,3 +183,64 @@ def test_mixing_release_and_missing_files_are_refused(digits, tmp_path):
     Image.new("RGB", (8, 8)).save(sorted(other.rglob("*.png"))[0])
     with pytest.raises(ImportFailure, match="outside the 8x8 source image"):
         import_ml_dr(tmp_path / "whole", other, tmp_path / "x.zarr")
+
+
+def write_fkd_release(source: Path, root: Path, layout: str, half: bool) -> list[list[tuple]]:
+    """FKD-like files, ROOT/CLASS/STEM.tar: per crop its box as fractions of the image, a flip flag and the
+    top-k probabilities followed by their class ids as floats. Returns (box in pixels, flip, ids, values)."""
+    rng = np.random.default_rng(1)
+    images = ImageSource.from_folder(source)
+    truth = []
+    for index in range(len(images)):
+        path = Path(images.name_of(index))
+        with Image.open(path) as image:
+            width, height = image.size
+        crops, sample = [], []
+        for record in _draw_fkd_crops(rng, height, width):
+            box, flip, ids, values = record
+            coords = torch.tensor([box[0] / height, box[1] / width, box[2] / height, box[3] / width])
+            label = torch.tensor(np.concatenate([values, ids]), dtype=torch.float16 if half else torch.float32)
+            crops.append((coords, torch.tensor(flip), label))
+            sample.append(record)
+        content = [list(column) for column in zip(*crops)] if layout == "lists" else crops
+        target = root / path.parent.name / (path.stem + ".tar")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(content, target)
+        truth.append(sample)
+    return truth
+
+
+def _draw_fkd_crops(rng: np.random.Generator, height: int, width: int) -> list[tuple]:
+    out = []
+    for _ in range(RECORDS):
+        h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        box = (int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
+        logits = rng.normal(size=CLASSES) * 3
+        probs = np.exp(logits) / np.exp(logits).sum()
+        ids = rng.permutation(np.argpartition(-probs, TOP_K)[:TOP_K])
+        out.append((box, bool(rng.random() < 0.5), ids.astype(np.float64), probs[ids]))
+    return out
+
+
+@pytest.mark.parametrize("layout, half", [("crops", False), ("lists", True)])
+def test_fkd_release_imports_and_verifies(digits, tmp_path, layout, half):
+    from reinforce.importers import fkd
+
+    truth = write_fkd_release(digits[0], tmp_path / "fkd", layout, half)
+    plan = fkd.plan_import(tmp_path / "fkd", digits[0], trust_pickle=True, image_size=SIZE, block_size=16)
+    convert(plan, tmp_path / "fkd.zarr", progress=False)
+    assert any(line.startswith("source:") for line in verify_store(tmp_path / "fkd.zarr", digits[0]))
+    group = fmt.open_store_group(tmp_path / "fkd.zarr")
+    decoded = fmt.read_all_records(group)
+    for index, sample in enumerate(truth):
+        for slot, (box, flip, ids, values) in enumerate(sample):
+            assert decoded.params[index, slot].tolist() == [*map(float, box), float(flip)]
+            stored = torch.tensor(values, dtype=torch.float16).float().numpy() if half else values
+            order = np.lexsort((ids, -stored))
+            np.testing.assert_array_equal(decoded.indices[index, slot], ids[order])
+            np.testing.assert_allclose(decoded.probs[index, slot], stored[order], atol=5e-4 + 1e-6)
+    if half:  # half-precision class ids are exact only up to 2048
+        with pytest.raises(ImportFailure, match="float16, exact only up to 2048"):
+            fkd.read_sample(plan.files[0], 0, 32, 32, num_classes=5000, trust_pickle=True)
+    with pytest.raises(UntrustedPickleError, match="--trust-pickle"):
+        fkd.plan_import(tmp_path / "fkd", digits[0], trust_pickle=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,10 +21,13 @@ from typing import Any
 import numpy as np
 from joblib import Parallel, delayed
 from reinforce_loaders import format as fmt
+from reinforce_loaders.augment import AugmentPipeline
+from reinforce_loaders.codecs import IntCodec, LinearCodec
 from reinforce_loaders.errors import ReinforceError
 from reinforce_loaders.source import ImageSource, decode_image, fingerprint
 from tqdm import tqdm
 
+from .. import __version__
 from ..writer import BlockResult, StoreWriter
 
 
@@ -140,8 +144,40 @@ def convert(plan: ImportPlan, out: str | os.PathLike[str], *, workers: int = 1, 
                          files_per_second=samples / max(seconds, 1e-9))
 
 
-def default_block_size(num_augmentations: int, requested: int | None) -> int:
-    return requested or fmt.recommended_block_size(num_augmentations)
+ENTROPY_NOTE = ("estimated: the release keeps only the top-k, so the entropy spreads the remaining probability "
+                "evenly over the other classes (an upper bound)")
+
+
+def import_header(source: ImageSource, pipeline: AugmentPipeline, *, records: int, top_k: int,
+                  num_classes: int | None, block_size: int | None, teacher: str,
+                  provenance: dict[str, Any]) -> fmt.StoreHeader:
+    """Header of a store imported from a release: exact integer crop boxes, the release's teacher named (its
+    weights are not part of the release), and where the data came from in ``provenance``."""
+    classes = num_classes or len(source.classes or [])
+    return fmt.StoreHeader(
+        num_samples=len(source), num_classes=classes, top_k=top_k, num_augmentations=records, seed=0,
+        block_size=block_size or fmt.recommended_block_size(records), augmentation=pipeline.config(),
+        teachers=[{"name": teacher, "input_size": pipeline.size, "mean": [0.485, 0.456, 0.406],
+                   "std": [0.229, 0.224, 0.225], "weights_sha256": "unknown"}],
+        class_names=source.classes, param_encodings=exact_encodings(pipeline),
+        class_vocabulary_size=fmt.default_class_vocabulary_size(classes, records, top_k),
+        provenance={"tool": f"reinforce {__version__}", "created": datetime.datetime.now(datetime.UTC).isoformat(),
+                    "teacher_entropy": ENTROPY_NOTE, "seed": "not used: the parameters come from the release",
+                    **provenance})
+
+
+def exact_encodings(pipeline: AugmentPipeline) -> list[dict[str, Any]]:
+    """The pipeline's parameter encodings with crop boxes as exact integers (the default relative codec would
+    move a released box by up to side/510 pixels) and erasing boxes on the output pixel grid."""
+    out = []
+    for item in fmt.pipeline_param_encodings(pipeline):
+        op = item["param"].split(".")[0]
+        if op in ("random_resized_crop", "random_crop"):
+            item = {"param": item["param"], **IntCodec(offset=0, width=1).to_dict()}
+        elif op == "random_erasing":
+            item = {"param": item["param"], **LinearCodec(lo=0.0, hi=1.0, levels=pipeline.size).to_dict()}
+        out.append(item)
+    return out
 
 
 def released_files(root: Path, suffix: str, count: int, key: Callable[[Path], int | None]) -> list[str]:
@@ -174,4 +210,4 @@ def run_import(args: argparse.Namespace) -> ImportSummary:
 
 
 __all__ = ["ImportFailure", "ImportPlan", "ImportSummary", "SampleRecords", "completed_entropy", "convert",
-           "default_block_size", "released_files", "run_import", "sort_topk"]
+           "exact_encodings", "import_header", "released_files", "run_import", "sort_topk"]

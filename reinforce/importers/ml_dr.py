@@ -27,7 +27,6 @@ parameters with torchvision tensor ops, so the pixels differ slightly: the heade
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import os
 import re
@@ -37,14 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from reinforce_loaders import format as fmt
 from reinforce_loaders.augment import AugmentPipeline, HorizontalFlip, RandAugment, RandomErasing, RandomResizedCrop
 from reinforce_loaders.augment.color import OP_IDS, OP_NAMES
-from reinforce_loaders.codecs import IntCodec, LinearCodec
 from reinforce_loaders.source import ImageSource
 
-from .. import __version__
-from . import ImportFailure, ImportPlan, SampleRecords, default_block_size, released_files, sort_topk
+from . import ImportFailure, ImportPlan, SampleRecords, import_header, released_files, sort_topk
 from .safe_unpickle import load_pickle
 
 WHAT = "apple/ml-dr files ({index}.pth.tar, config.pth.tar)"
@@ -58,8 +54,6 @@ REPLAY_FIDELITY = ("approximate: imported from apple/ml-dr, whose teacher saw cr
                    "and its own RandAugment and RandomErasing; this store replays the same parameters (crop and "
                    "erasing boxes exact) with torchvision tensor ops, so replayed pixels differ slightly from what "
                    "the teacher saw (measured in benchmarks/RESULTS.md)")
-ENTROPY_NOTE = ("estimated: the release keeps only the top-k, so the entropy spreads the remaining probability "
-                "evenly over the other classes (an upper bound)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,19 +112,6 @@ def make_pipeline(config: MlDrConfig, size: int, num_ops: int) -> AugmentPipelin
     if "random_erase" in config.ops:
         ops.append(RandomErasing(p=float(args["random_erase"].get("p", 0.25))))
     return AugmentPipeline(ops, size)
-
-
-def exact_encodings(pipeline: AugmentPipeline) -> list[dict[str, Any]]:
-    """The pipeline's parameter encodings with crop boxes as exact integers and erasing boxes on the pixel grid."""
-    out = []
-    for item in fmt.pipeline_param_encodings(pipeline):
-        op = item["param"].split(".")[0]
-        if op == "random_resized_crop":
-            item = {"param": item["param"], **IntCodec(offset=0, width=1).to_dict()}
-        elif op == "random_erasing":
-            item = {"param": item["param"], **LinearCodec(lo=0.0, hi=1.0, levels=pipeline.size).to_dict()}
-        out.append(item)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,17 +246,10 @@ def plan_import(root: Path, data: str | os.PathLike[str], *, trust_pickle: bool,
                             f"{config.records_per_image} of top-{config.top_k}")
     size = int(config.arguments["random_resized_crop"].get("size", image_size))
     pipeline = make_pipeline(config, size, num_ops or 2)
-    classes = num_classes or len(source.classes or [])
-    header = fmt.StoreHeader(
-        num_samples=len(source), num_classes=classes, top_k=top_k, num_augmentations=records, seed=0,
-        block_size=default_block_size(records, block_size), augmentation=pipeline.config(),
-        teachers=[{"name": "apple/ml-dr teacher ensemble (weights not part of the release)", "input_size": size,
-                   "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "weights_sha256": "unknown"}],
-        class_names=source.classes, param_encodings=exact_encodings(pipeline),
-        class_vocabulary_size=fmt.default_class_vocabulary_size(classes, records, top_k),
-        provenance={"tool": f"reinforce {__version__}", "created": datetime.datetime.now(datetime.UTC).isoformat(),
-                    "imported_from": "apple/ml-dr", "import_source": str(root), "replay_fidelity": REPLAY_FIDELITY,
-                    "teacher_entropy": ENTROPY_NOTE, "seed": "not used: the parameters come from the release"})
+    header = import_header(source, pipeline, records=records, top_k=top_k, num_classes=num_classes,
+                           block_size=block_size, teacher="apple/ml-dr teacher ensemble",
+                           provenance={"imported_from": "apple/ml-dr", "import_source": str(root),
+                                       "replay_fidelity": REPLAY_FIDELITY})
     reader = functools.partial(read_sample, config=config, size=size, num_ops=num_ops, trust_pickle=trust_pickle)
     return ImportPlan(header=header, source=source, files=files, reader=reader)
 
