@@ -344,6 +344,9 @@ class ParamLayout:
                            kind.group_decoder([self.codecs[p] for p in params]))
                           for (kind, _), params in groups.items()]
 
+    def __reduce__(self) -> tuple[Any, ...]:  # the decoders are closures: rebuild them instead of pickling
+        return type(self), (self.names, self.codecs, self.output_size)
+
     @classmethod
     def for_pipeline(cls, pipeline: Any) -> ParamLayout:
         """The layout of an ``AugmentPipeline`` (its ``param_layout``)."""

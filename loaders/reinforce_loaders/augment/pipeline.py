@@ -133,14 +133,28 @@ class AugmentPipeline:
         return self.sample_block(seed, [sample], num_slots, [height], [width], num_samples=num_samples,
                                  partner_size=partner_size, partner_pool=partner_pool)[0]
 
+    def sample_records(self, seed: int, samples: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray,
+                       heights: Sequence[int] | np.ndarray, widths: Sequence[int] | np.ndarray, *,
+                       num_samples: int | None = None, partner_size: PartnerSize | None = None,
+                       partner_pool: np.ndarray | None = None) -> np.ndarray:
+        """Parameters ``(m, num_params)`` of records ``(samples[r], slots[r])`` (see :meth:`sample_block`); a
+        reader uses it for one slot of many samples."""
+        samples = np.asarray(samples, dtype=np.int64).reshape(-1)
+        slots = np.broadcast_to(np.asarray(slots, dtype=np.int64), samples.shape)
+
+        def uniforms(stream: int) -> np.ndarray:
+            if not len(samples):
+                return np.empty((0, rng.UNIFORMS_PER_SLOT))
+            return np.stack([rng.slot_uniforms(seed, int(s), int(j), stream) for s, j in zip(samples, slots)])
+
+        return self._sample(uniforms, samples, np.asarray(heights, dtype=np.int64).reshape(-1),
+                            np.asarray(widths, dtype=np.int64).reshape(-1), num_samples, partner_size, partner_pool)
+
     def sample(self, seed: int, sample: int, slot: int, height: int, width: int, num_samples: int | None = None,
                partner_size: PartnerSize | None = None, partner_pool: np.ndarray | None = None) -> np.ndarray:
         """Parameters ``(num_params,)`` of record (sample, slot) (see :meth:`sample_block`)."""
-        def uniforms(stream: int) -> np.ndarray:
-            return rng.slot_uniforms(seed, sample, slot, stream)[None]
-
-        return self._sample(uniforms, np.array([sample]), np.array([height]), np.array([width]), num_samples,
-                            partner_size, partner_pool)[0]
+        return self.sample_records(seed, [sample], [slot], [height], [width], num_samples=num_samples,
+                                   partner_size=partner_size, partner_pool=partner_pool)[0]
 
     def _sample(self, uniforms: Uniforms, samples: np.ndarray, heights: np.ndarray, widths: np.ndarray,
                 num_samples: int | None, partner_size: PartnerSize | None,
