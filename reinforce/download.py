@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,9 @@ from typing import Any, TypeVar
 import fsspec
 from reinforce_loaders.errors import ReinforceError
 from tqdm import tqdm
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import FsspecStore, WrapperStore
 
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_destination, hash_files, sha256_file
 
@@ -307,3 +311,73 @@ def download(url: str, dest: str | os.PathLike[str], options: DownloadOptions = 
     return DownloadSummary(dest=dest, store=store, files=len(manifest.files), fetched=len(pending),
                            bytes_fetched=downloader.bytes_fetched, retries=downloader.retries,
                            seconds=time.perf_counter() - began, verified=verified)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A local cache for streaming from a remote store
+# ----------------------------------------------------------------------------------------------------------
+
+def _range_name(byte_range: ByteRequest | None) -> str:
+    if byte_range is None:
+        return "all"
+    if isinstance(byte_range, RangeByteRequest):
+        return f"{byte_range.start}-{byte_range.end}"
+    if isinstance(byte_range, OffsetByteRequest):
+        return f"{byte_range.offset}-"
+    if isinstance(byte_range, SuffixByteRequest):
+        return f"-{byte_range.suffix}"
+    raise TypeError(f"unknown byte range {byte_range!r}")
+
+
+class RangeCacheStore(WrapperStore[Store]):
+    """A read-only zarr store wrapper that keeps every object and byte range read from ``store`` as a file
+    under ``cache_dir`` and serves it from there afterwards (see :func:`cached_store`)."""
+
+    def __init__(self, store: Store, cache_dir: str | os.PathLike[str]) -> None:
+        super().__init__(store)
+        self.cache_dir = Path(cache_dir)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # DataLoader workers get their own copy
+        return RangeCacheStore, (self._store, self.cache_dir)
+
+    def _path(self, key: str, byte_range: ByteRequest | None) -> Path:
+        return self.cache_dir / "objects" / key / _range_name(byte_range)
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        path = self._path(key, byte_range)
+        if key == "zarr.json" and byte_range is None:
+            return await self._refresh_root(path, prototype)
+        if path.is_file():
+            return prototype.buffer.from_bytes(path.read_bytes())
+        value = await self._store.get(key, prototype, byte_range)
+        if value is not None:
+            _write_atomically(path, value.to_bytes())
+        return value
+
+    async def _refresh_root(self, path: Path, prototype: BufferPrototype) -> Buffer | None:
+        """The root metadata, always fetched: if it changed, the store was re-published and the cache is stale."""
+        value = await self._store.get("zarr.json", prototype)
+        if value is not None and (not path.is_file() or path.read_bytes() != value.to_bytes()):
+            shutil.rmtree(self.cache_dir / "objects", ignore_errors=True)
+            _write_atomically(path, value.to_bytes())
+        return value
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}{PART_SUFFIX}")
+    staged.write_bytes(data)
+    os.replace(staged, path)
+
+
+def cached_store(url: str, cache_dir: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+                 ) -> RangeCacheStore:
+    """A read-only zarr store over the remote store at ``url`` that keeps every object and byte range it reads
+    in ``cache_dir`` (shared by this run, later runs and other processes).
+
+    Pass it as the ``store`` of :class:`~reinforce_loaders.ReinforcedDataset`: an epoch then fetches only what no
+    earlier epoch or run fetched. Only the root ``zarr.json`` is fetched at every opening; if it changed (the
+    store was re-published), the cache is emptied first.
+    """
+    remote = FsspecStore.from_url(url, storage_options=storage_options, read_only=True)
+    return RangeCacheStore(remote, cache_dir)

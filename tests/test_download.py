@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from range_server import RangeServer, _Handler
+from reinforce_loaders import ReinforcedDataset
 
-from reinforce.download import DownloadError, DownloadOptions, download
+from reinforce.download import DownloadError, DownloadOptions, cached_store, download
 from reinforce.manifest import MANIFEST_NAME, Manifest, ManifestError
 from reinforce.publish import publish
 from reinforce.report import verify_store
@@ -298,3 +300,31 @@ def test_publish_to_and_download_from_s3(store, digits, tmp_path, s3_options):
     publish(store, str(local), source=digits[0])
     for entry in summary.manifest.files:
         assert (tmp_path / "copy" / entry.path).read_bytes() == (local / entry.path).read_bytes()
+
+
+def _epoch_bytes(dataset: ReinforcedDataset, server: RangeServer, epoch: int) -> tuple[int, list]:
+    before = len(server.log)
+    dataset.set_epoch(epoch)
+    targets = [dataset[index][1] for index in range(len(dataset))]
+    return sum(request.bytes for request in server.log[before:]), targets
+
+
+def test_local_cache_fetches_each_remote_range_once(publication, digits, tmp_path):
+    """Streaming through cached_store: a cycle of A epochs reads each range once, a later run reads only the root
+    metadata, and the samples equal those of the plain remote store."""
+    store_dir = manifest_of(publication).store
+    with RangeServer(publication) as server:
+        url = f"{server.url}/{store_dir}"
+        plain = ReinforcedDataset(digits[0], url, target="sparse")
+        cached = ReinforcedDataset(digits[0], cached_store(url, tmp_path / "cache"), target="sparse")
+        cycle = plain.header.num_augmentations
+        for epoch in range(2 * cycle):
+            plain_bytes, plain_targets = _epoch_bytes(plain, server, epoch)
+            cached_bytes, cached_targets = _epoch_bytes(cached, server, epoch)
+            assert plain_bytes > 0 and (cached_bytes == 0) == (epoch >= cycle)
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                       for a, b in zip(plain_targets, cached_targets))
+        before = len(server.log)
+        again = ReinforcedDataset(digits[0], cached_store(url, tmp_path / "cache"), target="sparse")
+        assert [r.path for r in server.log[before:]] == [f"/{store_dir}/zarr.json"]
+        assert _epoch_bytes(again, server, 0)[0] == 0
