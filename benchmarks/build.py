@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from reinforce.build import BuildConfig, make_processor, run_build
+from reinforce.build import BuildConfig, make_processor, resolve_plan, run_build
 from reinforce.teachers import Ensemble, create_ensemble
 
 
@@ -98,16 +98,11 @@ def prepare_forward_only(config: BuildConfig, ensemble: Ensemble, num_images: in
     from reinforce_loaders.source import open_source
 
     source = open_source(config.source)
-    processor = make_processor(config, ensemble, source)
+    processor = make_processor(resolve_plan(config, source, ensemble), ensemble, source)
     batches = []
     for start in range(0, num_images, config.block_size):
         loaded = processor.load(start, min(start + config.block_size, num_images))
-        n, a = len(loaded.images), config.num_augmentations
-        params = np.stack([processor.pipeline.sample_slots(config.seed, loaded.start + i, a, im.shape[1], im.shape[2],
-                                                      num_samples=len(source))
-                           for i, im in enumerate(loaded.images)])
-        sizes = np.array([im.shape[1:] for im in loaded.images])
-        params = processor.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
+        n, a, params = len(loaded.images), config.num_augmentations, loaded.params
         images = [im.to(processor.device) for im in loaded.images]
         rows, cols = np.divmod(np.arange(n * a), a)
         for first in range(0, n * a, config.batch_size):
@@ -116,7 +111,7 @@ def prepare_forward_only(config: BuildConfig, ensemble: Ensemble, num_images: in
                        .contiguous(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
                        for size in ensemble.input_sizes}
             batches.append(by_size)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(processor.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(processor.plan.precision)
 
     def forward_all() -> float:
         synchronize(config.device)
@@ -211,7 +206,8 @@ def main() -> None:
         config = BuildConfig(source=str(source), out=str(root / "store.zarr"), teachers=teachers, augment="rrc",
                              image_size=args.image_size, num_augmentations=args.num_augmentations,
                              top_k=args.top_k, batch_size=args.batch_size, block_size=args.block_size,
-                             device=args.device, precision=args.precision, compile=args.compile)
+                             device=args.device, precision=args.precision, compile=args.compile,
+                             teacher_classes="all")
         # (a) and (b) share one ensemble, so they run the very same modules.
         ensemble = create_ensemble(teachers)
         # Warm-up: the first forward passes of a process are slower (allocator, kernel selection).

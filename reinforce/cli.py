@@ -14,7 +14,10 @@ from .publishing_cli import PUBLISHING_COMMANDS, add_publishing_parsers, run_pub
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in text.split(","))
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,57 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reinforce {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    build = commands.add_parser("build", help="reinforce an image dataset into a store")
-    build.add_argument("source", help="ImageFolder-layout directory: SOURCE/CLASS/IMAGE")
-    build.add_argument("--teacher", action="append", required=True, metavar="ARCH[=WEIGHTS]",
-                       help="ensemble member: a timm architecture, with local .safetensors/state_dict weights "
-                            "(else timm's pretrained weights); repeat for an ensemble")
-    build.add_argument("--augment", default="rrc", metavar="PRESET|CONFIG.json",
-                       help=f"augmentation preset ({', '.join(PRESETS)}) or a JSON pipeline config file")
-    build.add_argument("--image-size", type=int, default=224, help="side of the augmented images (default 224)")
-    build.add_argument("--num-augmentations", "-A", type=int, required=True, help="stored augmentations per image")
-    build.add_argument("--top-k", "-k", type=int, required=True, help="teacher probabilities kept per record")
-    build.add_argument("--out", required=True, help="store directory to create, or to resume")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--batch-size", type=int, default=256,
-                       help="records per teacher forward pass; fixed for a store, as it can change the bytes")
-    build.add_argument("--block-size", type=int, default=None,
-                       help="samples per block, the unit of work and resume (default: 256 to 4096 by "
-                            "--num-augmentations, so an epoch's shard-index reads stay small; see format_spec.md)")
-    build.add_argument("--class-vocabulary", type=int, metavar="V",
-                       help="store top-k indices as positions in a per-image vocabulary of its V most frequent "
-                            "classes (default 32 when there are more than 64 classes and A x K >= 512, else "
-                            "0 = plain class indices)")
-    build.add_argument("--prob-scale", type=int, default=1000, metavar="Q",
-                       help="probabilities are stored as round(p * Q), error <= 0.5/Q (default 1000: 5e-4; 512 "
-                            "keeps it under 1e-3 for ~1 byte/record less)")
-    build.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    build.add_argument("--decode-threads", type=int, default=4)
-    build.add_argument("--teacher-input-size", type=int, help="override every member's input size")
-    build.add_argument("--teacher-mean", type=_floats, help="override every member's mean, e.g. 0.5,0.5,0.5")
-    build.add_argument("--teacher-std", type=_floats, help="override every member's std, e.g. 0.5,0.5,0.5")
-    build.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="teacher arithmetic (autocast); auto: bf16 on CUDA, fp32 on CPU")
-    build.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                       help="run the teachers in channels_last memory format (default on)")
-    build.add_argument("--compile", action="store_true", help="torch.compile every teacher")
-    build.add_argument("--on-bad-image", default="fail", choices=("fail", "skip"),
-                       help="an unreadable source image stops the build (fail) or is recorded as skipped in the "
-                            "store and the summary (skip)")
-    engine = build.add_argument_group(
-        "engine", "default: every block in this process. --workers N: a local Ray instance with N workers; "
-                  "--ray-address: join a running Ray cluster (the source and --out must be on a filesystem "
-                  "every node sees; the teachers are sent from here). Every engine gives the same bytes")
-    engine.add_argument("--workers", type=int, help="Ray block workers (default with --ray-address: as many as "
-                                                    "the cluster's CPUs, or GPUs with --device cuda, allow)")
-    engine.add_argument("--ray-address", metavar="auto|HOST:PORT", help="join this Ray cluster")
-    engine.add_argument("--cpu-threads", type=int,
-                        help="torch threads per worker and CPUs a Ray worker reserves (default: with --device cpu "
-                             "this machine's cores up to 8, as they change the bytes and are fixed for a store; "
-                             "else 1)")
-    engine.add_argument("--max-retries", type=int, default=2,
-                        help="times a block whose worker died is retried before the build fails (default 2)")
-    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_build_parser(commands)
 
     inspect = commands.add_parser("inspect", help="print what a store holds")
     inspect.add_argument("store")
@@ -98,6 +51,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_build_parser(commands: argparse._SubParsersAction) -> None:
+    """The ``build`` command; its defaults are :class:`~reinforce.plan.BuildConfig`'s (declared once, there)."""
+    from .plan import BAD_IMAGE_POLICIES, MAX_IMAGE_SIZE, PRECISIONS, TEACHER_CLASSES, config_defaults
+
+    build = commands.add_parser("build", help="reinforce an image dataset into a store")
+    build.add_argument("source", help="ImageFolder-layout directory: SOURCE/CLASS/IMAGE")
+    build.add_argument("--teacher", dest="teachers", action="append", required=True, metavar="ARCH[=WEIGHTS]",
+                       help="ensemble member: a timm architecture, with local .safetensors/state_dict weights "
+                            "(else timm's pretrained weights); repeat for an ensemble")
+    build.add_argument("--teacher-classes", choices=TEACHER_CLASSES,
+                       help="how the teachers' classes relate to the dataset's: 'dataset' (default) refuses "
+                            "teachers whose class count differs from the dataset's; 'all' keeps the teachers' "
+                            "label space on purpose (e.g. ImageNet teachers on a subset)")
+    build.add_argument("--augment", metavar="PRESET|CONFIG.json",
+                       help=f"augmentation preset ({', '.join(PRESETS)}) or a JSON pipeline config file "
+                            "(default %(default)s)")
+    build.add_argument("--image-size", type=int,
+                       help="side of the augmented images, 1 to %d (default: the JSON config's \"size\", else "
+                            "224; given with a config whose size differs, the build refuses)" % MAX_IMAGE_SIZE)
+    build.add_argument("--num-augmentations", "-A", type=int, required=True, help="stored augmentations per image")
+    build.add_argument("--top-k", "-k", type=int, required=True, help="teacher probabilities kept per record")
+    build.add_argument("--out", required=True, help="store directory to create, or to resume")
+    build.add_argument("--seed", type=int,
+                       help="seed of every augmentation and mixing draw: the same seed and settings give the "
+                            "same store; 0 <= seed < 2**64 (default %(default)s)")
+    build.add_argument("--batch-size", type=int,
+                       help="records per teacher forward pass; fixed for a store, as it can change the bytes "
+                            "(default %(default)s)")
+    build.add_argument("--block-size", type=int,
+                       help="samples per block, the unit of work and resume (default: 256 to 4096 by "
+                            "--num-augmentations, so an epoch's shard-index reads stay small; see format_spec.md)")
+    build.add_argument("--class-vocabulary", type=int, metavar="V",
+                       help="store top-k indices as positions in a per-image vocabulary of its V most frequent "
+                            "classes (default 32 when there are more than 64 classes and A x K >= 512, else "
+                            "0 = plain class indices)")
+    build.add_argument("--prob-scale", type=int, metavar="Q",
+                       help="probabilities are stored as round(p * Q), error <= 0.5/Q, 500 < Q < 65535 (default "
+                            "%(default)s: 5e-4; 512 keeps it under 1e-3 for ~1 byte/record less)")
+    build.add_argument("--device", help="cpu, cuda or cuda:N (default %(default)s)")
+    build.add_argument("--decode-threads", type=int,
+                       help="threads decoding source images, per worker (default %(default)s)")
+    build.add_argument("--teacher-input-size", type=int,
+                       help="override every member's input size, 1 to %d" % MAX_IMAGE_SIZE)
+    build.add_argument("--teacher-mean", type=_floats, help="override every member's mean, e.g. 0.5,0.5,0.5")
+    build.add_argument("--teacher-std", type=_floats, help="override every member's std, e.g. 0.5,0.5,0.5")
+    build.add_argument("--precision", choices=PRECISIONS,
+                       help="teacher arithmetic (autocast); auto (default): bf16 on CUDA, fp32 on CPU")
+    build.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                       help="run the teachers in channels_last memory format (default on)")
+    build.add_argument("--compile", action="store_true", help="torch.compile every teacher")
+    build.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES,
+                       help="an unreadable source image stops the build (fail, the default) or is recorded as "
+                            "skipped in the store and the summary (skip)")
+    engine = build.add_argument_group(
+        "engine", "default: every block in this process. --workers N: a local Ray instance with N workers; "
+                  "--ray-address: join a running Ray cluster (the source and --out must be on a filesystem "
+                  "every node sees; the teachers are sent from here). Every engine gives the same bytes")
+    engine.add_argument("--workers", type=int, help="Ray block workers (default with --ray-address: as many as "
+                                                    "the cluster's CPUs, or GPUs with --device cuda, allow)")
+    engine.add_argument("--ray-address", metavar="auto|HOST:PORT", help="join this Ray cluster")
+    engine.add_argument("--cpu-threads", type=int,
+                        help="torch threads per worker and CPUs a Ray worker reserves (default: with --device cpu "
+                             "this machine's cores up to 8, as they change the bytes and are fixed for a store; "
+                             "else 1)")
+    engine.add_argument("--max-retries", type=int,
+                        help="times a block whose worker died is retried before the build fails (default "
+                             "%(default)s)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(**{name: value for name, value in config_defaults().items() if name != "teachers"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -114,18 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
         from .build import BuildConfig, run_build
 
-        config = BuildConfig(
-            source=args.source, out=args.out, teachers=args.teacher, augment=args.augment,
-            image_size=args.image_size, num_augmentations=args.num_augmentations, top_k=args.top_k,
-            seed=args.seed, batch_size=args.batch_size, block_size=args.block_size, device=args.device,
-            decode_threads=args.decode_threads, teacher_input_size=args.teacher_input_size,
-            teacher_mean=args.teacher_mean, teacher_std=args.teacher_std, precision=args.precision,
-            channels_last=args.channels_last, compile=args.compile, on_bad_image=args.on_bad_image,
-            workers=args.workers, ray_address=args.ray_address, cpu_threads=args.cpu_threads,
-            max_retries=args.max_retries, class_vocabulary=args.class_vocabulary, prob_scale=args.prob_scale,
-        )
-        summary = run_build(config, progress=not args.no_progress)
-        print(f"built {args.out}: {summary}")
+        run_build(BuildConfig.from_mapping(vars(args)), progress=not args.no_progress, report=print)
         return 0
     if args.command == "inspect":
         from .report import describe_store
@@ -149,12 +162,12 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         print(f"{args.store}: verified")
         return 0
+    if args.command in PUBLISHING_COMMANDS:
+        return run_publishing_command(args)
     if args.command == "train":
         from .recipes.cli import run_from_args
 
         return run_from_args(args)
-    if args.command in PUBLISHING_COMMANDS:
-        return run_publishing_command(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -1,8 +1,9 @@
 """Engines that run a build's pending blocks: in this process, or on Ray actors.
 
-Both run :class:`~reinforce.build.BlockProcessor`: a worker decodes, computes and writes its block to
-the store and marks it done; the driver only hands out block numbers and collects
-:class:`~reinforce.build.BlockStats`. Ray is imported only when a Ray engine is asked for.
+Both run the one block routine, :class:`~reinforce.blocks.BlockRunner`: a worker decodes, computes and writes
+its block through a :class:`~reinforce.writer.BlockSink` and marks it done; the driver alone creates, resumes
+and finalizes the store, hands out block numbers and collects :class:`~reinforce.blocks.BlockStats`. Ray is
+imported only when a Ray engine is asked for.
 
 * :class:`InProcessEngine` (no ``--workers``, no ``--ray-address``): no cluster, nothing to configure; blocks
   in order, the next one decoding while the teachers run on this one.
@@ -27,20 +28,21 @@ from reinforce_loaders import format as fmt
 from reinforce_loaders.errors import ReinforceError
 from reinforce_loaders.source import ImageSource
 
-from .build import BlockRunner, BlockStats, BuildConfig, BuildError, make_processor
+from .blocks import BlockRunner, BlockStats, RecordsDone, make_processor
+from .plan import BuildError, BuildPlan
 from .teachers import Ensemble
-from .writer import StoreWriter
+from .writer import BlockSink, StoreWriter
 
 BLOCKS_IN_FLIGHT = 2
 """Blocks a worker holds at once: one decoding or writing while the other uses the device."""
 
 
-def make_engine(config: BuildConfig, writer: StoreWriter, ensemble: Ensemble, source: ImageSource,
-                num_params: int) -> InProcessEngine | RayEngine:
-    """The engine ``config`` asks for (see the module docstring)."""
-    if config.uses_ray:
-        return RayEngine(config, writer.header, ensemble, num_params)
-    return InProcessEngine(config, writer, ensemble, source)
+def make_engine(plan: BuildPlan, writer: StoreWriter, ensemble: Ensemble,
+                source: ImageSource) -> InProcessEngine | RayEngine:
+    """The engine ``plan`` asks for (see the module docstring); ``writer`` is the driver's open store."""
+    if plan.config.uses_ray:
+        return RayEngine(plan, ensemble)
+    return InProcessEngine(plan, writer, ensemble, source)
 
 
 def _block_failed(header: fmt.StoreHeader, block: int, times: int, cause: str) -> BuildError:
@@ -52,54 +54,51 @@ def _block_failed(header: fmt.StoreHeader, block: int, times: int, cause: str) -
 
 
 class InProcessEngine:
-    """Every block in this process, in order; the next block decodes while this one computes."""
+    """Every block in this process, in order; the next block loads while this one computes."""
 
     retries = 0
 
-    def __init__(self, config: BuildConfig, writer: StoreWriter, ensemble: Ensemble, source: ImageSource) -> None:
-        self.header = writer.header
-        self.writer = writer
-        self.processor = make_processor(config, ensemble, source)
-        self.description = f"in-process on {config.device}"
+    def __init__(self, plan: BuildPlan, sink: BlockSink, ensemble: Ensemble, source: ImageSource) -> None:
+        self.header = plan.header
+        self.runner = BlockRunner(make_processor(plan, ensemble, source), sink, name="main")
+        self.description = f"in-process on {plan.config.device}"
 
     def __enter__(self) -> InProcessEngine:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.processor.close()
+        self.runner.processor.close()
 
-    def run(self, pending: list[int]) -> Iterator[BlockStats]:
+    def run(self, pending: list[int], records_done: RecordsDone | None = None) -> Iterator[BlockStats]:
+        """Run ``pending`` blocks, yielding each one's stats; ``records_done`` hears of every micro-batch."""
         if not pending:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
-            following = prefetch.submit(self.processor.load, *self.header.block_range(pending[0]))
+            following = prefetch.submit(self.runner.load, pending[0])
             for position, block in enumerate(pending):
-                began = time.perf_counter()
                 loading = following
                 if position + 1 < len(pending):
-                    following = prefetch.submit(self.processor.load, *self.header.block_range(pending[position + 1]))
+                    following = prefetch.submit(self.runner.load, pending[position + 1])
                 try:
-                    loaded = loading.result()
-                    self.writer.write_block(block, self.processor.compute(loaded))
+                    stats = self.runner.finish(block, loading.result(), records_done)
                 except ReinforceError:
                     following.cancel()
                     raise
                 except Exception as error:
                     following.cancel()
                     raise _block_failed(self.header, block, 1, f"{type(error).__name__}: {error}") from error
-                yield BlockStats(block=block, images=len(loaded.images), skipped=loaded.skipped,
-                                 seconds=time.perf_counter() - began, worker="main")
+                yield stats
 
 
 class BlockWorker:
-    """A Ray actor holding one :class:`BlockRunner` (teachers loaded once, on its device)."""
+    """A Ray actor holding one :class:`~reinforce.blocks.BlockRunner` (teachers loaded once, on its device)
+    and a sink into the store the driver created."""
 
-    def __init__(self, config: BuildConfig, header: fmt.StoreHeader, num_params: int, ensemble: Ensemble,
-                 name: str) -> None:
-        if config.device_type == "cuda":
-            config = dataclasses.replace(config, device="cuda")  # Ray shows each actor only its own GPU
-        writer = StoreWriter.create_or_resume(config.out, header, num_params)
-        self.runner = BlockRunner(make_processor(config, ensemble), writer, name=name)
+    def __init__(self, plan: BuildPlan, ensemble: Ensemble, name: str) -> None:
+        if plan.device_type == "cuda":  # Ray shows each actor only its own GPU
+            plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, device="cuda"))
+        self.runner = BlockRunner(make_processor(plan, ensemble), BlockSink.open(plan.config.out, plan.header),
+                                  name=name)
 
     def run(self, block: int) -> BlockStats:
         return self.runner.run(block)
@@ -121,10 +120,11 @@ class _Slot:
 class RayEngine:
     """Blocks on Ray actors, one per worker (see the module docstring)."""
 
-    def __init__(self, config: BuildConfig, header: fmt.StoreHeader, ensemble: Ensemble, num_params: int) -> None:
+    def __init__(self, plan: BuildPlan, ensemble: Ensemble) -> None:
         import ray
 
-        self.config, self.header, self.num_params = config, header, num_params
+        config = plan.config
+        self.plan, self.config, self.header = plan, config, plan.header
         self.retries = 0
         self.owned = False
         if not ray.is_initialized():
@@ -132,7 +132,7 @@ class RayEngine:
                 ray.init(address=config.ray_address, log_to_driver=False)
             else:
                 # address="local": a new instance even where another cluster runs on this machine.
-                ray.init(address="local", num_cpus=(config.workers or 1) * config.resolved_cpu_threads,
+                ray.init(address="local", num_cpus=(config.workers or 1) * plan.cpu_threads,
                          include_dashboard=False, log_to_driver=False)
             self.owned = True
         self.num_gpus = 1 if config.device_type == "cuda" else 0
@@ -141,7 +141,7 @@ class RayEngine:
         self.description = f"Ray ({where}), {self.workers} workers on {config.device}"
         self.ensemble_ref = ray.put(ensemble)
         self.actor_class = ray.remote(BlockWorker).options(
-            num_cpus=config.resolved_cpu_threads, num_gpus=self.num_gpus, max_concurrency=BLOCKS_IN_FLIGHT,
+            num_cpus=plan.cpu_threads, num_gpus=self.num_gpus, max_concurrency=BLOCKS_IN_FLIGHT,
             max_restarts=0, max_task_retries=0)
         self.slots: list[_Slot] = []
 
@@ -151,22 +151,22 @@ class RayEngine:
                 f"--device {self.config.device} needs GPUs but the Ray cluster has none "
                 f"(resources: {resources}): use --device cpu, or join a cluster with GPUs"
             )
-        capacity = int(resources.get("CPU", 0) // max(self.config.resolved_cpu_threads, 1e-9))
+        capacity = int(resources.get("CPU", 0) // max(self.plan.cpu_threads, 1e-9))
         if self.num_gpus:
             capacity = min(capacity, int(resources.get("GPU", 0)))
         if capacity < 1:
-            raise BuildError(f"the Ray cluster cannot host one worker of {self.config.resolved_cpu_threads} CPUs "
+            raise BuildError(f"the Ray cluster cannot host one worker of {self.plan.cpu_threads} CPUs "
                              f"(resources: {resources}): lower --cpu-threads")
         asked = self.config.workers or capacity
         if asked > capacity:
             # Actors beyond capacity would wait forever with their blocks.
             warnings.warn(f"--workers {asked} but the Ray cluster holds only {capacity} workers of "
-                          f"{self.config.resolved_cpu_threads} CPUs{' and 1 GPU' if self.num_gpus else ''}: using {capacity}",
+                          f"{self.plan.cpu_threads} CPUs{' and 1 GPU' if self.num_gpus else ''}: using {capacity}",
                           stacklevel=2)
         return min(asked, capacity)
 
     def _spawn(self, name: str) -> Any:
-        return self.actor_class.remote(self.config, self.header, self.num_params, self.ensemble_ref, name)
+        return self.actor_class.remote(self.plan, self.ensemble_ref, name)
 
     def __enter__(self) -> RayEngine:
         return self
@@ -186,7 +186,8 @@ class RayEngine:
 
         return ray.get([slot.actor.pid.remote() for slot in self.slots])
 
-    def run(self, pending: list[int]) -> Iterator[BlockStats]:
+    def run(self, pending: list[int], records_done: RecordsDone | None = None) -> Iterator[BlockStats]:
+        """Run ``pending`` blocks on the actors, yielding each one's stats (progress: per block)."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 

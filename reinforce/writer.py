@@ -40,11 +40,13 @@ class BlockResult:
     class_vocabulary: np.ndarray | None = None  # (n, V); None: format.class_vocabulary of topk_indices
 
 
-class StoreWriter:
-    """Writes blocks of a store whose header is fixed at creation.
+class BlockSink:
+    """Writes whole blocks into a store that exists: what a build worker holds.
 
-    Block ``b`` maps to whole chunks of the per-sample arrays, one whole shard of ``records`` and chunk ``b``
-    of ``blocks_done``, so writers of different blocks (in different processes) never touch the same file.
+    It never creates, resumes or cleans a store (that is the driver's :class:`StoreWriter`), so a worker,
+    however often it is restarted, cannot touch another worker's files. Block ``b`` maps to whole chunks of
+    the per-sample arrays, one whole shard of ``records`` and chunk ``b`` of ``blocks_done``, so writers of
+    different blocks (in different processes) never touch the same file.
     """
 
     def __init__(self, group: zarr.Group, header: fmt.StoreHeader) -> None:
@@ -53,43 +55,9 @@ class StoreWriter:
         self.codec = header.param_codec
 
     @classmethod
-    def create_or_resume(cls, path: str | os.PathLike[str], header: fmt.StoreHeader, num_params: int) -> StoreWriter:
-        """Open ``path`` for writing: create a new store, or resume one built with the same settings."""
-        path = Path(path)
-        header = with_param_encodings(header)
-        if len(header.param_encodings) != num_params:
-            raise StoreFormatError(f"the augmentation pipeline has {len(header.param_encodings)} parameters, "
-                                   f"the build passed num_params={num_params}")
-        if path.exists() and any(path.iterdir()):
-            try:
-                group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-                existing = fmt.StoreHeader.from_attrs(group.attrs.asdict())
-            except (StoreFormatError, FileNotFoundError, zarr.errors.GroupNotFoundError,
-                    zarr.errors.NodeTypeValidationError) as error:
-                reason = str(error) if isinstance(error, StoreFormatError) else "no reinforce header"
-                raise StoreFormatError(
-                    f"--out {path} exists and is not a reinforce store this version can resume ({reason}): "
-                    "choose another path or remove it"
-                ) from None
-            differences = _differences(existing.settings(), header.settings())
-            if differences:
-                raise StoreFormatError(
-                    f"--out {path} holds a store built with different settings ({'; '.join(differences)}): "
-                    "re-run with the original settings to resume it, or choose another --out"
-                )
-            # zarr writes each file as "<name>.<uuid>.partial" and then renames it; a crash leaves those behind.
-            for leftover in path.rglob("*.partial"):
-                leftover.unlink(missing_ok=True)
-            return cls(group, existing)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        for name, spec in fmt.array_specs(header).items():
-            group.create_array(name, **spec)
-        group.attrs[fmt.ATTRS_KEY] = header.to_attrs()
-        return cls(group, header)
-
-    def pending_blocks(self) -> list[int]:
-        done = self.group[fmt.BLOCKS_DONE][:]
-        return [int(block) for block in np.flatnonzero(done == 0)]
+    def open(cls, path: str | os.PathLike[str], header: fmt.StoreHeader) -> BlockSink:
+        """A sink into the existing store ``path``, whose header the driver has created or checked."""
+        return cls(zarr.open_group(str(path), mode="r+", zarr_format=3), header)
 
     def write_block(self, block: int, result: BlockResult) -> None:
         """Encode and write one block, then mark it done (data first, so a crash leaves it pending)."""
@@ -139,6 +107,53 @@ class StoreWriter:
         self.group[fmt.RECORDS][start:stop] = records
         self.group[fmt.BLOCKS_DONE][block] = 1
 
+
+class StoreWriter(BlockSink):
+    """The build driver's handle on a store: creates or resumes it, lists pending blocks, finalizes it."""
+
+    @classmethod
+    def create_or_resume(cls, path: str | os.PathLike[str], header: fmt.StoreHeader,
+                         num_params: int | None = None) -> StoreWriter:
+        """Open ``path`` for writing: create a new store, or resume one built with the same settings.
+
+        Only the build driver calls this: resuming removes the files that crashed writes left behind.
+        """
+        path = Path(path)
+        header = with_param_encodings(header)
+        if num_params is not None and len(header.param_encodings) != num_params:
+            raise StoreFormatError(f"the augmentation pipeline has {len(header.param_encodings)} parameters, "
+                                   f"the build passed num_params={num_params}")
+        if path.exists() and any(path.iterdir()):
+            try:
+                group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+                existing = fmt.StoreHeader.from_attrs(group.attrs.asdict())
+            except (StoreFormatError, FileNotFoundError, zarr.errors.GroupNotFoundError,
+                    zarr.errors.NodeTypeValidationError) as error:
+                reason = str(error) if isinstance(error, StoreFormatError) else "no reinforce header"
+                raise StoreFormatError(
+                    f"--out {path} exists and is not a reinforce store this version can resume ({reason}): "
+                    "choose another path or remove it"
+                ) from None
+            differences = _differences(existing.settings(), header.settings())
+            if differences:
+                raise StoreFormatError(
+                    f"--out {path} holds a store built with different settings ({'; '.join(differences)}): "
+                    "re-run with the original settings to resume it, or choose another --out"
+                )
+            # zarr writes each file as "<name>.<uuid>.partial" and then renames it; a crash leaves those behind.
+            for leftover in path.rglob("*.partial"):
+                leftover.unlink(missing_ok=True)
+            return cls(group, existing)
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        for name, spec in fmt.array_specs(header).items():
+            group.create_array(name, **spec)
+        group.attrs[fmt.ATTRS_KEY] = header.to_attrs()
+        return cls(group, header)
+
+    def pending_blocks(self) -> list[int]:
+        done = self.group[fmt.BLOCKS_DONE][:]
+        return [int(block) for block in np.flatnonzero(done == 0)]
+
     def finalize(self) -> fmt.StoreHeader:
         """Mark the store complete (only if every block is written) and consolidate its metadata."""
         pending = self.pending_blocks()
@@ -169,3 +184,10 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def store_bytes(path: str | os.PathLike[str]) -> int:
     """Bytes on disk of every file under ``path``."""
     return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file())
+
+
+def data_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of the arrays' chunk and shard files under ``path`` (no metadata): what ``reinforce inspect`` sums."""
+    root = Path(path)
+    return sum(file.stat().st_size for array in root.iterdir() if array.is_dir()
+               for file in array.rglob("*") if file.is_file() and file.name != "zarr.json")

@@ -238,7 +238,6 @@ def test_out_of_memory_names_a_batch_size(digits, teacher_weights, tmp_path, mon
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Ensemble, "probs", out_of_memory)
-    monkeypatch.setattr("reinforce.build.probe_num_classes", lambda ensemble: 10)
     with pytest.raises(BuildError, match="ran out of memory on a micro-batch of 16 records: try --batch-size 8"):
         build(digits[0], tmp_path / "store.zarr", teacher_weights)
 
