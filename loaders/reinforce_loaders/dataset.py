@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
-from collections.abc import Callable
+import tempfile
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -13,12 +17,26 @@ from torchvision.transforms import v2
 
 from . import format as fmt
 from .augment import AugmentPipeline
-from .errors import SourceMismatchError, StoreFormatError
+from .augment.geometric import RandomCrop, RandomResizedCrop
+from .errors import ReinforceError, SourceMismatchError, StoreFormatError
 from .rng import slot_for_epoch
-from .source import ImageSource, MapDataset, fingerprint, open_source
+from .source import ImageSource, MapDataset, distrust_torchvision_jpeg, fingerprint, open_source
 from .targets import RemainingMass, dense_target
 
 TargetKind = Literal["dense", "sparse"]
+DecodeMode = Literal["exact", "fast"]
+TransformPolicy = Literal["refuse", "ignore"]
+
+FAST_FINGERPRINT_EVERY = 64
+"""In ``decode="fast"`` mode, every this-many-th sample is still decoded in full once and fingerprinted."""
+
+_AUGMENTING_TRANSFORM_WORDS = ("Random", "Crop", "Resize", "Flip", "Augment", "AugMix", "Erasing", "Jitter",
+                               "Mixup", "MixUp", "CutMix", "Affine", "Perspective", "Rotation", "Solarize",
+                               "Posterize", "Equalize", "Grayscale", "Blur", "Elastic")
+
+
+class ReplayTransformError(ReinforceError):
+    """A transform that would augment the replayed images again was given to a :class:`ReinforcedDataset`."""
 
 
 class ReinforcedDataset(torch.utils.data.Dataset):
@@ -27,7 +45,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
     ``ds[i]`` decodes source image ``i``, picks the stored slot for (seed, epoch, i), replays that slot's
     augmentation at ``resolution`` and returns ``(transform(image), target)``. The target is a dense
     ``num_classes`` probability vector (``target="dense"``) or the stored ``(indices, probs)`` pair
-    (``target="sparse"``).
+    (``target="sparse"``). ``ds.__getitems__(positions)`` (used by DataLoader) replays a whole batch at once.
 
     Args:
         source: ImageFolder directory or map-style dataset returning ``(PIL image or tensor, label)``, in the
@@ -36,13 +54,26 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         resolution: output side in pixels (default: the size the store was built at).
         target: ``"dense"`` or ``"sparse"``.
         remaining_mass: how a dense target treats the mass outside the top-k (see :func:`dense_target`).
-        transform: applied to the replayed uint8 ``[3, H, W]`` image (default: float32 in [0, 1]).
+        transform: applied to the replayed uint8 ``[3, H, W]`` image (default: float32 in [0, 1]; pass
+            ``torch.nn.Identity()`` to keep uint8 until the device, see :mod:`reinforce_loaders.collate`).
+            Transforms that would augment again (random crops, flips, RandAugment...) are refused.
         seed: seed of the per-epoch slot choice (default: the store's seed).
         verify: ``"lazy"`` checks each image's fingerprint the first time it is loaded, ``"full"`` checks every image
-            now, ``"none"`` skips the check. Labels and counts are always checked.
+            now, ``"none"`` skips the check. Labels and counts are always checked. In ``decode="fast"`` mode
+            ``"lazy"`` checks every image's pixel size (from its header, no decode) and the full fingerprint
+            of every :data:`FAST_FINGERPRINT_EVERY`-th sample.
+        decode: ``"exact"`` replays the teacher's pixels bit for bit; ``"fast"`` decodes a JPEG at 1/2, 1/4 or
+            1/8 scale when its stored crop is downscaled by 2x or more (a few levels of pixel difference,
+            see benchmarks/RESULTS.md), and replays the rest exactly.
+        table_dir: directory of the memory-mapped epoch table (default: the system temporary directory). It
+            lives in the page cache, not in ``/dev/shm``.
+        transform_policy: what assigning an augmenting ``transform`` later does (timm's ``create_loader`` does):
+            ``"refuse"`` raises :class:`ReplayTransformError`, ``"ignore"`` keeps the current transform and
+            warns.
         storage_options: fsspec options for remote stores.
 
-    Call :meth:`set_epoch` before each epoch; it reaches DataLoader workers, persistent ones included.
+    Call :meth:`set_epoch` before each epoch (or use :class:`~reinforce_loaders.samplers.ReinforcedSampler`,
+    which does); it reaches DataLoader workers, persistent ones included.
     """
 
     _MAX_CACHED_BLOCKS = 8
@@ -51,12 +82,13 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                  resolution: int | None = None, target: TargetKind = "dense",
                  remaining_mass: RemainingMass = "renormalize",
                  transform: Callable[[torch.Tensor], Any] | None = None, seed: int | None = None,
-                 verify: Literal["lazy", "full", "none"] = "lazy",
+                 verify: Literal["lazy", "full", "none"] = "lazy", decode: DecodeMode = "exact",
+                 table_dir: str | os.PathLike[str] | None = None, transform_policy: TransformPolicy = "refuse",
                  storage_options: dict[str, Any] | None = None) -> None:
-        if target not in ("dense", "sparse"):
-            raise ValueError(f"target must be 'dense' or 'sparse', got {target!r}")
-        if verify not in ("lazy", "full", "none"):
-            raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
+        _check_choice("target", target, ("dense", "sparse"))
+        _check_choice("verify", verify, ("lazy", "full", "none"))
+        _check_choice("decode", decode, ("exact", "fast"))
+        _check_choice("transform_policy", transform_policy, ("refuse", "ignore"))
         self._store_ref = str(store) if isinstance(store, os.PathLike) else store
         self._storage_options = storage_options
         group = fmt.open_store_group(self._store_ref, storage_options=storage_options)
@@ -66,35 +98,52 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         self.resolution = int(resolution) if resolution is not None else self.pipeline.size
         self.target = target
         self.remaining_mass = remaining_mass
-        self.transform = transform if transform is not None else v2.ToDtype(torch.float32, scale=True)
+        self.transform_policy = transform_policy
+        self._transform: Callable[[torch.Tensor], Any] = v2.ToDtype(torch.float32, scale=True)
+        if transform is not None:
+            self.transform = transform
         self.seed = self.header.seed if seed is None else int(seed)
         self.verify = verify
-        # Shared tensors, so set_epoch and records loaded by one DataLoader worker reach all of them.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.decode = decode
         self._group: Any = group
-        self._codec = self.header.param_codec
+        self._crops = CropColumns.of(self.pipeline)
         self._labels = fmt.read_array(group, fmt.LABELS)
         self._image_sizes = fmt.read_array(group, fmt.IMAGE_SIZES).astype(np.int64)
         self._fingerprints = fmt.read_array(group, fmt.FINGERPRINTS) if verify != "none" else None
-        # Read-only like the labels, so a plain array (shared copy-on-write by forked workers), kept out of
-        # /dev/shm, which containers often cap at 64 MB (2 V bytes per sample: 82 MB for ImageNet at V = 32).
+        # Read-only like the labels, so a plain array (shared copy-on-write by forked workers).
         self._vocabulary = fmt.read_vocabulary(group, self.header)
         skipped = self.header.skipped_indices
         _check_per_sample_arrays(self._labels, self._image_sizes, self._fingerprints, skipped)
         # Samples whose image was unreadable at build time have no records: the dataset leaves them out.
         self._samples = np.setdiff1d(np.arange(len(self._labels)), skipped) if skipped.size else None
-        # The current epoch's records, one row per sample, filled a block at a time as samples are asked for;
-        # _block_epoch[b] is the epoch whose slot block b's rows hold (-1: none yet).
-        itemsize = self.header.dtype.itemsize
-        self._epoch_rows = torch.zeros((len(self._labels), self.header.record_width * itemsize),
-                                       dtype=torch.uint8).share_memory_()
-        self._block_epoch = torch.full((self.header.num_blocks,), -1, dtype=torch.int64).share_memory_()
+        self._table = EpochTable(len(self._labels), self.header.record_width * self.header.dtype.itemsize,
+                                 self.header.num_blocks, table_dir)
         self._other_slots: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
-        # Samples whose fingerprint has been checked, shared so each is hashed about once per training run.
-        self._verified = torch.zeros(len(self._labels), dtype=torch.bool).share_memory_()
+        self._slot_cache = (-1, -1)
         self._check_source_matches()
         if verify == "full":
             self.verify_fingerprints()
+
+    # -- configuration ----------------------------------------------------------------------------------------
+
+    @property
+    def transform(self) -> Callable[[torch.Tensor], Any]:
+        return self._transform
+
+    @transform.setter
+    def transform(self, transform: Callable[[torch.Tensor], Any] | None) -> None:
+        augmenting = augmenting_parts(transform)
+        if not augmenting:
+            self._transform = transform if transform is not None else v2.ToDtype(torch.float32, scale=True)
+            return
+        message = (f"transform {', '.join(augmenting)} would augment the replayed images again (the store already "
+                   "holds each image's augmentation and the teacher's label for exactly those pixels)")
+        if self.transform_policy == "refuse":
+            raise ReplayTransformError(message + ": pass only dtype/normalization transforms, or build the "
+                                       "dataset with transform_policy='ignore' for training scripts that assign "
+                                       "dataset.transform themselves (timm's create_loader)")
+        warnings.warn(message + "; ignored (transform_policy='ignore'), keeping " + repr(self._transform),
+                      stacklevel=2)
 
     @property
     def num_classes(self) -> int:
@@ -114,22 +163,38 @@ class ReinforcedDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the stored slots for ``epoch`` (each stored slot is used once per ``num_augmentations``)."""
-        self._epoch.fill_(int(epoch))
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._table.epoch[0] = int(epoch)
 
     @property
     def epoch(self) -> int:
-        return int(self._epoch.item())
+        return int(self._table.epoch[0])
 
     def slot(self, index: int, epoch: int | None = None) -> int:
         """The stored slot sample ``index`` uses in ``epoch`` (default: the current epoch)."""
         epoch = self.epoch if epoch is None else epoch
         return slot_for_epoch(self.seed, epoch, index, self.header.num_augmentations)
 
+    def _epoch_slot(self, epoch: int) -> int:
+        """:meth:`slot` of ``epoch`` (the same for every sample), computed once per epoch and process."""
+        if self._slot_cache[0] != epoch:
+            self._slot_cache = (epoch, self.slot(0, epoch))
+        return self._slot_cache[1]
+
+    # -- loading ----------------------------------------------------------------------------------------------
+
     def __getitem__(self, position: int) -> tuple[Any, Any]:
-        if not 0 <= position < len(self):
-            raise IndexError(f"index {position} out of range for {len(self)} samples")
-        index = self.store_index(position)
-        return self.replay(index, self.slot(index))
+        return self.__getitems__([position])[0]
+
+    def __getitems__(self, positions: Sequence[int]) -> list[tuple[Any, Any]]:
+        """Samples at ``positions``, replayed as one batch (DataLoader calls this with a batch's indices)."""
+        for position in positions:
+            if not 0 <= position < len(self):
+                raise IndexError(f"index {position} out of range for {len(self)} samples")
+        indices = np.array([self.store_index(int(p)) for p in positions], dtype=np.int64)
+        epoch = self.epoch
+        return self._replay(indices, self._epoch_slot(epoch), self.resolution, epoch)
 
     def replay(self, index: int, slot: int, resolution: int | None = None) -> tuple[Any, Any]:
         """``(transform(image), target)`` of record (index, slot) at ``resolution``.
@@ -137,35 +202,75 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         A mixed record (MixUp / CutMix) also decodes its partner sample and replays the partner's stored
         augmentation before mixing; the target is the teacher's on the mixed image, as stored.
         """
-        image = self._load_checked(index)
-        params, indices, probs = self._record(index, slot)
-        indices = torch.from_numpy(indices.astype(np.int64))
-        probs = torch.from_numpy(probs.astype(np.float32))
-        partners = self.pipeline.partner_indices(params[None])
-        partner_image = None
-        if partners is not None and partners[0] >= 0:
-            if partners[0] >= self.header.num_samples:
-                raise StoreFormatError(f"record ({index}, {slot}) mixes with sample {int(partners[0])}, beyond the "
-                                       f"store's {self.header.num_samples} samples: the store is damaged, rebuild it")
-            partner_image = self._load_checked(int(partners[0]))
-        image = self.pipeline.apply(image, params, resolution or self.resolution, partner_image=partner_image)
+        return self._replay(np.array([index]), slot, resolution or self.resolution, self.epoch)[0]
+
+    def _replay(self, indices: np.ndarray, slot: int, resolution: int, epoch: int) -> list[tuple[Any, Any]]:
+        params, topk, probs = self._decoded_records(indices, slot, epoch)
+        partners = self.pipeline.partner_indices(params)
+        if partners is not None and (partners >= self.header.num_samples).any():
+            bad = int(np.argmax(partners >= self.header.num_samples))
+            raise StoreFormatError(f"record ({int(indices[bad])}, {slot}) mixes with sample {int(partners[bad])}, "
+                                   f"beyond the store's {self.header.num_samples} samples: the store is damaged, "
+                                   "rebuild it")
+        params = params.copy()
+        images = [self._source_image(int(i), params, r, self._crops.own, resolution) for r, i in enumerate(indices)]
+        partner_images = None
+        if partners is not None:
+            partner_images = [None if p < 0 else self._source_image(int(p), params, r, self._crops.partner, resolution)
+                              for r, p in enumerate(partners)]
+        replayed = self.pipeline.apply_batch(images, params, resolution, partner_images)
+        indices_t = torch.from_numpy(topk)
+        probs_t = torch.from_numpy(probs)
         if self.target == "sparse":
-            return self.transform(image), (indices, probs)
-        return self.transform(image), dense_target(indices, probs, self.num_classes, self.remaining_mass)
+            return [(self.transform(replayed[r]), (indices_t[r], probs_t[r])) for r in range(len(indices))]
+        dense = dense_target(indices_t, probs_t, self.num_classes, self.remaining_mass)
+        return [(self.transform(replayed[r]), dense[r]) for r in range(len(indices))]
+
+    def _source_image(self, index: int, params: np.ndarray, row: int, crop: slice | None,
+                      resolution: int) -> torch.Tensor:
+        """Source image of ``index`` for record ``row``. In fast mode a JPEG whose crop (``params[row, crop]``)
+        is downscaled 2x or more comes back already cropped to ``resolution``, and ``params[row, crop]`` is
+        rewritten to the whole image, which the crop op then passes through unchanged."""
+        if self.decode == "fast" and crop is not None and not self._needs_full_check(index):
+            expected = tuple(self._image_sizes[index]) if self.verify != "none" else None
+            cropped = self.source.load_crop(index, params[row, crop], resolution, expected)
+            if cropped is not None:
+                params[row, crop] = (0, 0, resolution, resolution)
+                return cropped
+        return self._load_checked(index)
+
+    def _needs_full_check(self, index: int) -> bool:
+        return (self.verify == "lazy" and index % FAST_FINGERPRINT_EVERY == 0
+                and not self._table.verified[index])
 
     def _load_checked(self, index: int) -> torch.Tensor:
         image, _ = self.source.load(index)
-        if self.verify == "lazy" and not self._verified[index]:
-            self._check_fingerprint(index, image)
-            self._verified[index] = True
+        if self.verify == "lazy" and not self._table.verified[index]:
+            image = self._checked(index, image)
+            self._table.verified[index] = True
         return image
+
+    def _checked(self, index: int, image: torch.Tensor) -> torch.Tensor:
+        """``image`` if its fingerprint matches the store's; a Pillow decode of it if only that one matches."""
+        if self._fingerprint_matches(index, image):
+            return image
+        pillow, _ = self.source.load(index, decoder="pillow")
+        if not torch.equal(pillow, image) and self._fingerprint_matches(index, pillow):
+            distrust_torchvision_jpeg()
+            return pillow
+        raise SourceMismatchError(
+            f"source sample {index} ({self.source.name_of(index)}) differs from the image the store was built "
+            "from (fingerprint mismatch): pass the same dataset, in the same order, that was reinforced"
+        )
+
+    def _fingerprint_matches(self, index: int, image: torch.Tensor) -> bool:
+        return self._fingerprints is None or fingerprint(image) == int(self._fingerprints[index])
 
     def verify_fingerprints(self) -> None:
         """Decode every source image and raise :class:`SourceMismatchError` at the first that differs."""
         for position in range(len(self)):
             index = self.store_index(position)
-            image, _ = self.source.load(index)
-            self._check_fingerprint(index, image)
+            self._checked(index, self.source.load(index)[0])
 
     def _check_source_matches(self) -> None:
         if len(self.source) != self.header.num_samples:
@@ -183,52 +288,62 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                     "dataset, in the same order, that was reinforced"
                 )
 
-    def _check_fingerprint(self, index: int, image: torch.Tensor) -> None:
-        if self._fingerprints is not None and fingerprint(image) != int(self._fingerprints[index]):
-            raise SourceMismatchError(
-                f"source sample {index} ({self.source.name_of(index)}) differs from the image the store was built "
-                "from (fingerprint mismatch): pass the same dataset, in the same order, that was reinforced"
-            )
+    # -- records ----------------------------------------------------------------------------------------------
 
-    def _record(self, index: int, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(aug params, top-k indices, top-k probs) of a record.
-
-        Records are read one (block, slot) chunk at a time: the current epoch's slot into the shared table
-        (so each chunk is read once per epoch across all workers), any other slot into a small LRU cache.
-        """
-        row = self._raw_row(index, slot)
-        height, width = self._image_sizes[index]
-        vocabulary = None if self._vocabulary is None else self._vocabulary[index]
-        decoded = fmt.decode_records(self.header, row, np.array(height), np.array(width), codec=self._codec,
-                                     vocabulary=vocabulary)
+    def _decoded_records(self, indices: np.ndarray, slot: int, epoch: int,
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(aug params ``(n, P)``, top-k indices ``(n, K)`` int64, top-k probs ``(n, K)`` float32)."""
+        rows = self._raw_rows(indices, slot, epoch)
+        sizes = self._image_sizes[indices]
+        vocabulary = None if self._vocabulary is None else self._vocabulary[indices]
+        decoded = fmt.decode_records(self.header, rows, sizes[:, 0], sizes[:, 1], vocabulary=vocabulary)
         return decoded.params, decoded.indices, decoded.probs
+
+    def record(self, index: int, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(aug params ``(P,)``, top-k indices ``(K,)``, top-k probs ``(K,)``) of record (index, slot)."""
+        params, indices, probs = self._decoded_records(np.array([index]), slot, self.epoch)
+        return params[0], indices[0], probs[0]
+
+    _record = record  # the name tests and tools used before it was public
 
     def teacher_entropy(self, index: int, slot: int) -> float:
         """Entropy (nats) of the full teacher distribution of record (index, slot), as stored."""
-        row = self._raw_row(index, slot)
-        return float(row[self.header.record_columns["teacher_entropy"].start]) / self.header.entropy_levels \
+        row = self._raw_rows(np.array([index]), slot, self.epoch)[0]
+        return float(row[self.header.layout.columns["teacher_entropy"].start]) / self.header.entropy_levels \
             * float(np.log(self.header.num_classes))
 
-    def _raw_row(self, index: int, slot: int) -> np.ndarray:
-        block = index // self.header.block_size
-        epoch = self.epoch
-        if slot == self.slot(index, epoch):
-            table = self._epoch_rows.numpy().view(self.header.dtype)
-            if int(self._block_epoch[block]) != epoch:
-                start, stop = self.header.block_range(block)
-                table[start:stop] = fmt.read_block_slot(self._store_group(), self.header, block, slot)
-                self._block_epoch[block] = epoch  # after the rows, so other workers never see a half block
-            return table[index]
+    def _raw_rows(self, indices: np.ndarray, slot: int, epoch: int) -> np.ndarray:
+        """Raw record rows of ``indices`` in ``slot``, read one (block, slot) chunk at a time: the epoch's slot
+        into the shared table (each chunk read once per epoch across all workers), others into a small cache."""
+        blocks = indices // self.header.block_size
+        if slot == self._epoch_slot(epoch):
+            table = self._table.rows.view(self.header.dtype)
+            for block in np.unique(blocks).tolist():
+                if int(self._table.block_epoch[block]) != epoch:
+                    start, stop = self.header.block_range(block)
+                    table[start:stop] = fmt.read_block_slot(self._store_group(), self.header, block, slot,
+                                                            self._image_sizes)
+                    self._table.block_epoch[block] = epoch  # after the rows: no worker sees a half block
+            return table[indices]
+        return np.stack([self._other_slot_rows(int(block), slot)[index - block * self.header.block_size]
+                         for index, block in zip(indices.tolist(), blocks.tolist())])
+
+    @property
+    def _block_epoch(self) -> np.ndarray:
+        """Per block, the epoch whose slot the shared table holds (-1: none yet); tests inspect it."""
+        return self._table.block_epoch
+
+    def _other_slot_rows(self, block: int, slot: int) -> np.ndarray:
         key = (block, slot)
         rows = self._other_slots.get(key)
         if rows is None:
-            rows = fmt.read_block_slot(self._store_group(), self.header, block, slot)
+            rows = fmt.read_block_slot(self._store_group(), self.header, block, slot, self._image_sizes)
             self._other_slots[key] = rows
             if len(self._other_slots) > self._MAX_CACHED_BLOCKS:
                 self._other_slots.popitem(last=False)
         else:
             self._other_slots.move_to_end(key)
-        return rows[index - block * self.header.block_size]
+        return rows
 
     def _store_group(self) -> Any:
         if self._group is None:  # opened lazily so that each DataLoader worker has its own handles
@@ -239,7 +354,109 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_group"] = None
         state["_other_slots"] = collections.OrderedDict()
+        # Without their cached layouts, whose decoders are closures that do not pickle (spawned workers).
+        state["header"] = dataclasses.replace(self.header)
+        state["pipeline"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.pipeline = AugmentPipeline.from_config(self.header.augmentation)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def augmenting_parts(transform: Any) -> list[str]:
+    """Class names of the parts of ``transform`` (a Compose is searched) that would augment an image again."""
+    if transform is None:
+        return []
+    parts = getattr(transform, "transforms", None)
+    if isinstance(parts, (list, tuple)):
+        return [name for part in parts for name in augmenting_parts(part)]
+    name = type(transform).__name__
+    return [name] if any(word in name for word in _AUGMENTING_TRANSFORM_WORDS) else []
+
+
+@dataclasses.dataclass(frozen=True)
+class CropColumns:
+    """Parameter columns of the pipeline's source crop box (own, and the mixing partner's), when the crop can be
+    done ahead of the pipeline: a whole-pixel box resized with antialiasing, which passes an image already of
+    the output size through unchanged."""
+
+    own: slice | None
+    partner: slice | None
+
+    @classmethod
+    def of(cls, pipeline: AugmentPipeline) -> CropColumns:
+        crop = pipeline.ops[0]
+        if not isinstance(crop, (RandomResizedCrop, RandomCrop)) or crop.resample != "antialias":
+            return cls(None, None)
+        names = pipeline.param_names
+        own = names.index(f"{crop.name}.top")
+        partner = None
+        if pipeline.mix_index is not None:
+            mixer = pipeline.ops[pipeline.mix_index]
+            first = names.index(f"{mixer.name}.partner.{crop.name}.top")
+            partner = slice(first, first + 4)
+        return cls(slice(own, own + 4), partner)
+
+
+class EpochTable:
+    """Shared state of a dataset's DataLoader workers in a memory-mapped temporary file (page cache, not
+    ``/dev/shm``): the current epoch, per block the epoch its rows hold (-1: none), per sample whether its
+    fingerprint was checked, and the current epoch's record rows (``num_samples x row_bytes``).
+
+    Forked workers share the mapping; spawned workers map the file again by name. The file is removed when
+    the dataset of the process that made it is garbage collected or the process exits normally (a killed
+    process leaves a ``reinforce-epoch-table-*`` file in the temporary directory).
+    """
+
+    def __init__(self, num_samples: int, row_bytes: int, num_blocks: int,
+                 directory: str | os.PathLike[str] | None = None) -> None:
+        self.shape = (int(num_samples), int(row_bytes), int(num_blocks))
+        descriptor, self.path = tempfile.mkstemp(prefix="reinforce-epoch-table-", suffix=".bin",
+                                                 dir=None if directory is None else os.fspath(directory))
+        try:
+            os.ftruncate(descriptor, self._offsets()[-1])
+        finally:
+            os.close(descriptor)
+        self._remover = weakref.finalize(self, _remove_file, self.path, os.getpid())
+        self._map(fresh=True)
+
+    def _offsets(self) -> tuple[int, int, int, int]:
+        num_samples, row_bytes, num_blocks = self.shape
+        verified = 8 + 8 * num_blocks
+        rows = -(-(verified + num_samples) // 8) * 8
+        return 8, verified, rows, rows + num_samples * row_bytes
+
+    def _map(self, fresh: bool = False) -> None:
+        num_samples, row_bytes, num_blocks = self.shape
+        blocks, verified, rows, end = self._offsets()
+        memory = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(end,))
+        self.epoch = memory[:blocks].view(np.int64)
+        self.block_epoch = memory[blocks:verified].view(np.int64)
+        self.verified = memory[verified:verified + num_samples].view(np.bool_)
+        self.rows = memory[rows:end].reshape(num_samples, row_bytes)
+        if fresh:
+            self.block_epoch[:] = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"shape": self.shape, "path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.shape, self.path = state["shape"], state["path"]
+        self._map()
+
+
+def _remove_file(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # never from a forked worker that inherited the finalizer
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def _check_per_sample_arrays(labels: np.ndarray, sizes: np.ndarray, fingerprints: np.ndarray | None,
