@@ -14,8 +14,8 @@ from reinforce.recipes import TrainConfig, TrainError, TrainingDiverged, train
 
 
 def _config(digits, store, out, **overrides) -> TrainConfig:
-    settings = dict(train_source=str(digits[0]), store=str(store) if store else None, val_source=str(digits[1]), model="test_resnet",
-                    recipe="usi", epochs=2, batch_size=8, out=str(out), progress=False, seed=1)
+    settings = dict(train_source=str(digits[0]), store=str(store) if store else None, val_source=str(digits[1]),
+                    model="test_resnet", recipe="usi", epochs=2, batch_size=8, out=str(out), progress=False, seed=1)
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -97,8 +97,12 @@ def test_weights_with_another_class_count_are_refused_unless_fine_tuning(digits,
 
     path = tmp_path / "r.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=1000).state_dict(), str(path))
-    with pytest.raises(TrainError, match="predict 1000 classes but the training data has 10"):
+    with pytest.raises(TrainError, match="predict 1000 classes but the training data has 10.*--fine-tune"):
         train(_config(digits, store, tmp_path / "run", model=f"test_resnet={path}"), log=_quiet)
+    lines = []
+    train(_config(digits, store, tmp_path / "tuned", model=f"test_resnet={path}", fine_tune=True, epochs=1),
+          log=lines.append)
+    assert "classifier fc re-initialized for 10 classes (the weights had 1000)" in lines
 
 
 def test_validation_set_with_other_class_names_is_refused(digits, store, tmp_path):
@@ -138,3 +142,30 @@ def test_online_teacher_and_a_weak_teacher_warning(digits, teacher_weights, tmp_
     assert result.teacher["kind"] == "held-out" and result.teacher["top1"] is not None
     assert any("points better than the student" in w for w in result.warnings) or \
         result.teacher["top1"] - result.best_top1 >= 5
+
+
+def test_multiscale_sampler_and_entropy_curriculum_train_from_the_store(digits, store, tmp_path, monkeypatch):
+    from reinforce.recipes.train import Trainer
+
+    shapes = []
+    prepare = Trainer.prepare
+
+    def recording(self, batch, epoch, step):
+        shapes.append(tuple(batch[0].shape))
+        return prepare(self, batch, epoch, step)
+
+    monkeypatch.setattr(Trainer, "prepare", recording)
+    policies = []
+    result = train(_config(digits, store, tmp_path / "run", epochs=3, sampler="multiscale", curriculum="easy"),
+                   log=_quiet, on_step=lambda trainer, epoch, step: policies.append(trainer.train_set))
+    assert result.epochs_run == 3
+    sizes = {shape[-1] for shape in shapes}
+    assert len(sizes) > 1 and sizes <= {16, 24, 32, 40, 48}
+    for batch, side, *_ in ((s[0], s[-1]) for s in shapes):
+        assert batch == max(1, 8 * 32 ** 2 // side ** 2)  # batch size inversely proportional to pixels
+    # epoch 0 of the easy curriculum replays each sample's lowest-entropy record
+    data = policies[0]
+    dataset = data.dataset
+    for index in (0, 17, 44):
+        entropies = [dataset.teacher_entropy(index, slot) for slot in range(dataset.header.num_augmentations)]
+        assert data.slot_policy(index, 0) == min(range(len(entropies)), key=entropies.__getitem__)

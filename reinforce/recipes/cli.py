@@ -33,6 +33,8 @@ def add_train_parser(commands: Any) -> argparse.ArgumentParser:
     train.add_argument("--recipe", choices=tuple(RECIPES), default="usi")
     train.add_argument("--out", required=True, help="run directory (config, metrics, weights, checkpoint)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--fine-tune", action="store_true", default=None,
+                       help="start from --model's weights with a new classifier for these classes (adaptive: always)")
     train.add_argument("--teacher", action="append", default=[], metavar="ARCH=WEIGHTS",
                        help="online teacher run every step on the student's augmentation (usi online; repeat)")
     train.add_argument("--teacher-weights", action="append", default=[], metavar="ARCH=WEIGHTS",
@@ -79,7 +81,8 @@ def add_train_parser(commands: Any) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         train_source=args.train_source, store=args.store, val_source=args.val, model=args.model, recipe=args.recipe,
-        out=args.out, resume=args.resume, teachers=args.teacher, teacher_weights=args.teacher_weights,
+        out=args.out, resume=args.resume, fine_tune=args.fine_tune, teachers=args.teacher,
+        teacher_weights=args.teacher_weights,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, image_size=args.image_size, mean=args.mean, std=args.std,
         alpha_kd=args.alpha_kd, kd_only=args.kd_only, temperature=args.temperature, kd_mode=args.kd_mode,

@@ -33,6 +33,8 @@ class TrainConfig:
     """Online teachers ``ARCH=WEIGHTS``: run every step on the student's own augmentation (USI's way)."""
     teacher_weights: list[str] = dataclasses.field(default_factory=list)
     """The store's teachers as ``ARCH=WEIGHTS``, only to report their held-out accuracy on ``val_source``."""
+    fine_tune: bool | None = None
+    """Start from ``model``'s weights with a new classifier when their class count differs (default: adaptive only)."""
     epochs: int | None = None
     batch_size: int = 64
     lr: float | None = None
@@ -71,14 +73,14 @@ class TrainConfig:
 
 RECIPES: dict[str, dict[str, Any]] = {
     # Paper 002, Table 1 (AdamW 2e-3 / 2e-2, one-cycle, KD tau 1 alpha 5, test crop 0.95, EMA).
-    "usi": dict(epochs=300, optimizer="adamw", lr=2e-3, weight_decay=2e-2, schedule="onecycle", warmup_epochs=5,
-                ema=True, test_crop=0.95, lr_search="none", sam=False),
+    "usi": dict(fine_tune=False, epochs=300, optimizer="adamw", lr=2e-3, weight_decay=2e-2, schedule="onecycle",
+                warmup_epochs=5, ema=True, test_crop=0.95, lr_search="none", sam=False),
     # The baseline: the same optimizer and schedule on hard labels, torchvision RandomResizedCrop + flip.
-    "plain": dict(epochs=300, optimizer="adamw", lr=2e-3, weight_decay=2e-2, schedule="onecycle", warmup_epochs=5,
-                  ema=True, test_crop=0.95, lr_search="none", sam=False),
+    "plain": dict(fine_tune=False, epochs=300, optimizer="adamw", lr=2e-3, weight_decay=2e-2, schedule="onecycle",
+                  warmup_epochs=5, ema=True, test_crop=0.95, lr_search="none", sam=False),
     # Paper 000, sections 3-4 (SGD + SAM, wd 5e-4, no bias decay, 5 warmup epochs, ReduceLROnPlateauV2, 200 max).
-    "adaptive": dict(epochs=200, optimizer="sgd", lr=None, weight_decay=5e-4, schedule="plateau", warmup_epochs=5,
-                     ema=False, test_crop=1.0, lr_search="range", sam=True),
+    "adaptive": dict(fine_tune=True, epochs=200, optimizer="sgd", lr=None, weight_decay=5e-4, schedule="plateau",
+                     warmup_epochs=5, ema=False, test_crop=1.0, lr_search="range", sam=True),
 }
 
 # May differ between a run and its --resume: where and how fast it runs, not what it computes.

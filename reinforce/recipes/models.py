@@ -33,8 +33,8 @@ def create_student(spec: str, num_classes: int, *, fine_tune: bool, mean=None, s
     if not timm.is_model(arch):
         raise TrainError(f"unknown model {arch!r}: use a timm model name (timm.list_models())")
     if fine_tune and weights is None:
-        raise TrainError("--recipe adaptive fine-tunes pretrained weights: pass --model ARCH=WEIGHTS "
-                         "(.safetensors or a state_dict file)")
+        raise TrainError("fine-tuning (--recipe adaptive, --fine-tune) starts from pretrained weights: pass --model "
+                         "ARCH=WEIGHTS (.safetensors or a state_dict file)")
     module = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     metadata: dict[str, str] = {}
     notes: list[str] = []
@@ -59,8 +59,8 @@ def _load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], weigh
         if not fine_tune:
             raise TrainError(
                 f"model weights {weights} predict {head.shape[0]} classes but the training data has {num_classes}: "
-                "pass weights for these classes, or fine-tune with --recipe adaptive (which re-initializes the "
-                "classifier)"
+                "pass weights for these classes, or add --fine-tune to re-initialize the classifier (the default "
+                "of --recipe adaptive)"
             )
         state = {key: value for key, value in state.items() if key not in head_keys}
         notes.append(f"classifier {classifier} re-initialized for {num_classes} classes (the weights had "

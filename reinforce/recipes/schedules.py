@@ -10,8 +10,14 @@ import torch
 
 def one_cycle(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int) -> Any:
     """torch's OneCycleLR (cosine annealing) whose rise lasts ``warmup_steps`` of ``total_steps``."""
+    if total_steps < 3:
+        from .config import TrainError
+
+        raise TrainError(f"the run has {total_steps} optimizer steps, too few for a one-cycle schedule (rise and "
+                         "fall need 3): raise --epochs or lower --batch-size")
     max_lrs = [group["lr"] for group in optimizer.param_groups]
-    pct_start = min(max(warmup_steps / total_steps, 1.0 / total_steps), 0.5)
+    # torch needs at least 2 steps of rise and 1 of fall.
+    pct_start = min(max(warmup_steps, 2), total_steps - 1) / total_steps
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total_steps,
                                                pct_start=pct_start, anneal_strategy="cos")
 

@@ -279,7 +279,10 @@ class Trainer:
     def _write_epoch(self, row: dict[str, Any], improved: bool, scores: dict[str, Any]) -> None:
         run = self.run
         run.append_metrics(row)
-        meta = {"epoch": row["epoch"], "arch": self.settings["model"].partition("=")[0]}
+        # input_size/mean/std as `reinforce build --teacher` reads them: a run's weights can teach a store.
+        meta = {"epoch": row["epoch"], "arch": self.settings["model"].partition("=")[0],
+                "input_size": self.settings["image_size"], "mean": (self.mean.flatten() / 255).tolist(),
+                "std": (self.std.flatten() / 255).tolist()}
         run.save_weights(LAST, self.model.state_dict(), {**meta, "weights": "model"})
         if self.ema is not None:
             run.save_weights("last_ema.safetensors", self.ema.module.state_dict(), {**meta, "weights": "ema"})
@@ -502,7 +505,7 @@ def _student(config: TrainConfig, settings: dict[str, Any], num_classes: int,
         std = tuple(config.std or (0.229, 0.224, 0.225))
         return Student(module=model, name=type(model).__name__, mean=mean, std=std, input_size=None, notes=[])
     torch.manual_seed(settings["seed"])
-    return create_student(config.model, num_classes, fine_tune=config.recipe == "adaptive", mean=config.mean,
+    return create_student(config.model, num_classes, fine_tune=settings["fine_tune"], mean=config.mean,
                           std=config.std)
 
 
