@@ -52,5 +52,5 @@ def test_adaptive_tpe_search_and_kd_replacing_the_labels(digits, store, tmp_path
 
 
 def test_adaptive_needs_pretrained_weights(digits, store, tmp_path):
-    with pytest.raises(TrainError, match="fine-tunes pretrained weights"):
+    with pytest.raises(TrainError, match="starts from pretrained weights"):
         train(_adaptive(digits, store, tmp_path / "run", None, model="test_resnet"), log=lambda _: None)
