@@ -5,10 +5,12 @@ heavier than torch, torchvision, numpy, zarr and pillow.
 """
 
 from .augment import AugmentOp, AugmentPipeline, HorizontalFlip, RandomResizedCrop, make_pipeline, PRESETS
-from .dataset import ReinforcedDataset
+from .collate import Crop, SoftTargetMixup, replay_crops, soft_target_collate, to_device
+from .dataset import ReinforcedDataset, ReplayTransformError
 from .errors import (AugmentationError, IncompleteStoreError, ReinforceError, SourceError, SourceMismatchError,
                      StoreFormatError)
 from .format import FORMAT_VERSION, StoreHeader, open_store_group, read_header
+from .samplers import ReinforcedSampler, SamplerStateError
 from .source import ImageSource, decode_image, fingerprint, open_source
 from .targets import dense_target
 
@@ -16,7 +18,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AugmentOp", "AugmentPipeline", "HorizontalFlip", "RandomResizedCrop", "make_pipeline", "PRESETS",
-    "ReinforcedDataset", "AugmentationError", "IncompleteStoreError", "ReinforceError", "SourceError",
+    "ReinforcedDataset", "ReplayTransformError", "ReinforcedSampler", "SamplerStateError", "Crop", "SoftTargetMixup",
+    "replay_crops", "soft_target_collate", "to_device", "AugmentationError", "IncompleteStoreError", "ReinforceError",
+    "SourceError",
     "SourceMismatchError", "StoreFormatError", "FORMAT_VERSION", "StoreHeader", "open_store_group", "read_header",
     "ImageSource", "decode_image", "fingerprint", "open_source", "dense_target",
 ]

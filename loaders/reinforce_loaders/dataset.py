@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from . import format as fmt
 from .augment import AugmentPipeline
 from .augment.geometric import RandomCrop, RandomResizedCrop
+from .collate import Crop
 from .errors import ReinforceError, SourceMismatchError, StoreFormatError
 from .rng import slot_for_epoch
 from .source import ImageSource, MapDataset, distrust_torchvision_jpeg, fingerprint, open_source
@@ -26,6 +27,7 @@ from .targets import RemainingMass, dense_target
 TargetKind = Literal["dense", "sparse"]
 DecodeMode = Literal["exact", "fast"]
 TransformPolicy = Literal["refuse", "ignore"]
+Output = Literal["replayed", "crops"]
 
 FAST_FINGERPRINT_EVERY = 64
 """In ``decode="fast"`` mode, every this-many-th sample is still decoded in full once and fingerprinted."""
@@ -70,6 +72,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         transform_policy: what assigning an augmenting ``transform`` later does (timm's ``create_loader`` does):
             ``"refuse"`` raises :class:`ReplayTransformError`, ``"ignore"`` keeps the current transform and
             warns.
+        output: ``"replayed"`` (the default) or ``"crops"``: samples are then ``(Crop, target)``, the source crop
+            (and the mixing partner's) at the output size with the record's parameters, for
+            :func:`~reinforce_loaders.collate.replay_crops` to replay the other ops batched on the GPU
+            (``transform`` is not applied). Needs a pipeline whose crop is antialiased (the default).
         storage_options: fsspec options for remote stores.
 
     Call :meth:`set_epoch` before each epoch (or use :class:`~reinforce_loaders.samplers.ReinforcedSampler`,
@@ -84,11 +90,12 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                  transform: Callable[[torch.Tensor], Any] | None = None, seed: int | None = None,
                  verify: Literal["lazy", "full", "none"] = "lazy", decode: DecodeMode = "exact",
                  table_dir: str | os.PathLike[str] | None = None, transform_policy: TransformPolicy = "refuse",
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 output: Output = "replayed", storage_options: dict[str, Any] | None = None) -> None:
         _check_choice("target", target, ("dense", "sparse"))
         _check_choice("verify", verify, ("lazy", "full", "none"))
         _check_choice("decode", decode, ("exact", "fast"))
         _check_choice("transform_policy", transform_policy, ("refuse", "ignore"))
+        _check_choice("output", output, ("replayed", "crops"))
         self._store_ref = str(store) if isinstance(store, os.PathLike) else store
         self._storage_options = storage_options
         group = fmt.open_store_group(self._store_ref, storage_options=storage_options)
@@ -107,6 +114,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         self.decode = decode
         self._group: Any = group
         self._crops = CropColumns.of(self.pipeline)
+        if output == "crops" and self._crops.own is None:
+            raise ValueError(f"output='crops' needs a pipeline that starts with an antialiased random_resized_crop "
+                             f"or random_crop; this store's starts with {self.pipeline.ops[0]!r}")
+        self.output = output
         self._labels = fmt.read_array(group, fmt.LABELS)
         self._image_sizes = fmt.read_array(group, fmt.IMAGE_SIZES).astype(np.int64)
         self._fingerprints = fmt.read_array(group, fmt.FINGERPRINTS) if verify != "none" else None
@@ -133,6 +144,8 @@ class ReinforcedDataset(torch.utils.data.Dataset):
     @transform.setter
     def transform(self, transform: Callable[[torch.Tensor], Any] | None) -> None:
         augmenting = augmenting_parts(transform)
+        if transform is None and self.transform_policy == "ignore" and hasattr(self, "_transform"):
+            augmenting = ["None"]  # timm clears it before wrapping the dataset in its own transforms
         if not augmenting:
             self._transform = transform if transform is not None else v2.ToDtype(torch.float32, scale=True)
             return
@@ -218,13 +231,43 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         if partners is not None:
             partner_images = [None if p < 0 else self._source_image(int(p), params, r, self._crops.partner, resolution)
                               for r, p in enumerate(partners)]
+        if self.output == "crops":
+            return self._crop_samples(images, partner_images, params, resolution, topk, probs)
         replayed = self.pipeline.apply_batch(images, params, resolution, partner_images)
-        indices_t = torch.from_numpy(topk)
-        probs_t = torch.from_numpy(probs)
+        targets = self._targets(topk, probs)
+        return [(self.transform(replayed[r]), targets[r]) for r in range(len(indices))]
+
+    def _crop_samples(self, images: list[torch.Tensor], partner_images: list[torch.Tensor | None] | None,
+                      params: np.ndarray, resolution: int, topk: np.ndarray, probs: np.ndarray,
+                      ) -> list[tuple[Crop, Any]]:
+        own = self._crop_to_output(images, params, self._crops.own, resolution)
+        blank = torch.zeros_like(own[0])
+        partners = [blank] * len(images)
+        if partner_images is not None:
+            rows = [r for r, image in enumerate(partner_images) if image is not None]
+            if rows:
+                cropped = self._crop_to_output([partner_images[r] for r in rows], params[rows], self._crops.partner,
+                                               resolution)
+                params[rows, self._crops.partner] = (0, 0, resolution, resolution)
+                for r, image in zip(rows, cropped):
+                    partners[r] = image
+        params_t = torch.from_numpy(params)
+        targets = self._targets(topk, probs)
+        return [(Crop(own[r], partners[r], params_t[r]), targets[r]) for r in range(len(images))]
+
+    def _crop_to_output(self, images: list[torch.Tensor], params: np.ndarray, columns: slice, resolution: int,
+                        ) -> torch.Tensor:
+        """The crop op alone on ``images`` (those already cropped pass through); their boxes become whole."""
+        boxes = torch.from_numpy(np.ascontiguousarray(params[:, columns]))
+        cropped = self.pipeline.ops[0].apply_sources(images, boxes, resolution)
+        params[:, columns] = (0, 0, resolution, resolution)
+        return cropped
+
+    def _targets(self, topk: np.ndarray, probs: np.ndarray) -> list[Any]:
+        indices_t, probs_t = torch.from_numpy(topk), torch.from_numpy(probs)
         if self.target == "sparse":
-            return [(self.transform(replayed[r]), (indices_t[r], probs_t[r])) for r in range(len(indices))]
-        dense = dense_target(indices_t, probs_t, self.num_classes, self.remaining_mass)
-        return [(self.transform(replayed[r]), dense[r]) for r in range(len(indices))]
+            return list(zip(indices_t, probs_t))
+        return list(dense_target(indices_t, probs_t, self.num_classes, self.remaining_mass))
 
     def _source_image(self, index: int, params: np.ndarray, row: int, crop: slice | None,
                       resolution: int) -> torch.Tensor:

@@ -1,0 +1,82 @@
+"""Soft-target collate, device-side replay of crops, batch MixUp / CutMix of soft targets, and timm's loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from reinforce_loaders import (Crop, ReinforcedDataset, ReplayTransformError, SoftTargetMixup, replay_crops,
+                               soft_target_collate, to_device)
+from reinforce_loaders.collate import MixingStoreError
+from test_loader_dataset import jpeg_stores, photo_jpegs  # noqa: F401  (module fixtures)
+
+
+@pytest.mark.parametrize("preset", ["rrc", "rrc+mix"])
+@pytest.mark.parametrize("decode", ["exact", "fast"])
+def test_crops_replayed_batched_equal_the_dataset_replay(preset, decode, photo_jpegs, jpeg_stores):
+    store = jpeg_stores[preset]
+    replayed = ReinforcedDataset(photo_jpegs, store, transform=torch.nn.Identity(), decode=decode)
+    crops = ReinforcedDataset(photo_jpegs, store, output="crops", decode=decode)
+    for ds in (replayed, crops):
+        ds.set_epoch(1)
+    loader = torch.utils.data.DataLoader(crops, batch_size=6, num_workers=2, collate_fn=soft_target_collate)
+    got_images, got_targets = zip(*[(replay_crops(crops.pipeline, batch), targets) for batch, targets in loader])
+    want_images, want_targets = soft_target_collate([replayed[i] for i in range(len(replayed))])
+    assert torch.equal(torch.cat(got_images), want_images)
+    assert torch.equal(torch.cat(got_targets), want_targets)
+    batch, _ = next(iter(loader))
+    assert isinstance(batch, Crop) and batch.image.dtype == torch.uint8 and batch.image.shape[-1] == 16
+
+
+def test_collate_keeps_uint8_and_sparse_pairs(digits, store):
+    ds = ReinforcedDataset(digits[0], store, transform=torch.nn.Identity(), target="sparse")
+    images, (indices, probs) = soft_target_collate([ds[i] for i in range(5)])
+    assert images.dtype == torch.uint8 and images.shape == (5, 3, 32, 32)
+    assert indices.shape == probs.shape == (5, 3) and probs.dtype == torch.float32
+    normalized = to_device(images, "cpu", mean=(0.5,) * 3, std=(0.25,) * 3)
+    expected = v2.Normalize((0.5,) * 3, (0.25,) * 3)(images.float() / 255)
+    torch.testing.assert_close(normalized, expected)
+
+
+def test_soft_target_mixup_mixes_targets_like_pixels():
+    images = torch.arange(4, dtype=torch.uint8).mul(60).view(4, 1, 1, 1).expand(4, 3, 20, 20).contiguous()
+    targets = torch.softmax(torch.randn(4, 7, generator=torch.Generator().manual_seed(0)), -1)
+    for mixer in (SoftTargetMixup(mixup_alpha=0.0, cutmix_alpha=1.0, seed=5),
+                  SoftTargetMixup(mixup_alpha=1.0, cutmix_alpha=0.0, seed=5)):
+        for step in range(6):
+            mixed, soft = mixer(images, targets, step)
+            again = mixer(images, targets, step)
+            assert torch.equal(mixed, again[0]) and torch.equal(soft, again[1])  # keyed by (seed, step)
+            torch.testing.assert_close(soft.sum(-1), torch.ones(4))
+            # lam is recovered from sample 0's pixels (its own value 0, the partner's 180) and matches the targets.
+            own_share = 1 - mixed[0].float().mean().item() / 180
+            torch.testing.assert_close(soft[0], own_share * targets[0] + (1 - own_share) * targets[3],
+                                       atol=3e-3, rtol=0)
+    mixer = SoftTargetMixup(seed=5)
+    assert not torch.equal(mixer(images, targets, 0)[1], mixer(images, targets, 1)[1])
+    with pytest.raises(ValueError, match="dense soft targets"):
+        SoftTargetMixup()(images, torch.arange(4), 0)
+
+
+def test_soft_target_mixup_refuses_stores_that_already_mix(photo_jpegs, jpeg_stores):
+    with pytest.raises(MixingStoreError, match="already mixed"):
+        SoftTargetMixup.for_dataset(ReinforcedDataset(photo_jpegs, jpeg_stores["rrc+mix"]))
+    assert SoftTargetMixup.for_dataset(ReinforcedDataset(photo_jpegs, jpeg_stores["rrc"]), seed=1).seed == 1
+
+
+def test_timm_create_loader_cannot_re_augment_silently(digits, store):
+    from timm.data import create_loader
+
+    strict = ReinforcedDataset(digits[0], store)
+    with pytest.raises(ReplayTransformError, match="would augment the replayed images again"):
+        create_loader(strict, input_size=(3, 32, 32), batch_size=8, is_training=True, use_prefetcher=False)
+    ds = ReinforcedDataset(digits[0], store, transform=torch.nn.Identity(), transform_policy="ignore")
+    with pytest.warns(UserWarning, match="ignored"):
+        loader = create_loader(ds, input_size=(3, 32, 32), batch_size=8, is_training=False, use_prefetcher=False,
+                               collate_fn=soft_target_collate, num_workers=0)
+    images, targets = next(iter(loader))
+    want_images, want_targets = soft_target_collate([ds[i] for i in range(8)])
+    assert torch.equal(images, want_images) and torch.equal(targets, want_targets)
+    assert np.allclose(targets.sum(-1).numpy(), 1, atol=1e-5)
