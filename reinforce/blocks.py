@@ -70,6 +70,8 @@ class LoadedBlock:
     """(n, 2) height and width of each decoded image."""
     params: np.ndarray
     """(n, A, P) parameters as the store holds them (quantized): what the teacher sees and the student replays."""
+    param_columns: np.ndarray
+    """(n, A, C) the same parameters encoded for the store (the writer writes them as they are)."""
     skipped: list[SkippedSample]
     partners: dict[int, torch.Tensor | None] = dataclasses.field(default_factory=dict)
     """Decoded mixing partners outside the block (None: unreadable, left unmixed)."""
@@ -93,7 +95,7 @@ class BlockProcessor:
         self.device = torch.device(config.device)
         self.ensemble = prepare_ensemble(ensemble, self.device, channels_last=config.channels_last,
                                          compile=config.compile)
-        self.param_codec = plan.header.param_codec
+        self.param_codec = plan.header.layout.params
         self._pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
 
     def close(self) -> None:
@@ -120,13 +122,14 @@ class BlockProcessor:
             pool = rng.partner_pool(self.plan.config.seed, start, len(self.source), self.plan.block_size)
             outside = [int(p) for p in pool if not start <= p < stop]
             partners = dict(zip(outside, self._pool.map(self._load_partner, outside), strict=True))
-        params = self._sample(start, images, sizes, pool, partners)
+        params, columns = self._sample(start, images, sizes, pool, partners)
         return LoadedBlock(start=start, images=images, labels=labels, fingerprints=fingerprints, sizes=sizes,
-                           params=params, skipped=skipped, partners=partners, began=began)
+                           params=params, param_columns=columns, skipped=skipped, partners=partners, began=began)
 
     def _sample(self, start: int, images: list[torch.Tensor | None], sizes: np.ndarray, pool: np.ndarray | None,
-                partners: dict[int, torch.Tensor | None]) -> np.ndarray:
-        """Parameters (n, A, P) of every record of the block, as the store will hold them."""
+                partners: dict[int, torch.Tensor | None]) -> tuple[np.ndarray, np.ndarray]:
+        """Parameters (n, A, P) of every record of the block as the store will hold them, and their encoded
+        columns (n, A, C)."""
         n, a = len(images), self.plan.header.num_augmentations
 
         def partner_size(index: int) -> tuple[int, int] | None:
@@ -134,15 +137,15 @@ class BlockProcessor:
             image = images[index - start] if start <= index < start + n else partners[index]
             return None if image is None else (int(image.shape[1]), int(image.shape[2]))
 
+        present = np.array([i for i, image in enumerate(images) if image is not None], dtype=np.int64)
         params = np.zeros((n, a, self.pipeline.num_params), dtype=np.float64)
-        for i, image in enumerate(images):
-            if image is not None:
-                params[i] = self.pipeline.sample_slots(self.plan.config.seed, start + i, a, sizes[i, 0], sizes[i, 1],
-                                                       num_samples=len(self.source), partner_size=partner_size,
-                                                       partner_pool=pool)
-        # The teacher sees the parameters as the store will hold them, so the student replays the same image.
-        # (A skipped sample's zeros become whatever the encoding stores for them; its (0, 0) size flags it.)
-        return self.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
+        params[present] = self.pipeline.sample_block(
+            self.plan.config.seed, start + present, a, sizes[present, 0], sizes[present, 1],
+            num_samples=len(self.source), partner_size=partner_size, partner_pool=pool)
+        # Encoded once, here; the teacher sees them decoded, as the student will replay them. (A skipped sample's
+        # zeros become whatever the encoding stores for them; its (0, 0) size flags it.)
+        columns = self.param_codec.encode(params, sizes[:, :1], sizes[:, 1:])
+        return self.param_codec.decode(columns, sizes[:, :1], sizes[:, 1:]), columns
 
     def _load_partner(self, index: int) -> torch.Tensor | None:
         """A mixing partner's image; None if it cannot be read and bad images are skipped."""
@@ -191,8 +194,8 @@ class BlockProcessor:
                 if records_done is not None:
                     records_done(len(r))
         return BlockResult(start=loaded.start, labels=loaded.labels, fingerprints=loaded.fingerprints,
-                           image_sizes=loaded.sizes, aug_params=loaded.params, topk_indices=top_indices,
-                           topk_probs=top_probs, teacher_entropy=entropy)
+                           image_sizes=loaded.sizes, aug_params=loaded.params, param_columns=loaded.param_columns,
+                           topk_indices=top_indices, topk_probs=top_probs, teacher_entropy=entropy)
 
     def _partner_images(self, loaded: LoadedBlock,
                         on_device: dict[int, torch.Tensor]) -> Callable[[int], torch.Tensor | None]:

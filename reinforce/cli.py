@@ -89,6 +89,9 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--prob-scale", type=int, metavar="Q",
                        help="probabilities are stored as round(p * Q), error <= 0.5/Q, 500 < Q < 65535 (default "
                             "%(default)s: 5e-4; 512 keeps it under 1e-3 for ~1 byte/record less)")
+    build.add_argument("--derived-params", dest="param_storage", action="store_const", const="derived",
+                       help="store no augmentation parameters: readers re-derive them from the seed and check a "
+                            "per-block digest (format 1.1; fewer bytes per record, see format_spec.md)")
     build.add_argument("--device", help="cpu, cuda or cuda:N (default %(default)s)")
     build.add_argument("--decode-threads", type=int,
                        help="threads decoding source images, per worker (default %(default)s)")

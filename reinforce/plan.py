@@ -70,6 +70,7 @@ class BuildConfig:
     block_size: int | None = None  # None: format.recommended_block_size(num_augmentations)
     class_vocabulary: int | None = None  # None: format.default_class_vocabulary_size(...)
     prob_scale: int = fmt.DEFAULT_PROB_SCALE
+    param_storage: str = "columns"  # format.PARAM_STORAGE: "derived" stores no parameters, readers re-derive them
     device: str = "cpu"
     decode_threads: int = 4
     teacher_input_size: int | None = None
@@ -117,7 +118,8 @@ class BuildConfig:
                              f"{','.join(str(v) for v in self.teacher_std)}")
         for name, value, allowed in (("precision", self.precision, PRECISIONS),
                                      ("on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES),
-                                     ("teacher_classes", self.teacher_classes, TEACHER_CLASSES)):
+                                     ("teacher_classes", self.teacher_classes, TEACHER_CLASSES),
+                                     ("param_storage", self.param_storage, fmt.PARAM_STORAGE)):
             if value not in allowed:
                 raise BuildError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
         if self.device_type == "cuda" and not self.uses_ray and not torch.cuda.is_available():
@@ -198,7 +200,7 @@ def resolve_plan(config: BuildConfig, source: ImageSource, ensemble: Ensemble) -
         num_augmentations=config.num_augmentations, seed=config.seed, block_size=block_size,
         augmentation=pipeline.config(), teachers=ensemble.describe(), class_names=source.classes,
         compute=compute, param_encodings=fmt.pipeline_param_encodings(pipeline), prob_scale=config.prob_scale,
-        class_vocabulary_size=vocabulary, provenance=_provenance(config),
+        class_vocabulary_size=vocabulary, param_storage=config.param_storage, provenance=_provenance(config),
     )
     return BuildPlan(config=config, header=header, precision=precision, cpu_threads=cpu_threads)
 

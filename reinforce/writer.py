@@ -38,6 +38,9 @@ class BlockResult:
     topk_probs: np.ndarray      # (n, A, K)
     teacher_entropy: np.ndarray | None = None  # (n, A) entropy in nats of the full ensemble distribution
     class_vocabulary: np.ndarray | None = None  # (n, V); None: format.class_vocabulary of topk_indices
+    param_columns: np.ndarray | None = None
+    """(n, A, C) ``aug_params`` already encoded with the header's layout (the build encodes once, on the CPU);
+    written as they are. None: the writer encodes ``aug_params`` and checks they are representable."""
 
 
 class BlockSink:
@@ -75,16 +78,7 @@ class BlockSink:
                 raise ValueError(f"block {block}: {name} has shape {np.shape(getattr(result, name))}, expected {shape}")
         sizes = np.asarray(result.image_sizes, dtype=np.int64)
         heights, widths = sizes[:, 0, None], sizes[:, 1, None]
-        params = np.asarray(result.aug_params, dtype=np.float64)
-        quantized = self.codec.quantize(params, heights, widths)
-        if not np.array_equal(quantized, params):
-            bad = np.argwhere(quantized != params)[0]
-            raise ValueError(
-                f"block {block}: aug_params of record ({start + bad[0]}, {bad[1]}) param "
-                f"{self.codec.names[bad[2]]} = {params[tuple(bad)]} is not representable in the store "
-                f"(would be stored as {quantized[tuple(bad)]}): apply ParamCodec.quantize before the teacher sees "
-                "the parameters, so the student replays what the teacher saw"
-            )
+        columns = self._param_columns(block, result, heights, widths)
         vocabulary = None
         if header.class_vocabulary_size:
             fill = header.fill_value
@@ -98,14 +92,39 @@ class BlockSink:
                                  f"classes below {header.num_classes}, padded with {fill}")
             self.group[fmt.CLASS_VOCABULARY][start:stop] = vocabulary.astype(header.dtype)
             vocabulary = vocabulary[:, None, :]
-        records = fmt.encode_records(header, result.topk_indices, result.topk_probs, params,
-                                     result.teacher_entropy, heights, widths, codec=self.codec,
+        records = fmt.encode_records(header, result.topk_indices, result.topk_probs, result.aug_params,
+                                     result.teacher_entropy, heights, widths, codec=_Encoded(columns),
                                      vocabulary=vocabulary)
         self.group[fmt.LABELS][start:stop] = np.asarray(result.labels, dtype=fmt.LABEL_DTYPE)
         self.group[fmt.FINGERPRINTS][start:stop] = np.asarray(result.fingerprints, dtype=fmt.FINGERPRINT_DTYPE)
         self.group[fmt.IMAGE_SIZES][start:stop] = sizes.astype(fmt.IMAGE_SIZE_DTYPE)
-        self.group[fmt.RECORDS][start:stop] = records
+        self.group[fmt.RECORDS][start:stop] = fmt.stored_rows(header, records)
+        if header.derives_params:
+            # The block's own sizes: its samples are rows 0..n-1 of them.
+            self.group[fmt.PARAM_DIGESTS][block] = fmt.block_param_digests(header, columns, sizes, 0)
         self.group[fmt.BLOCKS_DONE][block] = 1
+
+    def _param_columns(self, block: int, result: BlockResult, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        """The block's encoded parameters: as given, or encoded here from ``aug_params``, which must then be
+        exactly representable (what the teacher saw is what the student replays)."""
+        n, a, width = len(result.labels), self.header.num_augmentations, self.codec.columns
+        if result.param_columns is not None:
+            columns = np.asarray(result.param_columns, dtype=np.int64)
+            if columns.shape != (n, a, width):
+                raise ValueError(f"block {block}: param_columns has shape {columns.shape}, expected {(n, a, width)}")
+            return columns
+        params = np.asarray(result.aug_params, dtype=np.float64)
+        columns = self.codec.encode(params, heights, widths)
+        quantized = self.codec.decode(columns, heights, widths)
+        if not np.array_equal(quantized, params):
+            bad = np.argwhere(quantized != params)[0]
+            raise ValueError(
+                f"block {block}: aug_params of record ({result.start + bad[0]}, {bad[1]}) param "
+                f"{self.codec.names[bad[2]]} = {params[tuple(bad)]} is not representable in the store "
+                f"(would be stored as {quantized[tuple(bad)]}): apply ParamCodec.quantize before the teacher sees "
+                "the parameters, so the student replays what the teacher saw"
+            )
+        return columns
 
 
 class StoreWriter(BlockSink):
@@ -166,6 +185,17 @@ class StoreWriter(BlockSink):
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             zarr.consolidate_metadata(self.group.store)
         return self.header
+
+
+class _Encoded:
+    """Stands in for the header's parameter layout in ``format.encode_records`` when the columns are already
+    encoded: it returns them instead of encoding the parameters again."""
+
+    def __init__(self, columns: np.ndarray) -> None:
+        self.columns = columns
+
+    def encode(self, params: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        return self.columns
 
 
 def with_param_encodings(header: fmt.StoreHeader) -> fmt.StoreHeader:

@@ -247,3 +247,16 @@ def test_binary_augmentation_file_is_refused(digits, teacher_weights, tmp_path, 
     binary.write_bytes(bytes(range(256)))
     assert cli_build(digits[0], tmp_path / "s.zarr", teacher_weights, "--augment", str(binary)) == 2
     assert f"augmentation config {binary} is not a UTF-8 text file" in capsys.readouterr().err
+
+
+def test_derived_params_store_reads_like_the_column_store(digits, teacher_weights, tmp_path):
+    settings = dict(source=str(digits[0]), teachers=teacher_weights, image_size=IMAGE_SIZE, augment="rrc+mix",
+                    num_augmentations=4, top_k=3, block_size=16, cpu_threads=1)
+    columns = run_build(BuildConfig(out=str(tmp_path / "c.zarr"), **settings), progress=False)
+    derived = run_build(BuildConfig(out=str(tmp_path / "d.zarr"), param_storage="derived", **settings),
+                        progress=False)
+    assert derived.data_bytes < columns.data_bytes
+    read = [fmt.read_all_records(fmt.open_store_group(tmp_path / name)) for name in ("c.zarr", "d.zarr")]
+    for field in ("indices", "probs", "params", "entropy"):
+        assert (getattr(read[0], field) == getattr(read[1], field)).all(), field
+    assert fmt.read_header(fmt.open_store_group(tmp_path / "d.zarr")).derives_params
