@@ -56,6 +56,7 @@ def assert_replay_matches_teacher(ds: ReinforcedDataset, ensemble, index: int, s
     assert probs.max() <= stored_probs[0] + tolerance
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_builds_and_replays_what_the_teacher_saw(preset, digits, ensemble, stores):
     out = stores(preset)
@@ -73,6 +74,7 @@ def test_preset_builds_and_replays_what_the_teacher_saw(preset, digits, ensemble
     assert image.shape == (3, 48, 48) and abs(float(target.sum()) - 1) < 1e-5
 
 
+@pytest.mark.slow
 def test_mixing_replay_needs_the_partner_image(digits, stores):
     out = stores("rrc+mix")
     ds = ReinforcedDataset(digits[0], out, transform=lambda image: image)
@@ -90,6 +92,7 @@ def test_mixing_replay_needs_the_partner_image(digits, stores):
     assert images.shape == (16, 3, SIZE, SIZE) and np.allclose(targets.sum(-1).numpy(), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_build_with_a_json_pipeline(digits, teacher_weights, ensemble, tmp_path):
     config = tmp_path / "pipeline.json"
     config.write_text(json.dumps({"ops": [{"name": "random_crop", "crop_fraction": 0.8},
@@ -111,6 +114,7 @@ def test_unknown_preset_is_a_clear_cli_error(digits, teacher_weights, tmp_path, 
     assert "unknown augmentation preset 'rrc+everything'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_damaged_partner_index_is_a_clear_error(digits, stores, tmp_path):
     import shutil
 

@@ -81,7 +81,7 @@ def test_fidelity_per_op(images, name):
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-@pytest.mark.parametrize("size", [40, 72])
+@pytest.mark.parametrize("size", [40, pytest.param(72, marks=pytest.mark.slow)])
 def test_fidelity_per_preset(images, preset, size):
     pipeline = make_pipeline(preset, 56)
     assert_identical(*batched_and_single(pipeline, *records(pipeline, images, slots=8, seed=3), size=size),
@@ -230,6 +230,7 @@ def test_roi_align_identity_and_enlargement_follow_the_spec():
         assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (box, size, difference.max())
 
 
+@pytest.mark.slow
 def test_replay_at_another_resolution_shows_the_same_content(images):
     """Stored parameters are resolution independent: replaying at 96 then shrinking to 48 ~ replaying at 48."""
     for preset in ("rrc+ra/re", "rrc+m*+r*", "cropflip"):

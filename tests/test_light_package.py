@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from reinforce_loaders import ReinforcedDataset
 
@@ -67,6 +68,7 @@ def _reference_epoch(source: Path, store: Path, epoch: int) -> tuple[np.ndarray,
     return np.stack([t[0].numpy() for t in targets]), np.stack([t[1].numpy() for t in targets])
 
 
+@pytest.mark.slow
 def test_dataset_epochs_run_with_ray_timm_and_reinforce_blocked(digits, store, tmp_path):
     site = tmp_path / "site"
     site.mkdir()

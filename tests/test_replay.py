@@ -64,6 +64,7 @@ def test_student_replays_the_teachers_pixels_exactly(case, varied_source, tmp_pa
         assert torch.equal(replayed, seen), f"{case} at {size}: " + first_difference(replayed, seen, records)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_other_params(digits, teacher_weights, tmp_path):
     first = build_store(digits[0], tmp_path / "a.zarr", teacher_weights, seed=5)
     second = build_store(digits[0], tmp_path / "b.zarr", teacher_weights, seed=5, batch_size=16)
