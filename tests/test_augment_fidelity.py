@@ -12,7 +12,6 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision.transforms.v2 import functional as F
 
-from reinforce_loaders import format as fmt
 from reinforce_loaders.augment import (PRESETS, AugmentPipeline, AugMix, CenterCrop, CutMix, HorizontalFlip, MixUp,
                                        RandAugment, RandomCrop, RandomErasing, RandomResizedCrop, make_pipeline)
 from reinforce_loaders.augment.color import OP_NAMES, apply_op
@@ -34,7 +33,7 @@ def records(pipeline: AugmentPipeline, images: list[torch.Tensor], slots: int = 
         pipeline.sample_slots(seed, i, slots, *shapes[i], num_samples=len(images), partner_size=lambda p: shapes[p])
         for i in range(len(images))])
     sizes = np.array([shapes[i] for i in range(len(images)) for _ in range(slots)])
-    params = fmt.ParamCodec.for_pipeline(pipeline).quantize(params, sizes[:, 0], sizes[:, 1])
+    params = pipeline.param_layout.quantize(params, sizes[:, 0], sizes[:, 1])
     per_record = [images[i] for i in range(len(images)) for _ in range(slots)]
     partners = pipeline.partner_indices(params)
     partner_images = None if partners is None else [images[p] if p >= 0 else None for p in partners]

@@ -219,3 +219,25 @@ def test_reader_defaults_the_defaulted_members(header_attrs):
     kindless = fmt.StoreHeader.from_attrs({fmt.ATTRS_KEY: {**attrs, "param_encodings": [
         {"param": name} for name in header.augmentation["param_names"]]}}).layout.params
     assert [codec.kind for codec in kindless.codecs] == ["float16"] * len(header.augmentation["param_names"])
+
+
+def test_spec_worked_examples_hold():
+    """The numbers format_spec.md states as examples: section 5's check value, section 10's slots of epochs 0-7,
+    crop decoding and class vocabulary."""
+    from reinforce_loaders import format as fmt
+    from reinforce_loaders import rng
+    from reinforce_loaders.augment import make_pipeline
+
+    assert rng.uniforms(7, 5, 0, 16 * 2, 4).tolist() == [0.9777304513388557, 0.8393233043537409,
+                                                         0.5978092956946731, 0.1225314870033547]
+    assert [rng.epoch_slot(7, epoch, 4) for epoch in range(8)] == [0, 3, 2, 1, 1, 3, 0, 2]
+    pipeline = make_pipeline("rrc", 32)
+    header = fmt.StoreHeader(num_samples=1, num_classes=10, top_k=3, num_augmentations=4, seed=7, block_size=16,
+                             augmentation=pipeline.config(), teachers=[],
+                             param_encodings=fmt.pipeline_param_encodings(pipeline), class_vocabulary_size=4)
+    params = header.layout.params.decode(np.array([32, 48, 223, 183, 0]), np.array(32), np.array(32))
+    assert params.tolist() == [4, 6, 28, 23, 0]
+    indices = np.array([[5, 2, 9], [2, 5, 7], [2, 9, 5], [2, 1, 3]])
+    vocabulary = fmt.class_vocabulary(indices[None], 4, header.fill_value)[0]
+    assert vocabulary.tolist() == [2, 5, 9, 1]
+    assert fmt.encode_indices(header, indices, vocabulary).tolist() == [[1, 0, 2], [0, 1, 11], [0, 2, 1], [0, 3, 7]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -48,7 +50,7 @@ def test_student_replays_the_teachers_pixels_exactly(case, varied_source, tmp_pa
     augment = case
     if case == "rrc/roi_align":
         augment = str(tmp_path / "roi_align.json")
-        (tmp_path / "roi_align.json").write_text(__import__("json").dumps(mv.roi_align_config()))
+        (tmp_path / "roi_align.json").write_text(json.dumps(mv.roi_align_config()))
     out = tmp_path / "s.zarr"
     run_build(BuildConfig(source=str(varied_source), out=str(out), augment=augment, image_size=SIZE,
                           num_augmentations=NUM_SLOTS, top_k=3, seed=11, batch_size=7, block_size=8,
