@@ -9,15 +9,16 @@ import torch
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int) -> Any:
-    """torch's OneCycleLR (cosine annealing) whose rise lasts ``warmup_steps`` of ``total_steps``."""
+    """torch's OneCycleLR (cosine annealing) whose rise lasts ``warmup_steps`` of ``total_steps`` (at most half)."""
     if total_steps < 3:
         from .config import TrainError
 
         raise TrainError(f"the run has {total_steps} optimizer steps, too few for a one-cycle schedule (rise and "
                          "fall need 3): raise --epochs or lower --batch-size")
     max_lrs = [group["lr"] for group in optimizer.param_groups]
-    # torch needs at least 2 steps of rise and 1 of fall.
-    pct_start = min(max(warmup_steps, 2), total_steps - 1) / total_steps
+    # At most half the run rises; torch needs at least 2 steps of rise and 1 of fall.
+    rise = min(max(min(warmup_steps, total_steps // 2), 2), total_steps - 1)
+    pct_start = rise / total_steps
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total_steps,
                                                pct_start=pct_start, anneal_strategy="cos")
 
