@@ -15,15 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import zarr
 from reinforce_loaders import format as fmt
-from reinforce_loaders.source import ImageSource, open_source
+from reinforce_loaders.source import ImageSource, fingerprint, open_source
 from tqdm.auto import tqdm
 
 from .blocks import BlockProcessor, BlockRunner, BlockStats, LoadedBlock, SkippedSample, make_processor
 from .engine import make_engine
 from .plan import BuildConfig, BuildError, BuildPlan, resolve_plan
 from .teachers import Ensemble, create_ensemble
-from .writer import StoreWriter, data_bytes, store_bytes
+from .writer import StoreWriter, data_bytes, store_bytes, store_lock
 
 __all__ = ["BlockProcessor", "BlockRunner", "BlockStats", "BuildConfig", "BuildError", "BuildPlan", "BuildSummary",
            "LoadedBlock", "SkippedSample", "make_ensemble", "make_processor", "resolve_plan", "run_build"]
@@ -110,16 +111,22 @@ def run_build(config: BuildConfig, ensemble: Ensemble | None = None, progress: b
     if ensemble is None:
         ensemble = make_ensemble(config)
     plan = resolve_plan(config, source, ensemble)
-    out = plan.config.out
-    writer = StoreWriter.create_or_resume(out, plan.header)
-    plan = dataclasses.replace(plan, header=writer.header)
     if report is None and progress:
         report = print
+    with store_lock(plan.config.out):
+        summary = _build_locked(plan, ensemble, source, progress)
+    if report is not None:
+        report(f"{plan.config.out}: {summary}" if summary.already_complete else f"built {plan.config.out}: {summary}")
+    return summary
+
+
+def _build_locked(plan: BuildPlan, ensemble: Ensemble, source: ImageSource, progress: bool) -> BuildSummary:
+    """Create or resume the store, run its pending blocks and finalize it (the caller holds the store lock)."""
+    check_sample_count(plan, source)
+    writer = StoreWriter.create_or_resume(plan.config.out, plan.header)
+    plan = dataclasses.replace(plan, header=writer.header)
     if writer.header.complete:
-        summary = _summary(plan, [], 0.0, [], engine="none", retries=0, already_complete=True)
-        if report is not None:
-            report(f"{out}: {summary}")
-        return summary
+        return _summary(plan, [], 0.0, [], engine="none", retries=0, already_complete=True)
     pending = writer.pending_blocks()
     total = sum(min(plan.block_size, plan.header.num_samples - block * plan.block_size) for block in pending)
     a = plan.header.num_augmentations
@@ -149,11 +156,63 @@ def run_build(config: BuildConfig, ensemble: Ensemble | None = None, progress: b
                       "skipped": [{"index": s.index, "path": s.path} for s in all_skipped]}
         writer.header = dataclasses.replace(writer.header, provenance=provenance)
     writer.finalize()
-    summary = _summary(plan, pending, seconds, all_skipped, engine=engine.description, retries=engine.retries,
-                       images=total)
-    if report is not None:
-        report(f"built {out}: {summary}")
-    return summary
+    return _summary(plan, pending, seconds, all_skipped, engine=engine.description, retries=engine.retries,
+                    images=total)
+
+
+def check_sample_count(plan: BuildPlan, source: ImageSource) -> None:
+    """On resume, a source with another sample count than the store's is refused, naming where they part.
+
+    Source and store are in the same sorted order, so the first sample whose fingerprint differs is where an
+    image was added or removed; it is found by bisection over the samples already written (a few decodes).
+    """
+    path = Path(plan.config.out)
+    if not (path / "zarr.json").is_file():
+        return
+    try:
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        header = fmt.StoreHeader.from_attrs(group.attrs.asdict())
+        if header.num_samples == len(source):
+            return
+        written = np.repeat(np.asarray(group[fmt.BLOCKS_DONE][:]) > 0, header.block_size)[:header.num_samples]
+        fingerprints = np.asarray(group[fmt.FINGERPRINTS][:])
+    except Exception:  # noqa: BLE001 - not a readable store: create_or_resume says what is wrong with it
+        return
+    where = _first_difference(source, fingerprints, written & (fingerprints != 0))
+    change = "fewer" if len(source) < header.num_samples else "more"
+    raise BuildError(
+        f"--out {path} was built from {header.num_samples} samples but {plan.config.source} has {len(source)} "
+        f"({abs(header.num_samples - len(source))} {change}){where}: restore the source as it was to resume, "
+        "or build a new --out")
+
+
+def _first_difference(source: ImageSource, fingerprints: np.ndarray, known: np.ndarray) -> str:
+    """Where source and store first differ, as text, by bisection over the samples whose fingerprint is known."""
+    candidates = np.flatnonzero(known[:len(source)])
+    if not len(candidates):
+        return ""
+
+    def same(index: int) -> bool:
+        try:
+            return fingerprint(source.load(index)[0]) == int(fingerprints[index])
+        except Exception:  # noqa: BLE001 - an unreadable image differs too
+            return False
+
+    lo, hi = 0, len(candidates)  # candidates[:lo] agree, candidates[hi:] differ
+    while lo < hi:
+        middle = (lo + hi) // 2
+        if same(int(candidates[middle])):
+            lo = middle + 1
+        else:
+            hi = middle
+    if lo == len(candidates):
+        first = int(candidates[-1]) + 1
+        return f"; samples 0..{first - 1} still match, so the change comes after {source.name_of(first - 1)}" \
+            if first < len(source) else ""
+    index = int(candidates[lo])
+    before = f" (after {source.name_of(index - 1)})" if index > 0 else ""
+    return (f"; they part at sample {index}: the source's {source.name_of(index)}{before} is not the image the "
+            "store holds there, so an image around it was removed, added or replaced")
 
 
 def _summary(plan: BuildPlan, pending: list[int], seconds: float, skipped: list[SkippedSample], *, engine: str,

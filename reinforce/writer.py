@@ -3,14 +3,24 @@
 Layout facts (names, dtypes, chunks, codecs, header, record encoding) come from
 :mod:`reinforce_loaders.format`; this module only decides the order of writes. A block's data is written before its ``blocks_done`` flag, and the
 header says ``complete`` only after every flag is set, so a crash at any moment leaves a store that a resumed
-build completes and that readers refuse until then.
+build completes and that readers refuse until then. A new store's skeleton (arrays and header) is made in a
+hidden sibling directory and renamed into place, so ``--out`` is either absent or a resumable store; and a
+build holds :func:`store_lock` (a ``<out>.lock`` file beside the store) so a second build of the same store
+refuses instead of racing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import json
 import os
+import shutil
+import socket
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +28,14 @@ import numpy as np
 import zarr
 from reinforce_loaders import format as fmt
 from reinforce_loaders.augment import AugmentPipeline
-from reinforce_loaders.errors import StoreFormatError
+from reinforce_loaders.errors import ReinforceError, StoreFormatError
+
+UNREADABLE_LOCK_STALE_SECONDS = 60.0
+"""A lock file nobody can read (a crash between creating and filling it) is stale after this many seconds."""
+
+
+class StoreBusyError(ReinforceError):
+    """Another build holds the store's lock."""
 
 
 @dataclasses.dataclass
@@ -137,37 +154,58 @@ class StoreWriter(BlockSink):
 
         Only the build driver calls this: resuming removes the files that crashed writes left behind.
         """
-        path = Path(path)
+        path = _out_path(path)
         header = with_param_encodings(header)
         if num_params is not None and len(header.param_encodings) != num_params:
             raise StoreFormatError(f"the augmentation pipeline has {len(header.param_encodings)} parameters, "
                                    f"the build passed num_params={num_params}")
-        if path.exists() and any(path.iterdir()):
-            try:
-                group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-                existing = fmt.StoreHeader.from_attrs(group.attrs.asdict())
-            except (StoreFormatError, FileNotFoundError, zarr.errors.GroupNotFoundError,
-                    zarr.errors.NodeTypeValidationError) as error:
-                reason = str(error) if isinstance(error, StoreFormatError) else "no reinforce header"
-                raise StoreFormatError(
-                    f"--out {path} exists and is not a reinforce store this version can resume ({reason}): "
-                    "choose another path or remove it"
-                ) from None
-            differences = _differences(existing.settings(), header.settings())
-            if differences:
-                raise StoreFormatError(
-                    f"--out {path} holds a store built with different settings ({'; '.join(differences)}): "
-                    "re-run with the original settings to resume it, or choose another --out"
-                )
-            # zarr writes each file as "<name>.<uuid>.partial" and then renames it; a crash leaves those behind.
-            for leftover in path.rglob("*.partial"):
-                leftover.unlink(missing_ok=True)
-            return cls(group, existing)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        for name, spec in fmt.array_specs(header).items():
-            group.create_array(name, **spec)
-        group.attrs[fmt.ATTRS_KEY] = header.to_attrs()
-        return cls(group, header)
+        if path.is_dir() and any(path.iterdir()):
+            return cls._resume(path, header)
+        return cls._create(path, header)
+
+    @classmethod
+    def _resume(cls, path: Path, header: fmt.StoreHeader) -> StoreWriter:
+        try:
+            group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+            existing = fmt.StoreHeader.from_attrs(group.attrs.asdict())
+        except (StoreFormatError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, OSError,
+                ValueError, TypeError, KeyError) as error:
+            # ValueError covers a zarr.json that is not JSON (JSONDecodeError) or not text (UnicodeDecodeError).
+            reason = str(error) if isinstance(error, StoreFormatError) else f"{type(error).__name__}: {error}"
+            raise StoreFormatError(
+                f"--out {path} exists and is not a reinforce store this version can resume ({reason:.300}): "
+                "choose another path or remove it"
+            ) from None
+        differences = _differences(existing.settings(), header.settings())
+        if differences:
+            raise StoreFormatError(
+                f"--out {path} holds a store built with different settings ({'; '.join(differences)}): "
+                "re-run with the original settings to resume it, or choose another --out"
+            )
+        # zarr writes each file as "<name>.<uuid>.partial" and then renames it; a crash leaves those behind.
+        for leftover in path.rglob("*.partial"):
+            leftover.unlink(missing_ok=True)
+        return cls(group, existing)
+
+    @classmethod
+    def _create(cls, path: Path, header: fmt.StoreHeader) -> StoreWriter:
+        """A new store: its skeleton is written in a hidden sibling, then renamed to ``path`` in one step."""
+        for leftover in path.parent.glob(f".{path.name}.creating-*"):  # from a creation that crashed
+            shutil.rmtree(leftover, ignore_errors=True)
+        temporary = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        try:
+            group = zarr.open_group(str(temporary), mode="w", zarr_format=3)
+            for name, spec in fmt.array_specs(header).items():
+                group.create_array(name, **spec)
+            group.attrs[fmt.ATTRS_KEY] = header.to_attrs()
+            if path.is_dir():
+                path.rmdir()  # an empty directory given as --out
+            os.rename(temporary, path)
+        except OSError as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise StoreFormatError(f"cannot create the store --out {path}: {error.strerror or error} "
+                                   f"({type(error).__name__}): choose a writable location with free space") from None
+        return cls(zarr.open_group(str(path), mode="r+", zarr_format=3), header)
 
     def pending_blocks(self) -> list[int]:
         done = self.group[fmt.BLOCKS_DONE][:]
@@ -204,6 +242,92 @@ def with_param_encodings(header: fmt.StoreHeader) -> fmt.StoreHeader:
         return header
     pipeline = AugmentPipeline.from_config(header.augmentation)
     return dataclasses.replace(header, param_encodings=fmt.pipeline_param_encodings(pipeline))
+
+
+def _out_path(path: str | os.PathLike[str]) -> Path:
+    """``--out`` as a directory path (a symlink resolved), refusing what cannot hold a store."""
+    path = Path(path)
+    if path.is_symlink():
+        if not path.exists():
+            raise StoreFormatError(f"--out {path} is a broken symbolic link: remove it or choose another path")
+        path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise StoreFormatError(f"--out {path} is a file, not a store directory: choose another path or remove it")
+    return path
+
+
+def lock_path(path: str | os.PathLike[str]) -> Path:
+    """The lock file of the store ``path``: ``<path>.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def store_lock(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the build lock of the store ``path`` for the ``with`` block.
+
+    The lock file names its holder (host, pid, start time). A lock whose holder process is gone (same host) or
+    that cannot be read after :data:`UNREADABLE_LOCK_STALE_SECONDS` is stale and taken over; otherwise
+    :class:`StoreBusyError` says who holds it.
+    """
+    lock = lock_path(_out_path(path))
+    owner = {"host": socket.gethostname(), "pid": os.getpid(),
+             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    for _ in range(3):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _stale(lock):
+                lock.unlink(missing_ok=True)
+                continue
+            raise StoreBusyError(f"--out {lock.with_suffix('')} is being built by another process "
+                                 f"({_holder_text(lock)}; lock file {lock}): wait for it to finish, or if no build "
+                                 "is running, remove the lock file") from None
+        except OSError as error:
+            raise StoreFormatError(f"cannot create the lock file {lock} beside --out: {error.strerror or error}: "
+                                   "choose a writable location") from None
+        with os.fdopen(handle, "w") as file:
+            json.dump(owner, file)
+        break
+    else:
+        raise StoreBusyError(f"could not take the lock {lock}: other builds keep taking it")
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _read_lock(lock: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def _stale(lock: Path) -> bool:
+    holder = _read_lock(lock)
+    if holder is None:
+        try:
+            return time.time() - lock.stat().st_mtime > UNREADABLE_LOCK_STALE_SECONDS
+        except FileNotFoundError:
+            return True
+    if holder.get("host") != socket.gethostname():
+        return False  # cannot see another machine's processes
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def _holder_text(lock: Path) -> str:
+    holder = _read_lock(lock)
+    if holder is None:
+        return "holder unknown"
+    return f"process {holder['pid']} on {holder.get('host', '?')} since {holder.get('started', '?')}"
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import zarr
@@ -115,3 +122,104 @@ def test_out_that_is_not_a_store_is_refused(digits, teacher_weights, tmp_path, c
     assert _build(digits[0], out, teacher_weights) == 2
     assert "is not a reinforce store" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_out_that_is_a_file_or_broken_link_or_garbage_is_refused_untouched(digits, teacher_weights, tmp_path,
+                                                                          capsys):
+    regular = tmp_path / "file.zarr"
+    regular.write_text("keep me")
+    assert _build(digits[0], regular, teacher_weights) == 2
+    assert "is a file, not a store directory" in capsys.readouterr().err and regular.read_text() == "keep me"
+    link = tmp_path / "link.zarr"
+    link.symlink_to(tmp_path / "nowhere")
+    assert _build(digits[0], link, teacher_weights) == 2
+    assert "is a broken symbolic link" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+    garbage = tmp_path / "garbage.zarr"
+    garbage.mkdir()
+    (garbage / "zarr.json").write_bytes(b"\x00{not json")
+    assert _build(digits[0], garbage, teacher_weights) == 2
+    err = capsys.readouterr().err
+    assert "is not a reinforce store this version can resume" in err and "Traceback" not in err
+    assert (garbage / "zarr.json").read_bytes() == b"\x00{not json"
+
+
+def test_out_through_a_symlink_to_a_directory_is_built_there(digits, teacher_weights, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.zarr").symlink_to(tmp_path / "real")
+    assert _build(digits[0], tmp_path / "link.zarr", teacher_weights, "--block-size", "16") == 0
+    assert fmt.read_header(zarr.open_group(str(tmp_path / "real"), mode="r")).complete
+
+
+def test_read_only_output_directory(digits, teacher_weights, tmp_path, capsys, monkeypatch):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root writes anyway: refuse as the kernel would for others
+        real_open = os.open
+
+        def read_only(path, *args, **kwargs):
+            if str(path).startswith(str(parent)):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", read_only)
+    try:
+        assert _build(digits[0], parent / "s.zarr", teacher_weights) == 2
+    finally:
+        parent.chmod(0o755)
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and "choose a writable location" in err and not list(parent.iterdir())
+
+
+def test_store_creation_that_fails_leaves_nothing_and_can_be_retried(digits, teacher_weights, tmp_path, capsys,
+                                                                    monkeypatch):
+    real = zarr.Group.create_array
+    calls = []
+
+    def disk_full(self, name, **spec):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, **spec)
+
+    monkeypatch.setattr(zarr.Group, "create_array", disk_full)
+    out = tmp_path / "s.zarr"
+    assert _build(digits[0], out, teacher_weights, "--block-size", "16") == 2
+    assert "cannot create the store --out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no half store, no temporary, no lock
+    monkeypatch.setattr(zarr.Group, "create_array", real)
+    assert _build(digits[0], out, teacher_weights, "--block-size", "16") == 0
+
+
+def test_a_second_build_of_the_same_store_refuses_while_the_first_runs(digits, teacher_weights, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    lock = tmp_path / "s.zarr.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}))
+    assert _build(digits[0], out, teacher_weights, "--block-size", "16") == 2
+    err = capsys.readouterr().err
+    assert f"is being built by another process (process {os.getpid()} on {socket.gethostname()}" in err
+    assert str(lock) in err and not out.exists() and lock.exists()
+
+
+def test_a_lock_left_by_a_dead_build_is_taken_over(digits, teacher_weights, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / "s.zarr.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "earlier"}))
+    assert _build(digits[0], tmp_path / "s.zarr", teacher_weights, "--block-size", "16") == 0
+    assert not lock.exists()
+
+
+def test_resume_with_an_image_removed_names_where(digits, teacher_weights, tmp_path, capsys):
+    source = tmp_path / "src"
+    shutil.copytree(digits[0], source)
+    out = tmp_path / "s.zarr"
+    assert _build(source, out, teacher_weights, "--block-size", "16") == 0
+    files = sorted(str(p) for p in source.rglob("*.png"))
+    removed = Path(files[20])
+    removed.unlink()
+    capsys.readouterr()
+    assert _build(source, out, teacher_weights, "--block-size", "16") == 2
+    err = capsys.readouterr().err
+    assert "was built from 45 samples but" in err and "has 44 (1 fewer)" in err
+    assert f"they part at sample 20: the source's {files[21]} (after {files[19]})" in err
