@@ -6,7 +6,8 @@
 * decoding: ``format.decode_records`` on one record at a time (the student's ``__getitem__`` path) and on a whole
   block of rows at once, for an ImageNet-like header (1000 classes, top-10, class vocabulary 32).
 
-Times are medians of ``--repeats`` runs, in microseconds per record.
+Times are this process's CPU time (``time.process_time``, so other work on a busy machine does not count),
+medians of ``--repeats`` runs, in microseconds per record.
 
 Usage: ``PYTHONPATH=.:loaders python benchmarks/sampling.py [--samples 64] [--slots 32] [--repeats 5]``
 """
@@ -14,6 +15,7 @@ Usage: ``PYTHONPATH=.:loaders python benchmarks/sampling.py [--samples 64] [--sl
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -29,9 +31,9 @@ from reinforce_loaders.augment import PRESETS, AugmentPipeline, make_pipeline
 def median_seconds(run: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         run()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return statistics.median(times)
 
 
@@ -98,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"python {platform.python_version()}, numpy {np.__version__}, {platform.processor() or platform.machine()}")
     print(f"sampling: {args.samples} samples x {args.slots} slots; decoding: {args.rows} records; "
-          f"medians of {args.repeats}; microseconds per record")
+          f"medians of {args.repeats}; CPU microseconds per record; load average {os.getloadavg()[0]:.1f}")
     print("| preset | params | sample_block | one record at a time | ratio | decode 1 record | decode a block |")
     print("|---|---|---|---|---|---|---|")
     for preset in PRESETS:

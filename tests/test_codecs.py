@@ -115,3 +115,41 @@ def test_augmix_width_beyond_the_uniform_budget_is_refused():
     from reinforce_loaders.errors import AugmentationError
     with pytest.raises(AugmentationError, match="width must be between 1 and 3"):
         AugmentPipeline.from_config({"size": 32, "ops": [{"name": "center_crop"}, {"name": "augmix", "width": 4}]})
+
+
+def test_decoding_checks_every_record(store):
+    """A record that verify would reject never becomes a target: damaged probabilities or indices are named."""
+    group = fmt.open_store_group(store)
+    header = fmt.read_header(group)
+    rows = fmt.read_block_slot(group, header, 0, 0)
+    sizes = fmt.read_array(group, fmt.IMAGE_SIZES)[:len(rows)].astype(np.int64)
+    fmt.decode_records(header, rows, sizes[:, 0], sizes[:, 1])  # as built: fine
+    columns = header.record_columns
+    for column, value in ((columns["topk_probs"].start, 5000), (columns["topk_indices"].start + 1, None),
+                          (columns["topk_indices"].start, header.num_classes), (columns["teacher_entropy"].start, 999)):
+        bad = rows.copy()
+        bad[2, column] = bad[2, column - 1] if value is None else value  # None: repeat the previous class index
+        with pytest.raises(StoreFormatError, match=r"record \(2,\) of block 0 slot 0 is invalid"):
+            fmt.decode_records(header, bad, sizes[:, 0], sizes[:, 1], where="block 0 slot 0")
+
+
+@pytest.mark.parametrize("member, value, message", [
+    ("seed", "x", "seed must be integer"), ("seed", -1, "seed=-1 is outside"), ("seed", 2**64, "outside"),
+    ("num_augmentations", 4.0, "num_augmentations must be integer"), ("complete", "no", "complete must be boolean"),
+    ("num_samples", 1.5e9 * 100, "num_samples must be integer"), ("num_samples", 2**40, "outside"),
+    ("top_k", True, "top_k must be integer"), ("class_names", "abc", "class_names must be array or null"),
+    ("teachers", {"a": 1}, "teachers must be array"),
+])
+def test_header_members_are_type_and_range_checked(store, member, value, message):
+    group = fmt.open_store_group(store)
+    attrs = {fmt.ATTRS_KEY: {**group.attrs.asdict()[fmt.ATTRS_KEY], member: value}}
+    with pytest.raises(StoreFormatError, match=message):
+        fmt.StoreHeader.from_attrs(attrs)
+
+
+def test_header_errors_never_echo_control_characters(store):
+    group = fmt.open_store_group(store)
+    attrs = {fmt.ATTRS_KEY: {**group.attrs.asdict()[fmt.ATTRS_KEY], "format_name": "\x1b[31mevil"}}
+    with pytest.raises(StoreFormatError) as error:
+        fmt.StoreHeader.from_attrs(attrs)
+    assert "\x1b" not in str(error.value) and "evil" in str(error.value)

@@ -105,8 +105,7 @@ SPEC_CONFIGS = {
     "custom-c": [{"name": "center_crop", "crop_fraction": 1.0}, {"name": "horizontal_flip", "p": 0.3},
                  {"name": "mix", "mixup_alpha": 1.0, "cutmix_alpha": 0.3, "p": 0.9, "switch_prob": 0.3}],
 }
-KNOWN_BUGS = {"custom-c": "a mixing pipeline after center_crop fails to build: the partner block declares four box "
-                          "codecs for a crop without parameters (augment/pipeline.py, partner_box_codecs)"}
+KNOWN_BUGS: dict[str, str] = {}
 # Samples of many shapes (one 1 x 1, one very wide) and one skipped sample (None); blocks of 4 samples.
 SPEC_SIZES = [(37, 53), (1, 1), (480, 360), (23, 700), None, (64, 64), (12, 5), (300, 299), (2, 90), (55, 41)]
 SPEC_BLOCK = 4
@@ -179,7 +178,7 @@ def test_spec_parameter_tables_are_the_ops():
 REQUIRED_MEMBERS = ("format_name", "format_version", "num_samples", "num_classes", "top_k", "num_augmentations",
                     "seed", "block_size", "augmentation", "param_encodings", "teachers", "prob_scale",
                     "entropy_levels")
-READER_DEFAULTS_INSTEAD = {"prob_scale", "entropy_levels"}
+READER_DEFAULTS_INSTEAD: set[str] = set()
 
 
 @pytest.fixture(scope="module")

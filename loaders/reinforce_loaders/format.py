@@ -6,7 +6,8 @@ package read with them; nothing about the layout is written down anywhere else i
 Layout in one paragraph: every (sample, slot) record is one row of ``W`` unsigned integers in the array
 ``records`` of shape ``(num_samples, num_augmentations, W)``: top-k class indices (as positions in the
 sample's ``class_vocabulary`` when they are in it), quantized top-k probabilities, encoded augmentation
-parameters and the quantized teacher entropy. Records are chunked one
+parameters (one typed codec per parameter, :mod:`reinforce_loaders.codecs`; omitted when the store derives them,
+``param_storage = "derived"``) and the quantized teacher entropy. Records are chunked one
 slot of one block of samples per chunk, and sharded one block (all slots) per shard, so a build worker owns
 whole shards and a reader fetches an epoch (one slot per sample, :func:`~reinforce_loaders.rng.slot_for_epoch`)
 with one chunk per block.
@@ -121,15 +122,6 @@ def recommended_block_size(num_augmentations: int, bytes_per_record: int = 20) -
     return size
 
 
-def topk_index_dtype(num_classes: int) -> np.dtype:
-    """Smallest unsigned integer dtype that holds every class index below ``num_classes``."""
-    if num_classes <= 2**8:
-        return np.dtype("u1")
-    if num_classes <= 2**16:
-        return np.dtype("<u2")
-    return np.dtype("<u4")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Augmentation parameter encodings: one typed codec per parameter, declared by the ops (codecs.py)
 # ----------------------------------------------------------------------------------------------------------
@@ -166,10 +158,7 @@ class StoreLayout:
     def of(cls, header: StoreHeader) -> StoreLayout:
         if header.param_encodings is None:
             raise StoreFormatError("the store header has no param_encodings: it was not written by a v1 writer")
-        size = header.augmentation.get("size") if isinstance(header.augmentation, Mapping) else None
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise StoreFormatError(f"the header's augmentation.size must be a positive integer, got {size!r:.40}")
-        params = ParamLayout.from_json(header.param_encodings, size)
+        params = ParamLayout.from_json(header.param_encodings, header.augmentation["size"])
         k, p = header.top_k, params.columns
         columns = {"topk_indices": slice(0, k), "topk_probs": slice(k, 2 * k), "aug_params": slice(2 * k, 2 * k + p),
                    "teacher_entropy": slice(2 * k + p, 2 * k + p + 1)}
@@ -184,6 +173,66 @@ class StoreLayout:
 # ----------------------------------------------------------------------------------------------------------
 # Header
 # ----------------------------------------------------------------------------------------------------------
+
+MAX_SAMPLES = 1 << 34
+"""Limits a reader enforces before it allocates anything a header implies (format_spec.md, "Limits")."""
+MAX_CLASSES = 1 << 24
+MAX_TOP_K = 1024
+MAX_AUGMENTATIONS = 1 << 16
+MAX_BLOCK_SIZE = 1 << 20
+MAX_IMAGE_SIDE = 8192
+
+_UNBOUNDED = (None, None)
+HEADER_MEMBERS: dict[str, tuple[Any, Any, Any]] = {
+    "num_samples": (int, 1, MAX_SAMPLES),
+    "num_classes": (int, 1, MAX_CLASSES),
+    "top_k": (int, 1, MAX_TOP_K),
+    "num_augmentations": (int, 1, MAX_AUGMENTATIONS),
+    "seed": (int, 0, (1 << 64) - 1),
+    "block_size": (int, 1, MAX_BLOCK_SIZE),
+    "augmentation": (dict, *_UNBOUNDED),
+    "teachers": (list, *_UNBOUNDED),
+    "class_names": ((list, type(None)), *_UNBOUNDED),
+    "compute": (dict, *_UNBOUNDED),
+    "fingerprint": (str, *_UNBOUNDED),
+    "param_encodings": ((list, type(None)), *_UNBOUNDED),
+    "prob_scale": (int, *_UNBOUNDED),
+    "entropy_levels": (int, 1, RECORD_FILL_U16 - 1),
+    "class_vocabulary_size": (int, 0, None),
+    "param_storage": (str, *_UNBOUNDED),
+    "provenance": (dict, *_UNBOUNDED),
+    "complete": (bool, *_UNBOUNDED),
+    "format_name": (str, *_UNBOUNDED),
+    "format_version": (str, *_UNBOUNDED),
+}
+"""Type and inclusive range of every header member: checked once, when a header is made or read."""
+REQUIRED_MEMBERS = ("format_name", "format_version", "num_samples", "num_classes", "top_k", "num_augmentations",
+                    "seed", "block_size", "augmentation", "param_encodings", "teachers", "prob_scale",
+                    "entropy_levels")
+"""Members a stored header MUST have (format_spec.md section 2); the others take their defaults."""
+
+
+def check_member(name: str, value: Any, kind: Any, low: Any = None, high: Any = None) -> None:
+    """Raise :class:`StoreFormatError` naming header member ``name`` if ``value`` is not of ``kind`` (bools are
+    not integers here) or lies outside ``[low, high]``."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        wanted = " or ".join("null" if k is type(None) else {"dict": "object", "list": "array",
+                                                              "str": "string", "int": "integer",
+                                                              "bool": "boolean"}[k.__name__] for k in kinds)
+        raise StoreFormatError(f"header member {name} must be {wanted}, got {_shown(value)}: the store is damaged "
+                               "or was not written by a reinforce writer")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise StoreFormatError(f"header member {name}={_shown(value)} is outside [{low}, {high}]"
+                               if high is not None else f"header member {name}={_shown(value)} must be >= {low}")
+
+
+def _shown(value: Any) -> str:
+    """A short, printable rendering of a header value (no control characters from a hostile store)."""
+    text = repr(value)
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 @dataclasses.dataclass(frozen=True)
 class StoreHeader:
@@ -218,15 +267,19 @@ class StoreHeader:
     format_version: str = f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
 
     def __post_init__(self) -> None:
-        if self.top_k < 1 or self.top_k > self.num_classes:
-            raise StoreFormatError(f"top_k={self.top_k} must be between 1 and num_classes={self.num_classes}")
-        if self.num_augmentations < 1:
-            raise StoreFormatError(f"num_augmentations={self.num_augmentations} must be at least 1")
-        if self.block_size < 1:
-            raise StoreFormatError(f"block_size={self.block_size} must be at least 1")
+        for name, (kind, low, high) in HEADER_MEMBERS.items():
+            check_member(name, getattr(self, name), kind, low, high)
+        if self.top_k > self.num_classes:
+            raise StoreFormatError(f"header member top_k={self.top_k} must not exceed num_classes={self.num_classes}")
         if not 500 < self.prob_scale < RECORD_FILL_U16:
             raise StoreFormatError(f"prob_scale={self.prob_scale} must be in (500, 65535) so probabilities keep "
                                    "an error below 1e-3")
+        size = self.augmentation.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIDE:
+            raise StoreFormatError(f"header member augmentation.size must be an integer in [1, {MAX_IMAGE_SIDE}], "
+                                   f"got {size!r:.40}")
+        if not isinstance(self.augmentation.get("ops"), list):
+            raise StoreFormatError("header member augmentation.ops must be a list of op objects")
         if self.param_storage not in PARAM_STORAGE:
             raise StoreFormatError(f"param_storage={self.param_storage!r} must be one of {', '.join(PARAM_STORAGE)}; "
                                    "a newer writer may have made the store: upgrade reinforce-loaders")
@@ -237,10 +290,6 @@ class StoreHeader:
     @property
     def num_blocks(self) -> int:
         return -(-self.num_samples // self.block_size)
-
-    @property
-    def index_dtype(self) -> np.dtype:
-        return topk_index_dtype(self.num_classes)
 
     @functools.cached_property
     def layout(self) -> StoreLayout:
@@ -316,16 +365,16 @@ class StoreHeader:
                 f"this is not a reinforce store: its root group has no '{ATTRS_KEY}' attribute; "
                 "pass the directory written by `reinforce build --out`"
             )
+        if not isinstance(attrs[ATTRS_KEY], Mapping):
+            raise StoreFormatError(f"the store header ('{ATTRS_KEY}' attribute) must be an object")
         raw = dict(attrs[ATTRS_KEY])
         if raw.get("format_name") != FORMAT_NAME:
             raise StoreFormatError(
-                f"unknown store format {raw.get('format_name')!r}; expected {FORMAT_NAME!r}"
+                f"unknown store format {_shown(raw.get('format_name'))}; expected {FORMAT_NAME!r}"
             )
         check_format_version(str(raw.get("format_version", "")))
         known = {f.name for f in dataclasses.fields(cls)}
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [name for name in required if name not in raw]
+        missing = [name for name in REQUIRED_MEMBERS if name not in raw]
         if missing:
             raise StoreFormatError(f"the store header lacks {', '.join(missing)}: the store is damaged or was not "
                                    "written by a reinforce writer; rebuild it")
@@ -338,7 +387,8 @@ def check_format_version(version: str) -> tuple[int, int]:
     try:
         major, minor = (int(part) for part in version.split("."))
     except ValueError:
-        raise StoreFormatError(f"store has a malformed format_version {version!r}; expected 'MAJOR.MINOR'") from None
+        raise StoreFormatError(f"store has a malformed format_version {_shown(version)}; expected 'MAJOR.MINOR'"
+                               ) from None
     if major != FORMAT_VERSION[0]:
         supported = f"{FORMAT_VERSION[0]}.x"
         advice = (
@@ -561,7 +611,8 @@ def read_all_records(group: zarr.Group, header: StoreHeader | None = None) -> De
     rows = np.concatenate(blocks)
     vocabulary = read_vocabulary(group, header)
     return decode_records(header, rows, sizes[:, :1], sizes[:, 1:],
-                          vocabulary=None if vocabulary is None else vocabulary[:, None, :])
+                          vocabulary=None if vocabulary is None else vocabulary[:, None, :],
+                          present=(sizes != 0).any(axis=1)[:, None])
 
 
 def read_vocabulary(group: zarr.Group, header: StoreHeader) -> np.ndarray | None:
@@ -581,19 +632,50 @@ def check_rows_present(header: StoreHeader, rows: np.ndarray, where: str) -> Non
 
 
 def decode_records(header: StoreHeader, rows: np.ndarray, heights: np.ndarray, widths: np.ndarray,
-                   codec: ParamLayout | None = None, vocabulary: np.ndarray | None = None) -> DecodedRecords:
+                   codec: ParamLayout | None = None, vocabulary: np.ndarray | None = None,
+                   where: str = "", present: np.ndarray | None = None) -> DecodedRecords:
     """Decode raw ``records`` rows ``(..., W)`` given the source ``heights``/``widths`` of their samples and,
     for a store with a class vocabulary, their samples' ``class_vocabulary`` rows (broadcast like the
-    heights, with a trailing ``V`` axis: ``(n, 1, V)`` for rows ``(n, A, W)``, ``(V,)`` for one row)."""
+    heights, with a trailing ``V`` axis: ``(n, 1, V)`` for rows ``(n, A, W)``, ``(V,)`` for one row).
+
+    Every record is checked as it is decoded (:func:`check_records`), except where the mask ``present``
+    (broadcast against ``(...)``) is False: skipped samples, whose records are zeros; ``where`` names the rows
+    in the error."""
     layout = header.layout
     columns = layout.columns
+    indices = decode_indices(header, rows[..., columns["topk_indices"]], vocabulary)
+    quantized = quantized_probs(header, rows)
+    entropy_levels = rows[..., columns["teacher_entropy"].start]
+    if present is None:
+        check_records(header, indices, quantized, entropy_levels, where)
+    else:
+        mask = np.broadcast_to(present, indices.shape[:-1])
+        check_records(header, indices[mask], quantized[mask], entropy_levels[mask], where)
     return DecodedRecords(
-        indices=decode_indices(header, rows[..., columns["topk_indices"]], vocabulary),
-        probs=quantized_probs(header, rows).astype(np.float32) / layout.prob_scale,
+        indices=indices,
+        probs=quantized.astype(np.float32) / layout.prob_scale,
         params=(codec or layout.params).decode(rows[..., columns["aug_params"]], heights, widths),
-        entropy=rows[..., columns["teacher_entropy"].start].astype(np.float32) / layout.entropy_levels
-        * layout.max_entropy,
+        entropy=entropy_levels.astype(np.float32) / layout.entropy_levels * layout.max_entropy,
     )
+
+
+def check_records(header: StoreHeader, indices: np.ndarray, quantized: np.ndarray, entropy_levels: np.ndarray,
+                  where: str = "") -> None:
+    """Raise :class:`StoreFormatError` unless every record holds distinct class indices below ``num_classes``,
+    quantized probabilities in ``[0, prob_scale]`` summing to at most ``prob_scale`` (plus rounding), and an
+    entropy level of at most ``entropy_levels``: what a damaged or hostile store could otherwise turn into
+    wrong targets (format_spec.md, "Checks a reader makes")."""
+    k = indices.shape[-1]
+    ordered = np.sort(indices, axis=-1)
+    bad = ((ordered[..., -1] >= header.num_classes) | (ordered[..., :-1] == ordered[..., 1:]).any(axis=-1)
+           | (quantized[..., 0] > header.prob_scale) | (quantized[..., -1] < 0)
+           | (quantized.sum(axis=-1) > header.prob_scale + (k + 1) // 2) | (entropy_levels > header.entropy_levels))
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+        raise StoreFormatError(
+            f"record {first if first else ''} of {where or 'the store'} is invalid (class indices outside "
+            f"[0, {header.num_classes}) or repeated, probabilities outside [0, 1] or summing past 1, or entropy "
+            "out of range): the store is damaged or was not written by reinforce; run `reinforce verify`")
 
 
 def decode_indices(header: StoreHeader, stored: np.ndarray, vocabulary: np.ndarray | None) -> np.ndarray:

@@ -3,7 +3,7 @@
 The builder samples and stores the parameters of every (sample, slot) record and applies them to many
 records at once on its device (:meth:`AugmentPipeline.apply_batch`); the student replays one record with
 :meth:`AugmentPipeline.apply`, which is the same code on a batch of one. Parameters are resolution
-independent (fractions of the source or output, small integers), so one store serves students at any
+independent (source-pixel boxes, fractions of the output, small integers), so one store serves students at any
 resolution. Each op declares how its parameters are stored (``reinforce_loaders.codecs``). Modules: ``base``
 (op base classes, sampling helpers), ``geometric`` (crops, flip), ``color`` (RandAugment,
 AugMix), ``mixing`` (RandomErasing, MixUp/CutMix), ``pipeline`` (pipeline, presets, configs).

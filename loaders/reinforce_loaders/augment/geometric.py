@@ -96,10 +96,10 @@ def source_box_codecs(op: str) -> tuple[Codec, ...]:
             relative("source_width", start=f"{op}.left"))
 
 
-def partner_box_codecs() -> tuple[Codec, ...]:
-    """Codecs of a mixing partner's box: exact integers, since the levels would be relative to the record's own
-    source, not the partner's."""
-    return (IntCodec(),) * 4
+def partner_box_codecs(op: AugmentOp) -> tuple[Codec, ...]:
+    """Codecs of a mixing partner's crop parameters: exact integers, since the levels would be relative to the
+    record's own source, not the partner's."""
+    return (IntCodec(),) * len(op.param_names)
 
 
 def _boxes(top: np.ndarray, left: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -78,7 +78,8 @@ class AugmentPipeline:
             self._own.append(add(f"{op.name}.", op, op.param_codecs))
             if k == self.mix_index:
                 self._partner = [add(f"{op.name}.partner.{before.name}.", before,
-                                     partner_box_codecs() if isinstance(before, SourceOp) else before.param_codecs)
+                                     partner_box_codecs(before) if isinstance(before, SourceOp)
+                                     else before.param_codecs)
                                  for before in ops[:k]]
         self.param_layout = ParamLayout(names, codecs, self.size)
         # Real-valued parameters are rounded to binary32 when sampled (format_spec.md, section 5).
