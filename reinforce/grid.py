@@ -21,7 +21,7 @@ PAD = 6
 LABEL_WIDTH = 96
 
 
-def _as_uint8(image: torch.Tensor) -> torch.Tensor:
+def _keep_uint8(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
@@ -45,7 +45,7 @@ def _cell(image: torch.Tensor, size: int) -> Image.Image:
 def replay_grid(store: Any, source: Any, out: str | os.PathLike[str], *, samples: int = 4, records: int = 6,
                 cell: int = 128, storage_options: dict[str, Any] | None = None) -> Path:
     """Write a PNG of ``samples`` rows x ``records`` stored slots replayed at ``cell`` pixels; returns its path."""
-    dataset = ReinforcedDataset(source, store, target="sparse", transform=_as_uint8, verify="lazy",
+    dataset = ReinforcedDataset(source, store, target="sparse", transform=_keep_uint8, verify="lazy",
                                 storage_options=storage_options)
     names = dataset.classes or getattr(dataset.source, "classes", None)
     rows = pick_samples(dataset.header.num_samples, samples)

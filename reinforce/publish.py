@@ -29,8 +29,8 @@ from reinforce_loaders import format as fmt
 from reinforce_loaders.errors import ReinforceError
 
 from . import __version__
-from .manifest import (MANIFEST_NAME, SOURCE_MANIFEST_NAME, FileEntry, Manifest, hash_files, store_identity,
-                       write_source_manifest)
+from .manifest import (MANIFEST_NAME, SOURCE_MANIFEST_NAME, FileEntry, Manifest, croissant_metadata, hash_files,
+                       store_identity, write_source_manifest)
 from .report import verify_store
 
 GRID_NAME = "replays.png"
@@ -182,6 +182,25 @@ def _upload(fs: fsspec.AbstractFileSystem, root: str, files: Sequence[tuple[Path
         raise PublishError(f"copying to {root} failed: {error}") from error
 
 
+def _stage(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _stage_source_files(store: Path, group: Any, header: fmt.StoreHeader, source: str | os.PathLike[str],
+                        grid: bool, staging: Path) -> list[Path]:
+    """The source manifest and (with ``grid``) the replay picture, written into ``staging``."""
+    labels = fmt.read_array(group, fmt.LABELS)
+    fingerprints = fmt.read_array(group, fmt.FINGERPRINTS)
+    write_source_manifest(source, header, labels, fingerprints, staging / SOURCE_MANIFEST_NAME)
+    staged = [staging / SOURCE_MANIFEST_NAME]
+    if grid:
+        from .grid import replay_grid
+
+        staged.append(replay_grid(store, source, staging / GRID_NAME))
+    return staged
+
+
 def publish(store: str | os.PathLike[str], dest: str, *, source: str | os.PathLike[str] | None = None,
             info: CardInfo = CardInfo(), grid: bool = True, storage_options: dict[str, Any] | None = None,
             ) -> PublishSummary:
@@ -197,32 +216,19 @@ def publish(store: str | os.PathLike[str], dest: str, *, source: str | os.PathLi
     uploads = list(zip(files, [entry.path for entry in entries]))
     with tempfile.TemporaryDirectory(prefix="reinforce-publish-") as staging_dir:
         staging = Path(staging_dir)
-        extra: list[Path] = []
-        if source is not None:
-            labels = fmt.read_array(group, fmt.LABELS)
-            fingerprints = fmt.read_array(group, fmt.FINGERPRINTS)
-            write_source_manifest(source, header, labels, fingerprints, staging / SOURCE_MANIFEST_NAME)
-            extra.append(staging / SOURCE_MANIFEST_NAME)
-            if grid:
-                from .grid import replay_grid
-
-                extra.append(replay_grid(store, source, staging / GRID_NAME))
+        extra = [] if source is None else _stage_source_files(store, group, header, source, grid, staging)
         card = dataset_card(header, entries, store_dir, info, source is not None, grid and source is not None)
-        (staging / CARD_NAME).write_text(card, encoding="utf-8")
-        extra.append(staging / CARD_NAME)
+        extra.append(_stage(staging / CARD_NAME, card))
         entries += entries_for(extra, staging)
-        from .manifest import croissant_metadata
-
         croissant = croissant_metadata(header, entries, store_dir, info, CARD_NAME)
-        (staging / CROISSANT_NAME).write_text(json.dumps(croissant, indent=1), encoding="utf-8")
-        extra.append(staging / CROISSANT_NAME)
+        extra.append(_stage(staging / CROISSANT_NAME, json.dumps(croissant, indent=1)))
         entries += entries_for(extra[-1:], staging)
         manifest = Manifest(store=store_dir, format_version=header.format_version,
                             identity=store_identity(header, entries[:len(files)], store_dir), files=entries,
                             source_manifest=SOURCE_MANIFEST_NAME if source is not None else None,
                             tool=f"reinforce {__version__}",
                             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1), encoding="utf-8")
+        _stage(staging / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1))
         _upload(fs, root, uploads + [(path, path.name) for path in extra])
         _upload(fs, root, [(staging / MANIFEST_NAME, MANIFEST_NAME)])
     return PublishSummary(dest=dest, files=len(entries) + 1, bytes=manifest.total_bytes, manifest=manifest)
