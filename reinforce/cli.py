@@ -171,8 +171,6 @@ def _run(args: argparse.Namespace) -> int:
         from .recipes.cli import run_from_args
 
         return run_from_args(args)
-    if args.command in PUBLISHING_COMMANDS:
-        return run_publishing_command(args)
     if args.command == "demo":
         from .demo import run_demo
 
