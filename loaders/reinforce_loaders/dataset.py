@@ -21,7 +21,8 @@ from .augment.geometric import RandomCrop, RandomResizedCrop
 from .collate import Crop
 from .errors import ReinforceError, SourceMismatchError, StoreFormatError
 from .rng import slot_for_epoch
-from .source import ImageSource, MapDataset, distrust_torchvision_jpeg, fingerprint, open_source
+from .source import (ImageSource, MapDataset, distrust_torchvision_jpeg, fingerprint, open_source,
+                     reduced_scale)
 from .targets import RemainingMass, dense_target
 
 TargetKind = Literal["dense", "sparse"]
@@ -274,7 +275,8 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         """Source image of ``index`` for record ``row``. In fast mode a JPEG whose crop (``params[row, crop]``)
         is downscaled 2x or more comes back already cropped to ``resolution``, and ``params[row, crop]`` is
         rewritten to the whole image, which the crop op then passes through unchanged."""
-        if self.decode == "fast" and crop is not None and not self._needs_full_check(index):
+        if (self.decode == "fast" and crop is not None and reduced_scale(params[row, crop], resolution) > 1
+                and not self._needs_full_check(index)):
             expected = tuple(self._image_sizes[index]) if self.verify != "none" else None
             cropped = self.source.load_crop(index, params[row, crop], resolution, expected)
             if cropped is not None:

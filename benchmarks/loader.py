@@ -1,0 +1,269 @@
+"""Student loader benchmark: ReinforcedDataset against plain torchvision training loading, side by side.
+
+In one run, on JPEGs (quality 90) cut from the real photos scikit-image and scikit-learn ship, at ImageNet-like
+size (500 x 375 or 375 x 500) and larger (1000 x 750):
+
+* throughput through a DataLoader (same workers, batch size and output for all, persistent workers, a
+  ``set_epoch`` per epoch, median of interleaved epochs): torchvision ``ImageFolder`` + ``RandomResizedCrop(224)``
+  + flip, against ``ReinforcedDataset`` (``rrc`` store) with ``decode="exact"`` and ``decode="fast"``, and
+  the ``rrc+mix`` preset against ``rrc`` (time per sample);
+* batched replay (``__getitems__``) against one sample at a time, in one process;
+* the pixel difference of ``decode="fast"`` from the exact replay;
+* memory: the epoch table and per-sample arrays computed at ImageNet size, and per-worker memory measured here.
+
+Usage: ``nice -n 10 python benchmarks/loader.py [--images 128] [--large-images 64] [--workers 2] [--repeats 5]``
+(needs scikit-image: ``pip install -e '.[bench]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reinforce_loaders import ReinforcedDataset, make_pipeline
+from reinforce_loaders import format as fmt
+from reinforce_loaders.source import reduced_scale
+
+OUTPUT = 224
+IMAGENET_SAMPLES = 1_281_167
+
+
+def photos() -> list[np.ndarray]:
+    """The colour photos bundled with scikit-image and scikit-learn (no download)."""
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    out = [getattr(data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
+                                              "retina")]
+    return out + list(data.stereo_motorcycle()[:2]) + list(load_sample_images().images)
+
+
+def make_jpegs(root: Path, count: int, side: int, seed: int = 0) -> Path:
+    """``count`` JPEGs of ``side`` x ``3/4 side`` (a quarter portrait), random crops of the photos, 4 classes."""
+    generator = np.random.default_rng(seed)
+    sources = [Image.fromarray(photo) for photo in photos()]
+    for i in range(count):
+        photo = sources[i % len(sources)]
+        width, height = (side, side * 3 // 4) if generator.random() < 0.75 else (side * 3 // 4, side)
+        crop_w = int(min(photo.width, photo.height * width / height) * generator.uniform(0.6, 1.0))
+        crop_h = int(crop_w * height / width)
+        left = int(generator.integers(0, photo.width - crop_w + 1))
+        top = int(generator.integers(0, photo.height - crop_h + 1))
+        image = photo.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.LANCZOS)
+        folder = root / f"class{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def build(source: Path, out: Path, preset: str, teacher: str) -> Path:
+    from reinforce.build import BuildConfig, run_build
+
+    run_build(BuildConfig(source=str(source), out=str(out), teachers=[teacher], augment=preset, image_size=OUTPUT,
+                          num_augmentations=4, top_k=3, batch_size=64, block_size=64), progress=False)
+    return out
+
+
+def random_teacher(root: Path) -> str:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = root / "test_resnet.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(weights),
+              metadata={"input_size": json.dumps(32)})
+    return f"test_resnet={weights}"
+
+
+def torchvision_baseline(source: Path):
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    return datasets.ImageFolder(str(source), transform=v2.Compose([
+        v2.PILToTensor(), v2.RandomResizedCrop(OUTPUT, antialias=True), v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True)]))
+
+
+def loader_epochs(datasets: dict[str, object], workers: int, batch_size: int,
+                  repeats: int) -> dict[str, dict[str, float]]:
+    """Per dataset through a DataLoader, medians over epochs interleaved across datasets: wall seconds per sample
+    and CPU seconds per sample of the loading processes (workers and main), which other jobs on a shared
+    machine disturb far less than wall time."""
+    loaders = {name: torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                                 persistent_workers=workers > 0,
+                                                 generator=torch.Generator().manual_seed(0))
+               for name, ds in datasets.items()}
+    measured: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in datasets}
+    for epoch in range(repeats + 1):  # epoch 0 starts workers, warms the page cache, checks fingerprints
+        for name, loader in loaders.items():
+            dataset = datasets[name]
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            pids = [worker.pid for worker in loader._iterator._workers] if epoch else []
+            cpu, began = cpu_seconds(pids), time.perf_counter()
+            for _ in loader:
+                pass
+            if epoch:
+                measured[name]["wall"].append((time.perf_counter() - began) / len(dataset))
+                measured[name]["cpu"].append((cpu_seconds(pids) - cpu) / len(dataset))
+    return {name: {key: statistics.median(values) for key, values in times.items()}
+            for name, times in measured.items()}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of this process and of ``pids`` (from /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def batched_vs_single(ds: ReinforcedDataset, batch_size: int, repeats: int) -> tuple[float, float]:
+    """Median CPU seconds per sample of ``__getitems__`` batches and of ``ds[i]`` one at a time."""
+    positions = list(range(len(ds)))
+
+    def single() -> None:
+        for position in positions:
+            ds[position]
+
+    def batched() -> None:
+        for first in range(0, len(positions), batch_size):
+            ds.__getitems__(positions[first:first + batch_size])
+
+    times: dict[str, list[float]] = {"single": [], "batched": []}
+    batched()  # warm-up: records read, fingerprints checked
+    for _ in range(repeats):
+        for name, run in (("single", single), ("batched", batched)):
+            began = time.process_time()
+            run()
+            times[name].append((time.process_time() - began) / len(positions))
+    return statistics.median(times["batched"]), statistics.median(times["single"])
+
+
+def fast_difference(source: Path, store: Path, epochs: int = 2) -> dict[str, float]:
+    """Mean and max |fast - exact| (uint8 levels) over records, and the share of records decoded reduced."""
+    exact, fast = (ReinforcedDataset(source, store, transform=torch.nn.Identity(), decode=mode)
+                   for mode in ("exact", "fast"))
+    means, maxima, reduced = [], [], 0
+    for epoch in range(epochs):
+        exact.set_epoch(epoch)
+        fast.set_epoch(epoch)
+        for index in range(len(exact)):
+            difference = (exact[index][0].float() - fast[index][0].float()).abs()
+            means.append(difference.mean().item())
+            maxima.append(difference.max().item())
+            reduced += reduced_scale(exact.record(index, exact.slot(index))[0][:4], OUTPUT) > 1
+    return {"records": len(means), "reduced": reduced / len(means), "mean_abs": float(np.mean(means)),
+            "mean_abs_reduced": float(np.mean([m for m in means if m > 0] or [0])), "max_abs": max(maxima)}
+
+
+def imagenet_memory(num_samples: int = IMAGENET_SAMPLES, num_augmentations: int = 400) -> dict[str, float]:
+    """Bytes of the shared epoch table and of the per-sample arrays for an ImageNet+ store (rrc+ra/re, top-10,
+    1000 classes, class vocabulary 32)."""
+    pipeline = make_pipeline("rrc+ra/re", OUTPUT)
+    header = fmt.StoreHeader(num_samples=num_samples, num_classes=1000, top_k=10,
+                             num_augmentations=num_augmentations, seed=0, block_size=4096,
+                             augmentation=pipeline.config(), teachers=[],
+                             param_encodings=fmt.pipeline_param_encodings(pipeline), class_vocabulary_size=32)
+    row = header.record_width * header.dtype.itemsize
+    per_sample = {"labels": 4, "image_sizes (int64 in memory)": 16, "fingerprints": 8,
+                  "class vocabulary": header.class_vocabulary_size * header.dtype.itemsize,
+                  "fingerprint-checked flags": 1}
+    # ImageFolder's path list: Python strings, copied page by page into each worker as reference counts touch them.
+    path = sys.getsizeof("/data/imagenet/train/n01440764/n01440764_10026.JPEG") + 8
+    return {"record_width": header.record_width, "row_bytes": row, "epoch_table": num_samples * row,
+            **{name: num_samples * size for name, size in per_sample.items()},
+            "source path list (52-char paths)": num_samples * path}
+
+
+def worker_memory(ds: ReinforcedDataset, workers: int, batch_size: int) -> list[dict[str, int]]:
+    """Per DataLoader worker, from /proc/PID/smaps_rollup after one epoch: Rss, Pss, shared and private bytes."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=True)
+    iterator = iter(loader)
+    for _ in iterator:
+        pass
+    out = []
+    for worker in iterator._workers:  # the live worker processes of this iterator
+        fields = {}
+        for line in Path(f"/proc/{worker.pid}/smaps_rollup").read_text().splitlines()[1:]:
+            key, value = line.split(":")
+            fields[key] = int(value.split()[0]) * 1024
+        out.append({"rss": fields["Rss"], "pss": fields["Pss"],
+                    "shared": fields["Shared_Clean"] + fields["Shared_Dirty"],
+                    "private": fields["Private_Clean"] + fields["Private_Dirty"]})
+    del iterator, loader
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=128, help="ImageNet-size JPEGs (0 skips)")
+    parser.add_argument("--large-images", type=int, default=64, help="1000 x 750 JPEGs (0 skips)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    parser.add_argument("--root", help="working directory (default: a new temporary one)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(args.root or tempfile.mkdtemp(prefix="loader-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"# {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.workers} DataLoader "
+          f"workers, batch {args.batch_size}, output {OUTPUT}, median of {args.repeats} epochs; work dir {root}")
+    teacher = random_teacher(root)
+    for label, count, side in (("imagenet-size", args.images, 500), ("large", args.large_images, 1000)):
+        if not count:
+            continue
+        source = make_jpegs(root / f"{label}-data", count, side)
+        stores = {preset: build(source, root / f"{label}-{preset.replace('+', '_')}.zarr", preset, teacher)
+                  for preset in ("rrc", "rrc+mix")}
+        torch.set_num_threads(args.threads)  # the build sets its own; idle spinning threads would count as CPU time
+        datasets = {"torchvision rrc": torchvision_baseline(source),
+                    "exact rrc": ReinforcedDataset(source, stores["rrc"]),
+                    "fast rrc": ReinforcedDataset(source, stores["rrc"], decode="fast"),
+                    "exact rrc+mix": ReinforcedDataset(source, stores["rrc+mix"]),
+                    "fast rrc+mix": ReinforcedDataset(source, stores["rrc+mix"], decode="fast")}
+        per_sample = loader_epochs(datasets, args.workers, args.batch_size, args.repeats)
+        base = per_sample["torchvision rrc"]
+        print(f"\n## {label}: {count} JPEGs of {side} x {side * 3 // 4}, DataLoader")
+        print(f"{'loader':18s} {'samples/s':>10s} {'vs torchvision':>15s} {'CPU ms/sample':>14s} "
+              f"{'vs torchvision':>15s} {'mix/rrc CPU time':>17s}")
+        for name, seconds in per_sample.items():
+            same = per_sample.get(name.replace("+mix", "")) if name.endswith("+mix") else None
+            versus = f"{seconds['cpu'] / same['cpu']:.2f}x" if same else ""
+            print(f"{name:18s} {1 / seconds['wall']:10.1f} {base['wall'] / seconds['wall']:14.2f}x "
+                  f"{1e3 * seconds['cpu']:14.3f} {base['cpu'] / seconds['cpu']:14.2f}x {versus:>17s}")
+        print("in-process CPU ms/sample   batched (__getitems__)   one at a time")
+        for name in ("exact rrc", "exact rrc+mix"):
+            batched, single = batched_vs_single(datasets[name], args.batch_size, max(2, args.repeats // 2))
+            print(f"{name:24s} {1e3 * batched:12.3f} {1e3 * single:18.3f}   ({single / batched:.2f}x)")
+        difference = fast_difference(source, stores["rrc"])
+        print(f"fast vs exact: {difference['reduced']:.0%} of {difference['records']} records decoded reduced; "
+              f"mean |d| {difference['mean_abs']:.3f} levels over all records, {difference['mean_abs_reduced']:.3f} "
+              f"over the reduced ones; max |d| {difference['max_abs']:.0f}")
+        if label == "imagenet-size":
+            measured = worker_memory(datasets["exact rrc"], args.workers, args.batch_size)
+            table = len(datasets["exact rrc"]) * datasets["exact rrc"]._table.rows.shape[1]
+            for rank, fields in enumerate(measured):
+                print(f"worker {rank}: " + ", ".join(f"{key} {value / 2**20:.1f} MiB" for key, value in fields.items())
+                      + f" (epoch table here: {table} bytes)")
+    print("\n## memory at ImageNet size (1,281,167 samples, A = 400, ImageNet+ store), computed")
+    for name, value in imagenet_memory().items():
+        print(f"{name:32s} {value / 2**20:10.1f} MiB" if value > 1000 else f"{name:32s} {value:10d}")
+
+
+if __name__ == "__main__":
+    main()
