@@ -95,7 +95,7 @@ def build(out: Path, num_augmentations: int, augment: str, seed: int = 0) -> Pat
                "--augment", augment, "-A", str(num_augmentations), "-k", "10", "--seed", str(seed),
                "--batch-size", "64", "--no-progress",
                # Near-exact probabilities (error 7.7e-6), so storage.py measures its own quantization error.
-               "--prob-scale", "65000"]
+               "--prob-scale", "65000", "--teacher-classes", "all"]
     for teacher in lite_weights(out / "weights"):
         command += ["--teacher", teacher]
     subprocess.run(command, check=True)

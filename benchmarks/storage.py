@@ -18,6 +18,7 @@ flag, float64 top-k probabilities and int64 indices, as the ImageNet+ release do
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import pickle  # baseline only: never in the format
 import sys
@@ -36,6 +37,7 @@ from range_server import RangeServer  # noqa: E402
 from reinforce.writer import BlockResult, StoreWriter, store_bytes  # noqa: E402
 from reinforce_loaders import format as fmt  # noqa: E402
 from reinforce_loaders import make_pipeline, rng  # noqa: E402
+from reinforce_loaders.codecs import FRACTION_255  # noqa: E402
 
 NUM_CLASSES, TOP_K = 1000, 10
 IMAGENET_IMAGES, IMAGENET_SLOTS = 1_281_167, 400
@@ -203,7 +205,7 @@ def configuration(name: str, samples: int, slots: int, block: int, generator: np
         encodings += [{"param": f"rand_augment.{p}{i}", "kind": "int", "offset": off, "width": 1}
                       for i in range(2) for p, off in (("op", 0), ("magnitude", -(RA_BINS - 1)))]
         encodings += [{"param": f"random_erasing.{p}", "kind": "linear", "lo": 0.0, "hi": 1.0,
-                       "levels": fmt.REAL_LEVELS} for p in ("top", "left", "height", "width")]
+                       "levels": FRACTION_255.levels} for p in ("top", "left", "height", "width")]
         params = np.concatenate([params, randaugment_params(generator, (samples, slots)),
                                  erasing_params(generator, (samples, slots))], -1)
     header = fmt.StoreHeader(num_samples=samples, num_classes=NUM_CLASSES, top_k=TOP_K, num_augmentations=slots,
@@ -225,6 +227,41 @@ def write_v1(path: Path, header, sizes, params, teacher, vocabulary=None) -> Non
             topk_probs=probs[start:stop], teacher_entropy=entropy[start:stop],
             class_vocabulary=None if vocabulary is None else vocabulary[start:stop]))
     writer.finalize()
+
+
+def derived_variant(header, sizes, preset: str):
+    """The same records with ``param_storage = "derived"`` under a real ``preset`` pipeline: its parameters
+    are sampled from the keyed RNG as a build samples them (the records' teacher outputs stay as they are), so
+    the store verifies on reading; returns (header, params)."""
+    pipeline = make_pipeline(preset, header.augmentation["size"])
+    derived = dataclasses.replace(header, augmentation=pipeline.config(), param_storage="derived",
+                                  param_encodings=fmt.pipeline_param_encodings(pipeline))
+    params = np.concatenate([pipeline.sample_block(derived.seed, np.arange(start, stop), derived.num_augmentations,
+                                                   sizes[start:stop, 0], sizes[start:stop, 1])
+                             for start, stop in map(derived.block_range, range(derived.num_blocks))])
+    return derived, pipeline.param_layout.quantize(params, sizes[:, :1], sizes[:, 1:])
+
+
+def measure_derived(path: Path, header, sizes, teacher, vocabulary, slots_per_image: int) -> None:
+    """Write ``header``'s records as an ImageNet+ store with derived parameters, read every record back (each
+    block slot's parameters re-derived and checked against its digest) and print its bytes per record."""
+    derived, params = derived_variant(header, sizes, "rrc+ra/re")
+    write_v1(path, derived, sizes, params, teacher, vocabulary)
+    decoded = fmt.read_all_records(fmt.open_store_group(path))
+    assert np.array_equal(decoded.indices, teacher[0])
+    records = derived.num_samples * derived.num_augmentations
+    record_bytes = sum(f.stat().st_size for f in (path / fmt.RECORDS).rglob("c/*/*/*"))
+    digests = sum(f.stat().st_size for f in (path / fmt.PARAM_DIGESTS).rglob("c/*/*"))
+    per_sample = sum(f.stat().st_size for array in fmt.PER_SAMPLE_ARRAYS + (fmt.CLASS_VOCABULARY,)
+                     if (path / array / "c").exists() for f in (path / array / "c").rglob("*") if f.is_file())
+    per_sample_share = per_sample / derived.num_samples / slots_per_image
+    print(f"\n== imagenet+ with derived parameters (--derived-params), class vocabulary "
+          f"{derived.class_vocabulary_size}: {records} records")
+    print(f"{'  records as stored':<40}{record_bytes / records:>10.2f}")
+    print(f"{'  param_digests (8 bytes per block slot)':<40}{digests / records:>10.2f}")
+    print(f"{'  per-sample arrays / A=' + str(slots_per_image):<40}{per_sample_share:>10.2f}")
+    print(f"{'  total bytes/record':<40}{(record_bytes + digests) / records + per_sample_share:>10.2f}   "
+          "(every record's parameters re-derived and checked on reading)")
 
 
 def write_reference(root: Path, header, sizes, params, teacher) -> None:
@@ -354,7 +391,7 @@ def measure_real_teacher(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (header, pseudo_sizes, pseudo_params, teacher, vocabulary) in configurations.items():
             for size in (header.class_vocabulary_size, 0):
-                variant = fmt.StoreHeader(**{**header.__dict__, "class_vocabulary_size": size})
+                variant = dataclasses.replace(header, class_vocabulary_size=size)
                 path = Path(tmp) / f"{name}-{size}.zarr"
                 write_v1(path, variant, pseudo_sizes, pseudo_params, teacher, vocabulary if size else None)
                 decoded = fmt.read_all_records(fmt.open_store_group(path))
@@ -376,9 +413,10 @@ def measure_real_teacher(args: argparse.Namespace) -> None:
                 print(f"{'  total bytes/record':<40}{total:>10.2f}   max probability error {max_error:.2e}")
                 print("  records under blosc-zstd: " + ", ".join(
                     f"{key} {value:.2f}" for key, value in shuffle_comparison(path, variant).items()))
+            if name == "imagenet+":
+                measure_derived(Path(tmp) / f"{name}-derived.zarr", header, pseudo_sizes, teacher, vocabulary, a)
             with tempfile.TemporaryDirectory() as ref:
-                reference_header = fmt.StoreHeader(**{**header.__dict__, "num_samples": source.num_samples,
-                                                      "num_augmentations": a})
+                reference_header = dataclasses.replace(header, num_samples=source.num_samples, num_augmentations=a)
                 write_reference(Path(ref) / "r", reference_header, sizes, params[..., :len(header.param_encodings)],
                                 full)
                 ref_bytes = store_bytes(Path(ref) / "r")
@@ -452,11 +490,14 @@ def main() -> None:
             print(f"{'reference pickles total':<34}{ref_total:>12,}{ref_total / records:>14.2f}   "
                   f"ratio {ref_total / v1_total:.1f}x")
             print(f"indices exact: yes; max probability error {max_error:.2e}")
-            with_vocabulary = fmt.StoreHeader(**{**header.__dict__, "class_vocabulary_size": 32})
+            with_vocabulary = dataclasses.replace(header, class_vocabulary_size=32)
             write_v1(Path(tmp) / f"{name}-v.zarr", with_vocabulary, sizes, params, teacher)
             print(f"with a class vocabulary of 32 (vocabulary from the {args.slots} slots of each sample): "
                   f"{store_bytes(Path(tmp) / f'{name}-v.zarr') / records:.2f} bytes/record in all, indices alone "
                   f"{column_bytes(Path(tmp) / f'{name}-v.zarr', with_vocabulary)['topk_indices'] / records:.2f}")
+            if name == "imagenet+":
+                measure_derived(Path(tmp) / f"{name}-derived.zarr", with_vocabulary, sizes, teacher, None,
+                                args.slots)
             requests, served, used = epoch_reads(store, header, epoch=3)
             records_bytes = sum(f.stat().st_size for f in (store / fmt.RECORDS).rglob("c/*/*/*"))
             print(f"epoch read (HTTP): {requests} requests, {served:,} bytes served for {used:,} bytes of chunks "
