@@ -6,7 +6,7 @@ size (500 x 375 or 375 x 500) and larger (1000 x 750):
 * throughput through a DataLoader (same workers, batch size and output for all, persistent workers, a
   ``set_epoch`` per epoch, median of interleaved epochs): torchvision ``ImageFolder`` + ``RandomResizedCrop(224)``
   + flip, against ``ReinforcedDataset`` (``rrc`` store) with ``decode="exact"`` and ``decode="fast"``, and
-  the ``rrc+mix`` preset against ``rrc`` (time per sample);
+  the ``rrc+mix`` preset against ``rrc`` (time per sample), also with ``ReinforcedSampler(pair_partners=True)``;
 * batched replay (``__getitems__``) against one sample at a time, in one process;
 * the pixel difference of ``decode="fast"`` from the exact replay;
 * memory: the epoch table and per-sample arrays computed at ImageNet size, and per-worker memory measured here.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reinforce_loaders import ReinforcedDataset, make_pipeline
+from reinforce_loaders import ReinforcedDataset, ReinforcedSampler, make_pipeline
 from reinforce_loaders import format as fmt
 from reinforce_loaders.source import reduced_scale
 
@@ -95,20 +95,24 @@ def torchvision_baseline(source: Path):
         v2.ToDtype(torch.float32, scale=True)]))
 
 
-def loader_epochs(datasets: dict[str, object], workers: int, batch_size: int,
-                  repeats: int) -> dict[str, dict[str, float]]:
+def loader_epochs(datasets: dict[str, object], workers: int, batch_size: int, repeats: int,
+                  samplers: dict[str, ReinforcedSampler] | None = None) -> dict[str, dict[str, float]]:
     """Per dataset through a DataLoader, medians over epochs interleaved across datasets: wall seconds per sample
     and CPU seconds per sample of the loading processes (workers and main), which other jobs on a shared
     machine disturb far less than wall time."""
-    loaders = {name: torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                                 persistent_workers=workers > 0,
+    samplers = samplers or {}
+    loaders = {name: torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                                 persistent_workers=workers > 0, sampler=samplers.get(name),
+                                                 shuffle=None if name in samplers else True,
                                                  generator=torch.Generator().manual_seed(0))
                for name, ds in datasets.items()}
     measured: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in datasets}
     for epoch in range(repeats + 1):  # epoch 0 starts workers, warms the page cache, checks fingerprints
         for name, loader in loaders.items():
             dataset = datasets[name]
-            if hasattr(dataset, "set_epoch"):
+            if name in samplers:
+                samplers[name].set_epoch(epoch)  # also the dataset's epoch
+            elif hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
             pids = [worker.pid for worker in loader._iterator._workers] if epoch else []
             cpu, began = cpu_seconds(pids), time.perf_counter()
@@ -235,16 +239,19 @@ def main() -> None:
                     "exact rrc": ReinforcedDataset(source, stores["rrc"]),
                     "fast rrc": ReinforcedDataset(source, stores["rrc"], decode="fast"),
                     "exact rrc+mix": ReinforcedDataset(source, stores["rrc+mix"]),
-                    "fast rrc+mix": ReinforcedDataset(source, stores["rrc+mix"], decode="fast")}
-        per_sample = loader_epochs(datasets, args.workers, args.batch_size, args.repeats)
+                    "fast rrc+mix": ReinforcedDataset(source, stores["rrc+mix"], decode="fast"),
+                    "exact rrc+mix paired": ReinforcedDataset(source, stores["rrc+mix"])}
+        paired = ReinforcedSampler(datasets["exact rrc+mix paired"], seed=0, pair_partners=True)
+        per_sample = loader_epochs(datasets, args.workers, args.batch_size, args.repeats,
+                                   {"exact rrc+mix paired": paired})
         base = per_sample["torchvision rrc"]
         print(f"\n## {label}: {count} JPEGs of {side} x {side * 3 // 4}, DataLoader")
-        print(f"{'loader':18s} {'samples/s':>10s} {'vs torchvision':>15s} {'CPU ms/sample':>14s} "
+        print(f"{'loader':21s} {'samples/s':>10s} {'vs torchvision':>15s} {'CPU ms/sample':>14s} "
               f"{'vs torchvision':>15s} {'mix/rrc CPU time':>17s}")
         for name, seconds in per_sample.items():
-            same = per_sample.get(name.replace("+mix", "")) if name.endswith("+mix") else None
+            same = per_sample.get(name.split("+mix")[0]) if "+mix" in name else None
             versus = f"{seconds['cpu'] / same['cpu']:.2f}x" if same else ""
-            print(f"{name:18s} {1 / seconds['wall']:10.1f} {base['wall'] / seconds['wall']:14.2f}x "
+            print(f"{name:21s} {1 / seconds['wall']:10.1f} {base['wall'] / seconds['wall']:14.2f}x "
                   f"{1e3 * seconds['cpu']:14.3f} {base['cpu'] / seconds['cpu']:14.2f}x {versus:>17s}")
         print("in-process CPU ms/sample   batched (__getitems__)   one at a time")
         for name in ("exact rrc", "exact rrc+mix"):

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from reinforce_loaders import ReinforcedDataset
 from reinforce_loaders.samplers import ReinforcedSampler, SamplerStateError
+from test_loader_dataset import jpeg_stores, photo_jpegs  # noqa: F401  (module fixtures)
 
 BATCH = 4
 
@@ -143,3 +144,27 @@ def test_two_gloo_ranks_split_disjointly_agree_on_epochs_and_resume_elastically(
     rest = list(single)
     assert len(rest) == 25 and sorted(consumed + rest) == list(range(45))
     assert np.array_equal(single.order(2)[20:], rest)
+
+
+def test_paired_partners_are_adjacent_and_decoded_once_per_batch(photo_jpegs, jpeg_stores, monkeypatch):
+    dataset = ReinforcedDataset(photo_jpegs, jpeg_stores["rrc+mix"], transform=torch.nn.Identity())
+    sampler = ReinforcedSampler(dataset, seed=2, pair_partners=True)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(dataset)))
+    partners = dataset.partner_positions(1)
+    follows = [partners[a] == b for a, b in zip(order, order[1:])]
+    assert np.mean(follows) > 0.5, follows
+
+    loads = []
+    load = dataset.source.load
+    monkeypatch.setattr(dataset.source, "load", lambda index, *args: loads.append(index) or load(index, *args))
+    batch = order[:8]
+    samples = dataset.__getitems__(batch)
+    needed = set(batch) | {int(partners[p]) for p in batch if partners[p] >= 0}
+    assert sorted(loads) == sorted(needed)  # each image of the batch decoded once, own or partner
+    reference = ReinforcedDataset(photo_jpegs, jpeg_stores["rrc+mix"], transform=torch.nn.Identity())
+    reference.set_epoch(1)
+    for position, (image, target) in zip(batch, samples):
+        want_image, want_target = reference[position]
+        assert torch.equal(image, want_image) and torch.equal(target, want_target)

@@ -227,10 +227,13 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                                    f"beyond the store's {self.header.num_samples} samples: the store is damaged, "
                                    "rebuild it")
         params = params.copy()
-        images = [self._source_image(int(i), params, r, self._crops.own, resolution) for r, i in enumerate(indices)]
+        decoded: dict[int, torch.Tensor] = {}  # full decodes of this batch: a partner also in it is decoded once
+        images = [self._source_image(int(i), params, r, self._crops.own, resolution, decoded)
+                  for r, i in enumerate(indices)]
         partner_images = None
         if partners is not None:
-            partner_images = [None if p < 0 else self._source_image(int(p), params, r, self._crops.partner, resolution)
+            partner_images = [None if p < 0 else
+                              self._source_image(int(p), params, r, self._crops.partner, resolution, decoded)
                               for r, p in enumerate(partners)]
         if self.output == "crops":
             return self._crop_samples(images, partner_images, params, resolution, topk, probs)
@@ -270,8 +273,8 @@ class ReinforcedDataset(torch.utils.data.Dataset):
             return list(zip(indices_t, probs_t))
         return list(dense_target(indices_t, probs_t, self.num_classes, self.remaining_mass))
 
-    def _source_image(self, index: int, params: np.ndarray, row: int, crop: slice | None,
-                      resolution: int) -> torch.Tensor:
+    def _source_image(self, index: int, params: np.ndarray, row: int, crop: slice | None, resolution: int,
+                      decoded: dict[int, torch.Tensor]) -> torch.Tensor:
         """Source image of ``index`` for record ``row``. In fast mode a JPEG whose crop (``params[row, crop]``)
         is downscaled 2x or more comes back already cropped to ``resolution``, and ``params[row, crop]`` is
         rewritten to the whole image, which the crop op then passes through unchanged."""
@@ -282,7 +285,9 @@ class ReinforcedDataset(torch.utils.data.Dataset):
             if cropped is not None:
                 params[row, crop] = (0, 0, resolution, resolution)
                 return cropped
-        return self._load_checked(index)
+        if index not in decoded:
+            decoded[index] = self._load_checked(index)
+        return decoded[index]
 
     def _needs_full_check(self, index: int) -> bool:
         return (self.verify == "lazy" and index % FAST_FINGERPRINT_EVERY == 0
@@ -350,6 +355,23 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         return params[0], indices[0], probs[0]
 
     _record = record  # the name tests and tools used before it was public
+
+    def partner_positions(self, epoch: int) -> np.ndarray | None:
+        """Per dataset position, the position of the sample its record of ``epoch`` mixes with (-1: none), or
+        None for a store without mixing. Reads the epoch's records (into the shared table) in this process."""
+        if not self.pipeline.mixes:
+            return None
+        positions = np.arange(len(self))
+        indices = positions if self._samples is None else self._samples
+        partners = np.empty(len(indices), dtype=np.int64)
+        step = 1 << 16
+        for first in range(0, len(indices), step):
+            params = self._decoded_records(indices[first:first + step], self._epoch_slot(epoch), epoch)[0]
+            partners[first:first + step] = self.pipeline.partner_indices(params)
+        if self._samples is None:
+            return partners
+        found = np.searchsorted(self._samples, partners)  # a skipped sample is never a partner
+        return np.where(partners >= 0, found, -1)
 
     def teacher_entropy(self, index: int, slot: int) -> float:
         """Entropy (nats) of the full teacher distribution of record (index, slot), as stored."""

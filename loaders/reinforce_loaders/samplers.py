@@ -37,6 +37,10 @@ class ReinforcedSampler(torch.utils.data.Sampler[int]):
         drop_last: see above.
         check_epochs: in :meth:`set_epoch`, compare the epoch and position of every rank (one all-reduce) and
             raise :class:`SamplerStateError` if they differ (all ranks must call :meth:`set_epoch`).
+        pair_partners: for stores with stored MixUp / CutMix: place each sample's mixing partner right after it
+            on the same rank (a chain i, partner(i), partner(partner(i)), ... until a sample already placed),
+            so a batch decodes most partners once for both uses. The order stays a keyed permutation, but a
+            batch then holds both images of most mixed pairs (fewer distinct images per batch).
 
     Resuming: wrap the loader in :meth:`track` (or pass ``samples_consumed`` to :meth:`state_dict`), save
     :meth:`state_dict` with the checkpoint, and after a restart call :meth:`load_state_dict` before iterating;
@@ -45,13 +49,18 @@ class ReinforcedSampler(torch.utils.data.Sampler[int]):
     """
 
     def __init__(self, dataset: Sized, *, shuffle: bool = True, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool = False, check_epochs: bool = True) -> None:
+                 world_size: int | None = None, drop_last: bool = False, check_epochs: bool = True,
+                 pair_partners: bool = False) -> None:
         self.dataset = dataset
         self.num_samples = len(dataset)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.check_epochs = bool(check_epochs)
+        self.pair_partners = bool(pair_partners)
+        if pair_partners and not callable(getattr(dataset, "partner_positions", None)):
+            raise ValueError("pair_partners needs a dataset with partner_positions (a ReinforcedDataset)")
+        self._orders: dict[int, np.ndarray] = {}
         self.rank, self.world_size = _rank_and_world_size(rank, world_size)
         if self.num_samples < 1:
             raise ValueError("ReinforcedSampler needs a dataset with at least one sample")
@@ -64,9 +73,13 @@ class ReinforcedSampler(torch.utils.data.Sampler[int]):
 
     def order(self, epoch: int) -> np.ndarray:
         """The global sequence of sample positions of ``epoch`` (all ranks together, before the split)."""
-        if not self.shuffle:
-            return np.arange(self.num_samples, dtype=np.int64)
-        return np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_samples)
+        epoch = int(epoch)
+        if epoch not in self._orders:
+            order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_samples) if self.shuffle
+                     else np.arange(self.num_samples, dtype=np.int64))
+            partners = self.dataset.partner_positions(epoch) if self.pair_partners else None
+            self._orders = {epoch: order if partners is None else _chain_partners(order, partners, self.world_size)}
+        return self._orders[epoch]
 
     def _shares(self, start: int) -> np.ndarray:
         """``(per_rank, world_size)`` array: column ``r`` is rank ``r``'s positions from ``start`` on."""
@@ -161,6 +174,27 @@ class ReinforcedSampler(torch.utils.data.Sampler[int]):
                 f"{self._start}, others range over epochs {-int(extremes[1])}..{int(extremes[0])} and positions "
                 f"{-int(extremes[3])}..{int(extremes[2])}: call set_epoch with the same epoch on every rank and "
                 "load the same sampler state everywhere")
+
+
+def _chain_partners(order: np.ndarray, partners: np.ndarray, stride: int) -> np.ndarray:
+    """``order`` rearranged so that the partner of the sample at position ``k`` sits at ``k + stride`` (the same
+    rank's next position) whenever it is not placed yet; the samples still come from ``order``, in order."""
+    out = np.empty_like(order)
+    placed = np.zeros(len(order), dtype=bool)
+    scheduled = np.full(len(order) + stride, -1, dtype=np.int64)
+    partners = partners.tolist()
+    queue = iter(order.tolist())
+    for position in range(len(order)):
+        sample = int(scheduled[position])
+        if sample < 0:
+            sample = next(item for item in queue if not placed[item])
+        out[position] = sample
+        placed[sample] = True
+        partner = partners[sample]
+        if partner >= 0 and not placed[partner] and position + stride < len(order):
+            placed[partner] = True  # reserved for position + stride
+            scheduled[position + stride] = partner
+    return out
 
 
 def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
