@@ -95,59 +95,78 @@ def bytes_per_record(header: fmt.StoreHeader, entries: Sequence[FileEntry], stor
     return data / (header.num_samples * header.num_augmentations)
 
 
+def _card_front_matter(header: fmt.StoreHeader, info: CardInfo, name: str) -> list[str]:
+    """The YAML header of the Hugging Face dataset card convention."""
+    meta = {"license": info.license, "pretty_name": name, "task_categories": ["image-classification"],
+            "annotations_creators": ["machine-generated"], "source_datasets": list(info.source_datasets),
+            "size_categories": [size_category(header.num_samples)],
+            "tags": ["dataset-reinforcement", "knowledge-distillation", "soft-labels", "zarr", "reinforce-store"]}
+    return ["---", *json_as_yaml(meta), "---", ""]
+
+
+def _card_training(header: fmt.StoreHeader, store_dir: str) -> list[str]:
+    return ["## Train a student", "", "```bash", "reinforce download URL_OF_THIS_DIRECTORY reinforced/", "```", "",
+            "```python", "from reinforce_loaders import ReinforcedDataset",
+            f"dataset = ReinforcedDataset(\"path/to/source/train\", \"reinforced/{store_dir}\", "
+            f"resolution={header.augmentation['size']})",
+            "# a torch Dataset of (image, soft target): use it in a DataLoader; call dataset.set_epoch(e) each epoch",
+            "```", ""]
+
+
+def _card_contents(header: fmt.StoreHeader, entries: Sequence[FileEntry], store_dir: str) -> list[str]:
+    store_entries = [e for e in entries if e.path.startswith(store_dir + "/")]
+    indices = (f"per-sample vocabulary of {header.class_vocabulary_size}" if header.class_vocabulary_size
+               else "class ids")
+    return ["## Contents", "", "| | |", "| --- | --- |",
+            f"| samples | {header.num_samples:,} in {header.num_blocks} blocks of {header.block_size} |",
+            f"| stored augmentations per sample (A) | {header.num_augmentations} |",
+            f"| probabilities per record (K) | top-{header.top_k} of {header.num_classes} classes |",
+            f"| probability precision | round(p x {header.prob_scale}), error <= {0.5 / header.prob_scale:.1e} |",
+            f"| class indices | {indices} |",
+            f"| bytes per record (records array) | {bytes_per_record(header, entries, store_dir):.2f} |",
+            f"| store size | {sum(e.size for e in store_entries):,} bytes in {len(store_entries)} files |",
+            f"| seed | {header.seed} |", ""]
+
+
+def _card_teachers_and_augmentation(header: fmt.StoreHeader) -> list[str]:
+    teachers = [f"| {t['name']} | {t['input_size']} | {t.get('mean')} / {t.get('std')} | `{t['weights_sha256']}` |"
+                for t in header.teachers]
+    ops = [f"- `{op['name']}`: " + ", ".join(f"{k}={v}" for k, v in op.items() if k != "name")
+           for op in header.augmentation["ops"]]
+    return ["## Teachers", "", "| architecture | input size | mean / std | weights sha256 |", "| --- | --- | --- | --- |",
+            *teachers, "", "## Augmentation", "", f"Output size {header.augmentation['size']}; ops in order:", "",
+            *ops, ""]
+
+
+def _card_provenance(header: fmt.StoreHeader) -> list[str]:
+    keys = ("tool", "created", "device", "torch", "zarr", "python", "batch_size", "imported_from",
+            "replay_fidelity", "teacher_entropy")
+    return ["## Provenance", "", *(f"- {key}: {header.provenance[key]}" for key in keys if key in header.provenance),
+            ""]
+
+
+def _card_checking(store_dir: str, has_source_manifest: bool) -> list[str]:
+    source = (f" `{SOURCE_MANIFEST_NAME}` lists the source images (relative path, size, sha256, pixel fingerprint): "
+              f"`reinforce verify reinforced/{store_dir} --data path/to/source/train --quick` checks your copy "
+              "without decoding it." if has_source_manifest else "")
+    return ["## Checking your copy", "",
+            f"`{MANIFEST_NAME}` lists every file with its size and sha256; `reinforce download` checks them.{source} "
+            f"`{CROISSANT_NAME}` describes the files as MLCommons Croissant metadata.", ""]
+
+
 def dataset_card(header: fmt.StoreHeader, entries: Sequence[FileEntry], store_dir: str, info: CardInfo,
                  has_source_manifest: bool, has_grid: bool) -> str:
     """The ``README.md`` dataset card: YAML header (Hugging Face convention) and what a user needs to train."""
     name = info.pretty_name or f"{store_dir} (reinforced)"
-    yaml_header = {
-        "license": info.license, "pretty_name": name, "task_categories": ["image-classification"],
-        "annotations_creators": ["machine-generated"], "source_datasets": list(info.source_datasets),
-        "size_categories": [size_category(header.num_samples)],
-        "tags": ["dataset-reinforcement", "knowledge-distillation", "soft-labels", "zarr", "reinforce-store"],
-    }
-    ops = "\n".join(f"  - `{op['name']}`: " + ", ".join(f"{k}={v}" for k, v in op.items() if k != "name")
-                    for op in header.augmentation["ops"])
-    teachers = "\n".join(f"| {t['name']} | {t['input_size']} | {t.get('mean')} / {t.get('std')} | "
-                         f"`{t['weights_sha256']}` |" for t in header.teachers)
-    provenance = header.provenance
-    bpr = bytes_per_record(header, entries, store_dir)
-    total = sum(e.size for e in entries if e.path.startswith(store_dir + "/"))
-    lines = [
-        "---", *json_as_yaml(yaml_header), "---", "", f"# {name}", "",
-        f"A reinforced dataset (store format `reinforce-store` {header.format_version}): for each "
-        f"of {header.num_samples:,} source images, {header.num_augmentations} stored augmentations, each with the "
-        f"teacher ensemble's top-{header.top_k} probabilities. The images themselves are not included: train with "
-        "your own copy of the source dataset.", "",
-        *([f"![Stored records replayed]({GRID_NAME})", ""] if has_grid else []),
-        "## Train a student", "", "```bash", "reinforce download URL_OF_THIS_DIRECTORY reinforced/", "```", "",
-        "```python", "from reinforce_loaders import ReinforcedDataset",
-        f"dataset = ReinforcedDataset(\"path/to/source/train\", \"reinforced/{store_dir}\", "
-        f"resolution={header.augmentation['size']})",
-        "# a torch Dataset of (image, soft target): use it in a DataLoader; call dataset.set_epoch(e) each epoch",
-        "```", "",
-        "## Contents", "",
-        "| | |", "| --- | --- |",
-        f"| samples | {header.num_samples:,} in {header.num_blocks} blocks of {header.block_size} |",
-        f"| stored augmentations per sample (A) | {header.num_augmentations} |",
-        f"| probabilities per record (K) | top-{header.top_k} of {header.num_classes} classes |",
-        f"| probability precision | round(p x {header.prob_scale}), error <= {0.5 / header.prob_scale:.1e} |",
-        f"| class indices | {'per-sample vocabulary of ' + str(header.class_vocabulary_size) if header.class_vocabulary_size else 'class ids'} |",
-        f"| bytes per record (records array) | {bpr:.2f} |",
-        f"| store size | {total:,} bytes in {sum(e.path.startswith(store_dir + '/') for e in entries)} files |",
-        f"| seed | {header.seed} |", "",
-        "## Teachers", "", "| architecture | input size | mean / std | weights sha256 |", "| --- | --- | --- | --- |",
-        teachers, "", "## Augmentation", "", f"Output size {header.augmentation['size']}; ops in order:", "", ops, "",
-        "## Provenance", "",
-        *(f"- {key}: {provenance[key]}" for key in ("tool", "created", "device", "torch", "zarr", "python",
-                                                     "batch_size", "imported_from", "replay_fidelity")
-          if key in provenance),
-        "", "## Checking your copy", "",
-        f"`{MANIFEST_NAME}` lists every file with its size and sha256; `reinforce download` checks them. "
-        + (f"`{SOURCE_MANIFEST_NAME}` lists the source images (relative path, size, sha256, pixel fingerprint): "
-           f"`reinforce verify reinforced/{store_dir} --data path/to/source/train --quick` checks your copy in "
-           "minutes without decoding it." if has_source_manifest else ""),
-        f"`{CROISSANT_NAME}` describes the files as MLCommons Croissant metadata.", "",
-    ]
+    summary = (f"A reinforced dataset (store format `reinforce-store` {header.format_version}): for each of "
+               f"{header.num_samples:,} source images, {header.num_augmentations} stored augmentations, each with "
+               f"the teacher ensemble's top-{header.top_k} probabilities. The images themselves are not included: "
+               "train with your own copy of the source dataset.")
+    lines = [*_card_front_matter(header, info, name), f"# {name}", "", summary, "",
+             *([f"![Stored records replayed]({GRID_NAME})", ""] if has_grid else []),
+             *_card_training(header, store_dir), *_card_contents(header, entries, store_dir),
+             *_card_teachers_and_augmentation(header), *_card_provenance(header),
+             *_card_checking(store_dir, has_source_manifest)]
     return "\n".join(lines)
 
 
