@@ -33,6 +33,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from reinforce.build import BuildConfig, make_processor, resolve_plan, run_build
+from reinforce.plan import resolve_precision
 from reinforce.teachers import Ensemble, create_ensemble
 
 
@@ -228,7 +229,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {torch.get_num_threads()} torch threads, device {args.device} "
           f"({torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or 'cpu'})")
     print(f"teachers {args.models} at {args.image_size}px, {args.num_images} images x {args.num_augmentations} "
-          f"augmentations, batch {args.batch_size}, precision {config.resolved_precision}, "
+          f"augmentations, batch {args.batch_size}, precision {resolve_precision(config)}, "
           f"medians of {args.repeats}")
     print(f"(a) full pipeline          {a:9.1f} images/s  ({a * args.num_augmentations:.1f} records/s)  "
           f"runs {[round(r, 1) for r in pipeline]}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,8 @@ from .writer import BlockSink, StoreWriter
 
 BLOCKS_IN_FLIGHT = 2
 """Blocks a worker holds at once: one decoding or writing while the other uses the device."""
+PROGRESS_SECONDS = 1.0
+"""How often the Ray driver asks its workers how many records they have computed (for the progress bar)."""
 
 
 def make_engine(plan: BuildPlan, writer: StoreWriter, ensemble: Ensemble,
@@ -99,9 +100,17 @@ class BlockWorker:
             plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, device="cuda"))
         self.runner = BlockRunner(make_processor(plan, ensemble), BlockSink.open(plan.config.out, plan.header),
                                   name=name)
+        self.records = 0
 
     def run(self, block: int) -> BlockStats:
-        return self.runner.run(block)
+        return self.runner.finish(block, self.runner.load(block), self._count)
+
+    def _count(self, records: int) -> None:
+        self.records += records
+
+    def progress(self) -> int:
+        """Records this worker has computed so far, over all its blocks."""
+        return self.records
 
     def pid(self) -> int:
         return os.getpid()
@@ -115,6 +124,8 @@ class _Slot:
     actor: Any
     blocks: list[int] = dataclasses.field(default_factory=list)
     generation: int = 0
+    reported: int = 0
+    """Records of the current actor already passed on to the progress callback."""
 
 
 class RayEngine:
@@ -141,7 +152,7 @@ class RayEngine:
         self.description = f"Ray ({where}), {self.workers} workers on {config.device}"
         self.ensemble_ref = ray.put(ensemble)
         self.actor_class = ray.remote(BlockWorker).options(
-            num_cpus=plan.cpu_threads, num_gpus=self.num_gpus, max_concurrency=BLOCKS_IN_FLIGHT,
+            num_cpus=plan.cpu_threads, num_gpus=self.num_gpus, max_concurrency=BLOCKS_IN_FLIGHT + 1,
             max_restarts=0, max_task_retries=0)
         self.slots: list[_Slot] = []
 
@@ -180,6 +191,12 @@ class RayEngine:
         if self.owned:
             ray.shutdown()
 
+    def _report_progress(self, records_done: RecordsDone) -> None:
+        for slot, count in zip(self.slots, _ray_progress_of(self.slots), strict=True):
+            if count is not None and count > slot.reported:
+                records_done(count - slot.reported)
+                slot.reported = count
+
     def worker_pids(self) -> list[int]:
         """Process ids of the current actors (for fault-injection tests)."""
         import ray
@@ -187,7 +204,8 @@ class RayEngine:
         return ray.get([slot.actor.pid.remote() for slot in self.slots])
 
     def run(self, pending: list[int], records_done: RecordsDone | None = None) -> Iterator[BlockStats]:
-        """Run ``pending`` blocks on the actors, yielding each one's stats (progress: per block)."""
+        """Run ``pending`` blocks on the actors, yielding each one's stats; ``records_done`` hears of the
+        records the workers computed about every :data:`PROGRESS_SECONDS`."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -215,7 +233,11 @@ class RayEngine:
 
         fill()
         while in_flight:
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=PROGRESS_SECONDS)
+            if not done:
+                if records_done is not None:
+                    self._report_progress(records_done)
+                continue
             slot, generation, block = in_flight.pop(done[0])
             if generation == slot.generation:
                 slot.blocks.remove(block)
@@ -233,12 +255,28 @@ class RayEngine:
                     # Replace the dead actor once; its other blocks come back as errors too.
                     ray.kill(slot.actor, no_restart=True)
                     slot.generation += 1
+                    slot.reported = 0
                     slot.blocks = []
                     slot.actor = self._spawn(slot.name)
                 retry(block, f"its worker died ({_one_line(error)})")
             else:
                 yield stats
             fill()
+
+
+def _ray_progress_of(slots: list[_Slot]) -> list[int | None]:
+    """Each slot's actor's computed records (None for one that does not answer within a second)."""
+    import ray
+
+    refs = [slot.actor.progress.remote() for slot in slots]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+    counts: list[int | None] = []
+    for ref in refs:
+        try:
+            counts.append(ray.get(ref) if ref in ready else None)
+        except Exception:  # noqa: BLE001 - a dead actor is handled where its block's result comes back
+            counts.append(None)
+    return counts
 
 
 def _one_line(error: BaseException, limit: int = 400) -> str:

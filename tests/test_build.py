@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ from reinforce_loaders import format as fmt
 from reinforce_loaders import rng
 from reinforce_loaders.errors import SourceError, StoreFormatError
 
+import reinforce.build
 from reinforce.build import BuildConfig, BuildError, run_build
 from reinforce.teachers import Ensemble, TeacherMember, create_ensemble
 
@@ -281,3 +281,39 @@ def test_reinforce_loaders_and_cli_do_not_import_ray():
             "assert 'ray' not in sys.modules, 'ray imported'")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "loaders")])}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+def test_ray_workers_report_progress_within_a_block(ray_session, digits, teacher_weights, tmp_path, monkeypatch):
+    """One block on one worker: the driver hears of its records while it runs, not only when it ends."""
+    import reinforce.engine
+
+    monkeypatch.setattr(reinforce.engine, "PROGRESS_SECONDS", 0.01)
+    heard = []
+    config = BuildConfig(source=str(digits[0]), out=str(tmp_path / "s.zarr"), teachers=teacher_weights,
+                         **{**SETTINGS, "block_size": 64, "workers": 1})
+    monkeypatch.setattr(reinforce.build, "tqdm", _recording_bar(heard))
+    run_build(config, progress=False)
+    steps = [n for n in heard if n]
+    assert sum(steps) == pytest.approx(45) and max(steps) < 45, steps
+
+
+def _recording_bar(heard: list[float]):
+    class Bar:
+        format_dict: dict = {}
+
+        def __init__(self, **_):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def update(self, n):
+            heard.append(n)
+
+        def set_postfix_str(self, _):
+            return None
+
+    return Bar
