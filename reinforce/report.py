@@ -172,11 +172,14 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, qu
         rows = _read(group, fmt.RECORDS, slice(start, stop), what=f"block {block} (samples [{start}, {stop}))")
         kept = np.flatnonzero(~skipped[start:stop])
         block_vocabulary = None if vocabulary is None else vocabulary[start:stop][kept][:, None, :]
-        _check_records(header, codec, rows[kept], start + kept, sizes[start:stop][kept], block_vocabulary)
+        decoded_layout = _with_derived_params(group, header, block, rows, sizes) if header.derives_params else rows
+        _check_records(header, codec, decoded_layout[kept], start + kept, sizes[start:stop][kept], block_vocabulary)
         if block == header.num_blocks - 1:
             passed.append(_check_slot_read(group, header, block, rows))
     passed.append(f"records: {n * a} rows of {w} checksummed columns; valid class indices, sorted probabilities "
-                  "in [0, 1] summing to <= 1, entropies in range, parameters that decode to themselves")
+                  "in [0, 1] summing to <= 1, entropies in range, parameters that decode to themselves"
+                  + ("; parameters re-derived and every block slot's digest matched" if header.derives_params
+                     else ""))
     if source is not None and not quick:
         passed.extend(_check_source(open_source(source), header, labels, sizes, fingerprints))
     return passed
@@ -187,6 +190,22 @@ def _read(group: Any, name: str, selection: Any = slice(None), what: str = "") -
         return fmt.read_array(group, name, selection, what=what)
     except ReinforceError as error:
         raise VerificationError(str(error)) from None
+
+
+def _with_derived_params(group: Any, header: fmt.StoreHeader, block: int, rows: np.ndarray,
+                         sizes: np.ndarray) -> np.ndarray:
+    """A derived-parameter store's block ``(n, A, W_s)`` with every slot's parameters re-derived, checked against
+    its digest and put back in place: ``(n, A, W)`` rows in the decoded layout."""
+    digests = _read(group, fmt.PARAM_DIGESTS, block, what=f"block {block}")
+    slots = []
+    for slot in range(header.num_augmentations):
+        columns = fmt.derive_param_columns(header, block, slot, sizes)
+        try:
+            fmt.check_param_digest(header, block, slot, columns, sizes, int(digests[slot]))
+        except ReinforceError as error:
+            raise VerificationError(str(error)) from None
+        slots.append(fmt.expand_rows(header, rows[:, slot], columns))
+    return np.stack(slots, axis=1)
 
 
 def _check_slot_read(group: Any, header: fmt.StoreHeader, block: int, rows: np.ndarray) -> str:
