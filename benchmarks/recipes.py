@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=15)
     parser.add_argument("-A", "--augmentations", type=int, default=16)
     parser.add_argument("--finetune", action="store_true", help="also the fine-tuning table (bench extra)")
+    parser.add_argument("--finetune-only", action="store_true", help="only the fine-tuning table (runs in parallel "
+                                                                      "with a scratch-only invocation on one --out)")
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--per-class", type=int, default=32, help="fine-tuning subset: images per class")
     parser.add_argument("--threads", type=int, default=1)
@@ -150,15 +152,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     data = prepare(args.out, args.teacher_epochs, args.augmentations)
-    results = {"scratch": scratch_table(args.out, args.seeds, args.epochs, args.student, data)}
-    print(f"\nFrom scratch: {args.student}, {args.epochs} epochs, seeds {args.seeds}\n")
-    print(markdown(results["scratch"]))
-    if args.finetune:
+    results = {}
+    if not args.finetune_only:
+        results["scratch"] = scratch_table(args.out, args.seeds, args.epochs, args.student, data)
+        print(f"\nFrom scratch: {args.student}, {args.epochs} epochs, seeds {args.seeds}\n")
+        print(markdown(results["scratch"]))
+    if args.finetune or args.finetune_only:
         results["finetune"] = finetune_table(args.out, args.seeds, args.finetune_epochs, data, args.per_class)
         print(f"\nFine-tuning ImageNet tf_efficientnet_lite0 on {args.per_class} images/class, at most "
               f"{args.finetune_epochs} epochs, seeds {args.seeds}\n")
         print(markdown(results["finetune"]))
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    name = "results-finetune.json" if args.finetune_only else "results.json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -169,3 +169,10 @@ def test_multiscale_sampler_and_entropy_curriculum_train_from_the_store(digits, 
     for index in (0, 17, 44):
         entropies = [dataset.teacher_entropy(index, slot) for slot in range(dataset.header.num_augmentations)]
         assert data.slot_policy(index, 0) == min(range(len(entropies)), key=entropies.__getitem__)
+
+
+def test_results_do_not_depend_on_the_worker_count(digits, store, tmp_path):
+    for workers in (0, 2):
+        train(_config(digits, store, tmp_path / f"w{workers}", epochs=2, workers=workers, mixup=0.4), log=_quiet)
+    a, b = (load_file(str(tmp_path / f"w{w}" / "last.safetensors")) for w in (0, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)

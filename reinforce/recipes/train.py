@@ -81,6 +81,8 @@ class Trainer:
         wants_mixing = settings["mixup"] > 0 or settings["cutmix"] > 0
         self.mixing = (SoftMixing(settings["mixup"], settings["cutmix"], num_classes)
                        if wants_mixing and not store_mixes else None)
+        self._train_loader: torch.utils.data.DataLoader | None = None
+        self._val_loader: torch.utils.data.DataLoader | None = None
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -119,13 +121,17 @@ class Trainer:
 
     # --- steps ---------------------------------------------------------------------------------------------
     def loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
-        self.train_set.set_epoch(epoch)
-        self.sampler.set_epoch(epoch)
+        """The training loader positioned at (epoch, start step); one loader, so workers persist."""
+        self.train_set.set_epoch(epoch)  # shared memory: reaches persistent workers
+        self.sampler.set_epoch(epoch)  # the batch sampler runs in this process
         self.sampler.set_start(start)
-        # An explicit generator keeps the DataLoader from drawing on the global RNG (resume equality).
-        return torch.utils.data.DataLoader(self.train_set, batch_sampler=self.sampler,
-                                           num_workers=self.settings["workers"],
-                                           generator=torch.Generator().manual_seed(self.settings["seed"]))
+        if self._train_loader is None:
+            workers = self.settings["workers"]
+            # An explicit generator keeps the DataLoader from drawing on the global RNG (resume equality).
+            self._train_loader = torch.utils.data.DataLoader(
+                self.train_set, batch_sampler=self.sampler, num_workers=workers, persistent_workers=workers > 0,
+                generator=torch.Generator().manual_seed(self.settings["seed"]))
+        return self._train_loader
 
     def prepare(self, batch: Any, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mix (optional), ask the online teacher (optional), normalize."""
@@ -304,7 +310,11 @@ class Trainer:
         return scores
 
     def val_batches(self) -> Any:
-        return torch.utils.data.DataLoader(self.val_set, batch_size=256, num_workers=self.settings["workers"])
+        if self._val_loader is None:
+            workers = self.settings["workers"]
+            self._val_loader = torch.utils.data.DataLoader(self.val_set, batch_size=256, num_workers=workers,
+                                                           persistent_workers=workers > 0)
+        return self._val_loader
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
