@@ -1,21 +1,21 @@
 """The training recipes side by side on real data (scikit-learn digits at 32 px), several seeds, equal epochs.
 
-1. A teacher (timm resnet10t) is trained with ``--recipe plain`` on the train split; its run's best weights
-   teach a store (``rrc``, ``-A`` augmentations per image, top-5).
-2. From scratch (student ``--student``, ``--epochs`` epochs): plain; usi from the store (CE + 5 KL); usi from
-   the store, KL only; usi with the teacher online (run every step on the student's own augmentation).
-3. Fine-tuning (``--finetune``: ImageNet tf_efficientnet_lite0 from the PyPI package, the ``bench`` extra) on a
-   subset of the train split with its own store: a fixed-schedule fine-tune (plain + --fine-tune, one-cycle)
-   vs adaptive (SGD + SAM, LR range test, ReduceLROnPlateauV2, early stop) with labels, and with the store.
+1. A teacher (timm resnet10t) is trained with ``--recipe plain`` on the whole train split; its run's best
+   weights teach a store (``rrc``, ``-A`` augmentations per image, top-5) of the first ``--per-class`` train
+   images of each class, the training set of both tables (small, so that the runs fit a shared 2-core box).
+2. ``--table scratch`` (student ``--student``, ``--epochs`` epochs): plain; usi from the store (CE + 5 KL);
+   usi from the store, KL only; usi with the teacher online (run every step on the student's augmentation).
+3. ``--table finetune`` (ImageNet tf_efficientnet_lite0 from the PyPI package, the ``bench`` extra): a
+   fixed-schedule fine-tune (plain + --fine-tune, one-cycle) vs adaptive (SGD + SAM, LR range test,
+   ReduceLROnPlateauV2, early stop) with labels, and with the store.
 
     PYTHONPATH=.:loaders nice -n 10 .venv/bin/python benchmarks/recipes.py --out /tmp/recipes-bench \
-        [--seeds 0 1 2] [--epochs 10] [--finetune] [--threads 1]
+        [--seeds 0 1 2] [--epochs 8] [--per-class 32] [--table scratch|finetune|both] [--threads 1]
 
 Variants run interleaved (seed by seed), so that load from other work on the machine falls on all of them.
 Prints one markdown table per part (top-1 on the 450-image test split: mean ± sd over seeds, last epoch) and
-writes every run directory and ``results.json`` under OUT.
+writes every run directory and ``results-TABLE.json`` under OUT.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -53,26 +53,36 @@ def _run(name: str, out: Path, **settings) -> dict:
             "teacher": summary["teacher"], "warnings": summary["warnings"]}
 
 
-def prepare(out: Path, teacher_epochs: int, augmentations: int) -> tuple[Path, Path, str, Path]:
+def prepare(out: Path, teacher_epochs: int, augmentations: int, per_class: int) -> tuple[Path, Path, str, Path]:
+    """Digits at 32 px, a resnet10t teacher trained on the whole train split, and a store of the first
+    ``per_class`` train images of each class (0: all of them). Finished steps are reused."""
     train_dir, test_dir = materialize_digits(out / "digits", size=SIZE, seed=0) if not (out / "digits").exists() \
         else (out / "digits" / "train", out / "digits" / "test")
     teacher = _run("teacher_resnet10t", out, train_source=str(train_dir), val_source=str(test_dir),
                    model="resnet10t", recipe="plain", epochs=teacher_epochs, mean=HALF, std=HALF, seed=100)
     spec = f"resnet10t={out / 'teacher_resnet10t' / 'best.safetensors'}"
-    store = out / "digits-train.zarr"
-    if not store.exists():
-        run_build(BuildConfig(source=str(train_dir), out=str(store), teachers=[spec], augment="rrc",
-                              image_size=SIZE, num_augmentations=augmentations, top_k=5, seed=0, batch_size=256,
-                              block_size=256), progress=False)
-    print(f"teacher resnet10t ({teacher_epochs} epochs, plain): test top-1 {teacher['top1']:.2f} "
+    subset = train_dir
+    if per_class:
+        subset = out / f"digits-{per_class}" / "train"
+        if not subset.exists():
+            for folder in sorted(train_dir.iterdir()):
+                (subset / folder.name).mkdir(parents=True)
+                for image in sorted(folder.iterdir())[:per_class]:
+                    shutil.copy(image, subset / folder.name / image.name)
+    store = out / f"digits-{per_class or 'all'}-A{augmentations}.zarr"
+    # Builds, resumes an interrupted build, or finds the store complete.
+    run_build(BuildConfig(source=str(subset), out=str(store), teachers=[spec], augment="rrc", image_size=SIZE,
+                          num_augmentations=augmentations, top_k=5, seed=0, batch_size=256, block_size=256),
+              progress=False)
+    print(f"teacher resnet10t ({teacher_epochs} epochs, plain, whole train split): test top-1 {teacher['top1']:.2f} "
           f"(EMA {teacher['ema_top1']:.2f})")
-    return train_dir, test_dir, spec, store
+    return subset, test_dir, spec, store
 
 
-def scratch_table(out: Path, seeds: list[int], epochs: int, student: str, data: tuple) -> list[dict]:
+def scratch_table(out: Path, seeds: list[int], epochs: int, student: str, batch: int, data: tuple) -> list[dict]:
     train_dir, test_dir, spec, store = data
     common = dict(train_source=str(train_dir), val_source=str(test_dir), model=student, epochs=epochs, mean=HALF,
-                  std=HALF)
+                  std=HALF, batch_size=batch)
     variants = {
         "plain": dict(recipe="plain"),
         "usi, store": dict(recipe="usi", store=str(store), teacher_weights=[spec]),
@@ -83,27 +93,16 @@ def scratch_table(out: Path, seeds: list[int], epochs: int, student: str, data: 
                  variant=key, seed=seed) for seed in seeds for key, extra in variants.items()]
 
 
-def finetune_table(out: Path, seeds: list[int], epochs: int, data: tuple, per_class: int) -> list[dict]:
+def finetune_table(out: Path, seeds: list[int], epochs: int, batch: int, data: tuple) -> list[dict]:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     from imagenet_teacher import lite_weights
 
-    train_dir, test_dir, spec, _ = data
-    subset = out / "digits-subset" / "train"
-    if not subset.exists():
-        for folder in sorted(train_dir.iterdir()):
-            (subset / folder.name).mkdir(parents=True)
-            for image in sorted(folder.iterdir())[:per_class]:
-                shutil.copy(image, subset / folder.name / image.name)
-    store = out / "digits-subset.zarr"
-    if not store.exists():
-        run_build(BuildConfig(source=str(subset), out=str(store), teachers=[spec], augment="rrc", image_size=SIZE,
-                              num_augmentations=16, top_k=5, seed=0, batch_size=256, block_size=256),
-                  progress=False)
+    train_dir, test_dir, spec, store = data
     lite0 = lite_weights(out / "imagenet")[0].partition("=")[2]
-    common = dict(train_source=str(subset), val_source=str(test_dir), model=f"tf_efficientnet_lite0={lite0}",
-                  epochs=epochs, warmup_epochs=1)
+    common = dict(train_source=str(train_dir), val_source=str(test_dir), model=f"tf_efficientnet_lite0={lite0}",
+                  epochs=epochs, warmup_epochs=1, batch_size=batch)
     variants = {
         "fixed fine-tune (plain, one-cycle)": dict(recipe="plain", fine_tune=True),
         "adaptive, labels": dict(recipe="adaptive", patience=2),
@@ -138,32 +137,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--student", default="test_efficientnet")
     parser.add_argument("--teacher-epochs", type=int, default=15)
     parser.add_argument("-A", "--augmentations", type=int, default=16)
-    parser.add_argument("--finetune", action="store_true", help="also the fine-tuning table (bench extra)")
-    parser.add_argument("--finetune-only", action="store_true", help="only the fine-tuning table (runs in parallel "
-                                                                      "with a scratch-only invocation on one --out)")
-    parser.add_argument("--finetune-epochs", type=int, default=10)
-    parser.add_argument("--per-class", type=int, default=32, help="fine-tuning subset: images per class")
+    parser.add_argument("--per-class", type=int, default=32, help="train images per class (0: all 1,347)")
+    parser.add_argument("--table", choices=("scratch", "finetune", "both"), default="scratch",
+                        help="finetune needs the bench extra; two invocations with one --out may run in parallel")
+    parser.add_argument("--finetune-epochs", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    data = prepare(args.out, args.teacher_epochs, args.augmentations)
+    data = prepare(args.out, args.teacher_epochs, args.augmentations, args.per_class)
+    images = f"{args.per_class} images per class" if args.per_class else "the whole train split"
     results = {}
-    if not args.finetune_only:
-        results["scratch"] = scratch_table(args.out, args.seeds, args.epochs, args.student, data)
-        print(f"\nFrom scratch: {args.student}, {args.epochs} epochs, seeds {args.seeds}\n")
+    if args.table in ("scratch", "both"):
+        results["scratch"] = scratch_table(args.out, args.seeds, args.epochs, args.student, args.batch_size, data)
+        print(f"\nFrom scratch: {args.student} on {images}, {args.epochs} epochs, seeds {args.seeds}\n")
         print(markdown(results["scratch"]))
-    if args.finetune or args.finetune_only:
-        results["finetune"] = finetune_table(args.out, args.seeds, args.finetune_epochs, data, args.per_class)
-        print(f"\nFine-tuning ImageNet tf_efficientnet_lite0 on {args.per_class} images/class, at most "
-              f"{args.finetune_epochs} epochs, seeds {args.seeds}\n")
+    if args.table in ("finetune", "both"):
+        results["finetune"] = finetune_table(args.out, args.seeds, args.finetune_epochs, args.batch_size, data)
+        print(f"\nFine-tuning ImageNet tf_efficientnet_lite0 on {images}, at most {args.finetune_epochs} epochs, "
+              f"seeds {args.seeds}\n")
         print(markdown(results["finetune"]))
-    name = "results-finetune.json" if args.finetune_only else "results.json"
-    (args.out / name).write_text(json.dumps(results, indent=1))
+    (args.out / f"results-{args.table}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
