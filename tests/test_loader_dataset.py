@@ -121,6 +121,9 @@ def test_torchvision_jpeg_decoder_that_disagrees_falls_back_to_pillow(photo_jpeg
     ds = uint8_dataset(photo_jpegs, jpeg_stores["rrc"])
     assert_same_samples([ds[i] for i in range(4)], want)
     assert source_module._LibjpegAgreement.agrees is False
+    assert ds._table.pillow_only[0]  # DataLoader workers that still trust torchvision's decoder see this too
+    monkeypatch.setattr(source_module._LibjpegAgreement, "agrees", True)
+    assert_same_samples([ds[i] for i in range(4)], want)
 
 
 def test_torchvision_jpeg_decoder_is_probed_before_use(photo_jpegs, monkeypatch):

@@ -294,7 +294,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                 and not self._table.verified[index])
 
     def _load_checked(self, index: int) -> torch.Tensor:
-        image, _ = self.source.load(index)
+        image, _ = self.source.load(index, decoder="pillow" if self._table.pillow_only[0] else "auto")
         if self.verify == "lazy" and not self._table.verified[index]:
             image = self._checked(index, image)
             self._table.verified[index] = True
@@ -307,6 +307,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         pillow, _ = self.source.load(index, decoder="pillow")
         if not torch.equal(pillow, image) and self._fingerprint_matches(index, pillow):
             distrust_torchvision_jpeg()
+            self._table.pillow_only[0] = True  # in every worker: a sample verified with Pillow stays Pillow's
             return pillow
         raise SourceMismatchError(
             f"source sample {index} ({self.source.name_of(index)}) differs from the image the store was built "
@@ -473,7 +474,8 @@ class CropColumns:
 
 class EpochTable:
     """Shared state of a dataset's DataLoader workers in a memory-mapped temporary file (page cache, not
-    ``/dev/shm``): the current epoch, per block the epoch its rows hold (-1: none), per sample whether its
+    ``/dev/shm``): the current epoch, whether JPEGs must be decoded by Pillow (a worker found torchvision's
+    decoder differing), per block the epoch its rows hold (-1: none), per sample whether its
     fingerprint was checked, and the current epoch's record rows (``num_samples x row_bytes``).
 
     Forked workers share the mapping; spawned workers map the file again by name. The file is removed when
@@ -495,15 +497,16 @@ class EpochTable:
 
     def _offsets(self) -> tuple[int, int, int, int]:
         num_samples, row_bytes, num_blocks = self.shape
-        verified = 8 + 8 * num_blocks
+        verified = 16 + 8 * num_blocks
         rows = -(-(verified + num_samples) // 8) * 8
-        return 8, verified, rows, rows + num_samples * row_bytes
+        return 16, verified, rows, rows + num_samples * row_bytes
 
     def _map(self, fresh: bool = False) -> None:
         num_samples, row_bytes, num_blocks = self.shape
         blocks, verified, rows, end = self._offsets()
         memory = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(end,))
-        self.epoch = memory[:blocks].view(np.int64)
+        self.epoch = memory[:8].view(np.int64)
+        self.pillow_only = memory[8:9].view(np.bool_)
         self.block_epoch = memory[blocks:verified].view(np.int64)
         self.verified = memory[verified:verified + num_samples].view(np.bool_)
         self.rows = memory[rows:end].reshape(num_samples, row_bytes)
