@@ -17,7 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+try:  # deprecated since torchvision 0.29 in favour of TorchCodec; Pillow decodes everything without them
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+except ImportError:  # pragma: no cover - depends on the installed torchvision
+    decode_jpeg = None
 from torchvision.transforms.v2 import functional as F
 
 from .errors import SourceError, SourceMismatchError
@@ -73,7 +76,7 @@ def is_plain_jpeg(image: Image.Image) -> bool:
 
 def _torchvision_jpeg(path: str | os.PathLike[str], image: Image.Image) -> torch.Tensor | None:
     """torchvision's decode of a plain JPEG when it is known (or now probed) to equal Pillow's, else None."""
-    if _LibjpegAgreement.agrees is False or not is_plain_jpeg(image):
+    if decode_jpeg is None or _LibjpegAgreement.agrees is False or not is_plain_jpeg(image):
         return None
     with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
