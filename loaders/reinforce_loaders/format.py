@@ -666,16 +666,27 @@ def check_records(header: StoreHeader, indices: np.ndarray, quantized: np.ndarra
     entropy level of at most ``entropy_levels``: what a damaged or hostile store could otherwise turn into
     wrong targets (format_spec.md, "Checks a reader makes")."""
     k = indices.shape[-1]
+    if indices.ndim == 1:  # one record (a reader's per-sample path): plain Python is cheaper than numpy here
+        classes, q = indices.tolist(), quantized.tolist()
+        bad = not (len(set(classes)) == k and 0 <= min(classes) and max(classes) < header.num_classes
+                   and q[0] <= header.prob_scale and q[-1] >= 0 and sum(q) <= header.prob_scale + (k + 1) // 2
+                   and int(entropy_levels) <= header.entropy_levels)
+        if bad:
+            _invalid_record((), header, where)
+        return
     ordered = np.sort(indices, axis=-1)
     bad = ((ordered[..., -1] >= header.num_classes) | (ordered[..., :-1] == ordered[..., 1:]).any(axis=-1)
            | (quantized[..., 0] > header.prob_scale) | (quantized[..., -1] < 0)
            | (quantized.sum(axis=-1) > header.prob_scale + (k + 1) // 2) | (entropy_levels > header.entropy_levels))
     if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
-        raise StoreFormatError(
-            f"record {first if first else ''} of {where or 'the store'} is invalid (class indices outside "
-            f"[0, {header.num_classes}) or repeated, probabilities outside [0, 1] or summing past 1, or entropy "
-            "out of range): the store is damaged or was not written by reinforce; run `reinforce verify`")
+        _invalid_record(tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else (), header, where)
+
+
+def _invalid_record(position: tuple[int, ...], header: StoreHeader, where: str) -> None:
+    raise StoreFormatError(
+        f"record {position if position else ''} of {where or 'the store'} is invalid (class indices outside "
+        f"[0, {header.num_classes}) or repeated, probabilities outside [0, 1] or summing past 1, or entropy "
+        "out of range): the store is damaged or was not written by reinforce; run `reinforce verify`")
 
 
 def decode_indices(header: StoreHeader, stored: np.ndarray, vocabulary: np.ndarray | None) -> np.ndarray:

@@ -19,7 +19,7 @@ from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_m
 
 from ..codecs import FRACTION_255, Codec, IntCodec
 from ..errors import AugmentationError
-from .base import AugmentOp, SampleContext, as_int, blend, check_probability, normal_batch, to_uint8
+from .base import AugmentOp, SampleContext, as_int, blend, check_probability, libm, normal_batch, to_uint8
 
 # Op ids, stored as parameters: never renumber, only append.
 OP_NAMES = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
@@ -252,7 +252,7 @@ class AugMix(AugmentOp):
 
     def sample_batch(self, u: np.ndarray, context: SampleContext) -> np.ndarray:
         width = self.width
-        exps = -np.log1p(-u[:, :width + 2].clip(max=1 - 2**-53))
+        exps = -libm(math.log1p, -u[:, :width + 2].clip(max=1 - 2**-53))
         keep = exps[:, 0] / (exps[:, 0] + exps[:, 1])  # Beta(1, 1) as a ratio of exponentials
         chains = exps[:, 2:2 + width] / exps[:, 2:2 + width].sum(axis=1, keepdims=True) * (1.0 - keep[:, None])
         steps = np.zeros((len(u), width, 3, 2), dtype=np.float64)
