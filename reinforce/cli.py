@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="teachers, store and two students on scikit-learn's digits")
     demo.add_argument("--workdir", help="where to keep the data, weights and store (default: a temporary dir)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split, the trainings and the store (default 0)")
+    demo.add_argument("--jobs", type=int, help="worker processes for the trainings, one torch thread each (default: "
+                                               "2, or 1 on a single core); the results do not depend on it")
 
     from .recipes.cli import add_train_parser
     add_train_parser(commands)
@@ -174,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(workdir=args.workdir, seed=args.seed)
+        run_demo(workdir=args.workdir, seed=args.seed, jobs=args.jobs)
         return 0
     raise AssertionError(args.command)
 
