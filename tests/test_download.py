@@ -210,6 +210,7 @@ def test_partial_files_are_continued_or_restarted(publication, tmp_path, honours
     assert_same_files(publication, dest)
 
 
+@pytest.mark.slow  # two CLI processes (each imports torch)
 def test_killed_download_resumes_its_partial_file(publication, tmp_path):
     """SIGKILL mid-file, then the same command again: the .part is continued with a Range request."""
     dest = tmp_path / "copy"
@@ -289,6 +290,7 @@ def s3_options():
     server.stop()
 
 
+@pytest.mark.slow  # a local S3 server
 def test_publish_to_and_download_from_s3(store, digits, tmp_path, s3_options):
     """publish to s3:// and download from it, against a local S3 server (moto)."""
     summary = publish(store, "s3://pubs/digits", source=digits[0], storage_options=s3_options)
