@@ -45,10 +45,12 @@ def photo_jpegs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def jpeg_stores(photo_jpegs, teacher_weights, tmp_path_factory) -> dict[str, Path]:
-    """rrc and rrc+mix stores of the JPEGs at 16 px, so most crops are downscaled 2x or more."""
+    """rrc and rrc+mix stores of the JPEGs at 16 px, so most crops are downscaled 2x or more (the 10-class
+    teachers on the 3 folders on purpose: teacher_classes="all")."""
     out = tmp_path_factory.mktemp("jpeg-stores")
     return {preset: build_store(photo_jpegs, out / f"{preset.replace('+', '_')}.zarr", teacher_weights,
-                                augment=preset, image_size=RESOLUTION, num_augmentations=2, block_size=8)
+                                augment=preset, image_size=RESOLUTION, num_augmentations=2, block_size=8,
+                                teacher_classes="all")
             for preset in ("rrc", "rrc+mix")}
 
 
