@@ -134,17 +134,18 @@ def _build_locked(plan: BuildPlan, ensemble: Ensemble, source: ImageSource, prog
     began = time.perf_counter()
     with make_engine(plan, writer, ensemble, source) as engine, tqdm(
             total=total, unit="img", disable=not progress, desc="reinforce build", dynamic_ncols=True) as bar:
-        counted = 0.0
+        records_heard = shown = 0  # since the last finished block: records reported, whole images shown
 
         def records_done(records: int) -> None:
-            nonlocal counted
-            counted += records / a
-            bar.update(records / a)
+            nonlocal records_heard, shown
+            records_heard += records
+            bar.update(records_heard // a - shown)
+            shown = records_heard // a
 
         for stats in engine.run(pending, records_done):
             skipped.extend(stats.skipped)
-            bar.update(stats.images - counted)  # whatever the engine did not report per micro-batch
-            counted = 0.0
+            bar.update(stats.images - shown)  # the rest of the block (skipped images, a last partial image)
+            records_heard = shown = 0
             rate = bar.format_dict.get("rate") or 0.0
             bar.set_postfix_str(f"{rate * a:.1f} rec/s, block {stats.block} by {stats.worker}"
                                 + (f", {len(skipped)} skipped" if skipped else ""))

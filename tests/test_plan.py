@@ -18,7 +18,7 @@ from conftest import IMAGE_SIZE
 from reinforce.build import BuildConfig, run_build
 from reinforce.cli import build_parser, main
 from reinforce.plan import DEFAULT_IMAGE_SIZE, config_defaults, resolve_plan
-from reinforce.teachers import TeacherError, create_ensemble
+from reinforce.teachers import TeacherError, create_ensemble, state_dict_sha256
 from reinforce.writer import BlockSink, StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,3 +260,27 @@ def test_derived_params_store_reads_like_the_column_store(digits, teacher_weight
     for field in ("indices", "probs", "params", "entropy"):
         assert (getattr(read[0], field) == getattr(read[1], field)).all(), field
     assert fmt.read_header(fmt.open_store_group(tmp_path / "d.zarr")).derives_params
+
+
+def test_cached_pretrained_teacher_loads_offline_from_the_cache(tmp_path, monkeypatch):
+    """timm's pretrained weights already in the Hugging Face cache are read from it, with no network at all."""
+    import timm
+    from safetensors.torch import save_file
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    model = timm.create_model("test_resnet", num_classes=1000)
+    save_file(model.state_dict(), str(repo / "snapshots" / commit / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: pytest.fail("network used"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    member = create_ensemble(["test_resnet"]).members[0]
+    assert member.num_classes == 1000 and member.weights is None
+    assert member.weights_sha256 == state_dict_sha256(model)  # the cached file's weights
+    assert member.input_size == 160  # timm's pretrained config of test_resnet.r160_in1k
