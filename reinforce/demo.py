@@ -16,6 +16,7 @@ stays the same under load. Each stage prints a line with the elapsed time and sh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 from reinforce_loaders import ReinforcedDataset
+from reinforce_loaders.errors import ReinforceError
 from reinforce_loaders.source import ImageSource
 from safetensors.torch import save_file
 from torchvision.transforms import v2
@@ -288,7 +290,7 @@ def _store_bytes(store: Path) -> int:
     return sum(file.stat().st_size for file in store.rglob("*") if file.is_file())
 
 
-def run_demo(workdir: str | None = None, seed: int = 0, log: Callable[[str], None] = print, *,
+def run_demo(workdir: str | None = None, seed: int = 0, log: Callable[[str], None] | None = None, *,
              jobs: int | None = None, teacher_epochs: int = TEACHER_EPOCHS,
              student_steps: int = STUDENT_STEPS, num_augmentations: int = NUM_AUGMENTATIONS,
              per_class: int | None = None, teachers: tuple[str, ...] = TEACHERS) -> dict[str, float]:
@@ -299,6 +301,9 @@ def run_demo(workdir: str | None = None, seed: int = 0, log: Callable[[str], Non
     Progress bars go to stderr. The other keyword arguments shrink the demo for tests (``per_class`` keeps that
     many digits of each class).
     """
+    log = log or functools.partial(print, flush=True)  # flushed: the bars on stderr are, and a pipe would hold these
+    if jobs is not None and jobs < 1:
+        raise ReinforceError(f"--jobs must be at least 1, got {jobs}")
     clock = _Clock()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the build, and any job run here: see the module docstring

@@ -2,7 +2,9 @@
 
 import re
 
+import pytest
 import torch
+from reinforce_loaders.errors import ReinforceError
 from safetensors.torch import load_file
 
 from reinforce.demo import run_demo
@@ -46,3 +48,9 @@ def test_demo_results_do_not_depend_on_worker_processes(tmp_path, capsys):
         first, second = (load_file(tmp_path / run / name) for run in ("one", "two"))
         assert first.keys() == second.keys()
         assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_demo_refuses_no_worker_processes(tmp_path):
+    with pytest.raises(ReinforceError, match="--jobs must be at least 1"):
+        run_demo(workdir=str(tmp_path), jobs=0)
+    assert not any(tmp_path.iterdir())
