@@ -9,6 +9,8 @@ size (500 x 375 or 375 x 500) and larger (1000 x 750):
   the ``rrc+mix`` preset against ``rrc`` (time per sample), also with ``ReinforcedSampler(pair_partners=True)``;
 * batched replay (``__getitems__``) against one sample at a time, in one process;
 * the pixel difference of ``decode="fast"`` from the exact replay;
+* the ops after the crop (flip, RandAugment, erasing, mixing) replayed batched from ``output="crops"`` on the CPU
+  and on ``--device`` (a GPU when one is lent), decoding excluded;
 * memory: the epoch table and per-sample arrays computed at ImageNet size, and per-worker memory measured here.
 
 Usage: ``nice -n 10 python benchmarks/loader.py [--images 128] [--large-images 64] [--workers 2] [--repeats 5]``
@@ -31,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reinforce_loaders import ReinforcedDataset, ReinforcedSampler, make_pipeline
+from reinforce_loaders import (Crop, ReinforcedDataset, ReinforcedSampler, make_pipeline, replay_crops,
+                               soft_target_collate)
 from reinforce_loaders import format as fmt
 from reinforce_loaders.source import reduced_scale
 
@@ -174,6 +177,34 @@ def fast_difference(source: Path, store: Path, epochs: int = 2) -> dict[str, flo
             "mean_abs_reduced": float(np.mean([m for m in means if m > 0] or [0])), "max_abs": max(maxima)}
 
 
+def device_replay(source: Path, store: Path, device: str, batch_size: int, repeats: int) -> dict[str, float]:
+    """ms/sample of replaying the ops after the crop (``output="crops"`` + ``replay_crops``) on the CPU and on
+    ``device``, decoding excluded, and the largest pixel difference between the two."""
+    dataset = ReinforcedDataset(source, store, output="crops")
+    positions = list(range(len(dataset)))
+    batches = [soft_target_collate(dataset.__getitems__(positions[first:first + batch_size]))[0]
+               for first in range(0, len(positions), batch_size)]
+    if device.startswith("cuda"):
+        batches = [Crop(*(part.pin_memory() for part in batch)) for batch in batches]
+
+    def replay(on: str) -> list[torch.Tensor]:
+        out = [replay_crops(dataset.pipeline, batch, on) for batch in batches]
+        if on.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    difference = max((a.cpu().float() - b.float()).abs().max().item() for a, b in zip(replay(device), replay("cpu")))
+    times: dict[str, list[float]] = {"cpu": [], device: []}
+    for _ in range(repeats):
+        for on in times:  # CPU seconds on the CPU (steadier on a shared machine), wall time on a device
+            clock = time.process_time if on == "cpu" else time.perf_counter
+            began = clock()
+            replay(on)
+            times[on].append((clock() - began) / len(positions))
+    return {**{f"{on} ms/sample": 1e3 * statistics.median(values) for on, values in times.items()},
+            "max |d|": difference}
+
+
 def imagenet_memory(num_samples: int = IMAGENET_SAMPLES, num_augmentations: int = 400) -> dict[str, float]:
     """Bytes of the shared epoch table and of the per-sample arrays for an ImageNet+ store (rrc+ra/re, top-10,
     1000 classes, class vocabulary 32)."""
@@ -220,6 +251,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    parser.add_argument("--device", default="cpu", help="device of the after-the-crop replay (e.g. cuda)")
     parser.add_argument("--root", help="working directory (default: a new temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,8 +264,9 @@ def main() -> None:
         if not count:
             continue
         source = make_jpegs(root / f"{label}-data", count, side)
-        stores = {preset: build(source, root / f"{label}-{preset.replace('+', '_')}.zarr", preset, teacher)
-                  for preset in ("rrc", "rrc+mix")}
+        presets = ("rrc", "rrc+mix", "rrc+m*+r*") if label == "imagenet-size" else ("rrc", "rrc+mix")
+        stores = {preset: build(source, root / f"{label}-{preset.replace('+', '_').replace('*', 'x')}.zarr",
+                                preset, teacher) for preset in presets}
         torch.set_num_threads(args.threads)  # the build sets its own; idle spinning threads would count as CPU time
         datasets = {"torchvision rrc": torchvision_baseline(source),
                     "exact rrc": ReinforcedDataset(source, stores["rrc"]),
@@ -262,6 +295,9 @@ def main() -> None:
               f"mean |d| {difference['mean_abs']:.3f} levels over all records, {difference['mean_abs_reduced']:.3f} "
               f"over the reduced ones; max |d| {difference['max_abs']:.0f}")
         if label == "imagenet-size":
+            replayed = device_replay(source, stores["rrc+m*+r*"], args.device, args.batch_size, args.repeats)
+            print("rrc+m*+r* ops after the crop, batched, decoding excluded: "
+                  + ", ".join(f"{key} {value:.3f}" for key, value in replayed.items()))
             measured = worker_memory(datasets["exact rrc"], args.workers, args.batch_size)
             table = len(datasets["exact rrc"]) * datasets["exact rrc"]._table.rows.shape[1]
             for rank, fields in enumerate(measured):

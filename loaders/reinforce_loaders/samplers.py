@@ -37,10 +37,10 @@ class ReinforcedSampler(torch.utils.data.Sampler[int]):
         drop_last: see above.
         check_epochs: in :meth:`set_epoch`, compare the epoch and position of every rank (one all-reduce) and
             raise :class:`SamplerStateError` if they differ (all ranks must call :meth:`set_epoch`).
-        pair_partners: for stores with stored MixUp / CutMix: place each sample's mixing partner right after it
-            on the same rank (a chain i, partner(i), partner(partner(i)), ... until a sample already placed),
-            so a batch decodes most partners once for both uses. The order stays a keyed permutation, but a
-            batch then holds both images of most mixed pairs (fewer distinct images per batch).
+        pair_partners: for stores with stored MixUp / CutMix: order each rank's samples by a depth-first walk
+            of the partner graph, so that most samples sit next to their partner and a batch decodes most
+            images once for both uses. The order stays a keyed permutation, but a batch then holds both images
+            of most mixed pairs (fewer distinct images per batch), and a resumed run needs the same world size.
 
     Resuming: wrap the loader in :meth:`track` (or pass ``samples_consumed`` to :meth:`state_dict`), save
     :meth:`state_dict` with the checkpoint, and after a restart call :meth:`load_state_dict` before iterating;
@@ -78,7 +78,7 @@ class ReinforcedSampler(torch.utils.data.Sampler[int]):
             order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_samples) if self.shuffle
                      else np.arange(self.num_samples, dtype=np.int64))
             partners = self.dataset.partner_positions(epoch) if self.pair_partners else None
-            self._orders = {epoch: order if partners is None else _chain_partners(order, partners, self.world_size)}
+            self._orders = {epoch: order if partners is None else _group_partners(order, partners, self.world_size)}
         return self._orders[epoch]
 
     def _shares(self, start: int) -> np.ndarray:
@@ -154,6 +154,10 @@ class ReinforcedSampler(torch.utils.data.Sampler[int]):
         position = int(state["position"])
         if not 0 <= position <= self.num_samples:
             raise SamplerStateError(f"sampler state position {position} is outside 0..{self.num_samples}")
+        if self.pair_partners and state["world_size"] != self.world_size and 0 < position < self.num_samples:
+            raise SamplerStateError(
+                f"the state was saved mid-epoch with world size {state['world_size']}; with pair_partners the order "
+                f"depends on the world size, so resume with {state['world_size']} ranks or at an epoch boundary")
         self.epoch, self._start, self._delivered, self._finished = int(state["epoch"]), position, 0, False
         self._select_dataset_epoch()
 
@@ -176,24 +180,34 @@ class ReinforcedSampler(torch.utils.data.Sampler[int]):
                 "load the same sampler state everywhere")
 
 
-def _chain_partners(order: np.ndarray, partners: np.ndarray, stride: int) -> np.ndarray:
-    """``order`` rearranged so that the partner of the sample at position ``k`` sits at ``k + stride`` (the same
-    rank's next position) whenever it is not placed yet; the samples still come from ``order``, in order."""
-    out = np.empty_like(order)
-    placed = np.zeros(len(order), dtype=bool)
-    scheduled = np.full(len(order) + stride, -1, dtype=np.int64)
-    partners = partners.tolist()
-    queue = iter(order.tolist())
-    for position in range(len(order)):
-        sample = int(scheduled[position])
-        if sample < 0:
-            sample = next(item for item in queue if not placed[item])
-        out[position] = sample
-        placed[sample] = True
-        partner = partners[sample]
-        if partner >= 0 and not placed[partner] and position + stride < len(order):
-            placed[partner] = True  # reserved for position + stride
-            scheduled[position + stride] = partner
+def _group_partners(order: np.ndarray, partners: np.ndarray, world_size: int) -> np.ndarray:
+    """``order`` regrouped so that mixing partners sit close together on one rank: a depth-first walk of the
+    partner graph (an edge between each sample and its partner) from the samples in ``order``, whose ``r``-th
+    contiguous part becomes rank ``r``'s positions ``r, r + W, ...``."""
+    count = len(order)
+    mixed = np.flatnonzero((partners >= 0) & (partners != np.arange(count)))
+    sources = np.concatenate([mixed, partners[mixed]])
+    targets = np.concatenate([partners[mixed], mixed])
+    by_source = np.argsort(sources, kind="stable")
+    neighbours = targets[by_source].tolist()
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(sources, minlength=count))]).tolist()
+    placed = np.zeros(count, dtype=bool)
+    walk: list[int] = []
+    for start in order.tolist():
+        stack = [start]
+        while stack:
+            sample = stack.pop()
+            if placed[sample]:
+                continue
+            placed[sample] = True
+            walk.append(sample)
+            stack.extend(neighbours[bounds[sample]:bounds[sample + 1]][::-1])
+    sizes = [count // world_size + (rank < count % world_size) for rank in range(world_size)]
+    out = np.empty(count, dtype=np.int64)
+    first = 0
+    for rank, size in enumerate(sizes):
+        out[rank::world_size] = walk[first:first + size]
+        first += size
     return out
 
 
