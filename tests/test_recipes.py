@@ -134,14 +134,44 @@ def test_plain_recipe_refuses_a_store_and_usi_needs_soft_targets(digits, store, 
         train(_config(digits, None, tmp_path / "b"), log=_quiet)
 
 
-def test_online_teacher_and_a_weak_teacher_warning(digits, teacher_weights, tmp_path):
-    # Online USI: the teacher runs on the student's own augmentation; its held-out accuracy is reported, and a
-    # random-weight teacher is not clearly stronger than the student, which the run says.
-    result = train(_config(digits, None, tmp_path / "run", teachers=[teacher_weights[0]], image_size=32, epochs=1,
+def test_online_teacher_sees_the_students_pixels_and_leaves_them_alone(digits, teacher_weights, tmp_path,
+                                                                          monkeypatch):
+    from reinforce.recipes.train import Trainer
+
+    checked = []
+    prepare = Trainer.prepare
+
+    def checking(self, batch, epoch, step):
+        images = batch[0].clone()
+        x, labels, soft = prepare(self, batch, epoch, step)
+        # the student's input is its own augmented batch, normalized, untouched by the teacher's preprocessing
+        assert torch.allclose(x, (images.float() - self.mean) / self.std)
+        assert soft.shape == (len(labels), 10) and torch.allclose(soft.sum(-1), torch.ones(len(labels)))
+        checked.append(step)
+        return x, labels, soft
+
+    monkeypatch.setattr(Trainer, "prepare", checking)
+    # Two members at one input size: each must get its own copy of the batch.
+    teachers = [teacher_weights[0], teacher_weights[0]]
+    result = train(_config(digits, None, tmp_path / "run", teachers=teachers, image_size=32, epochs=1,
                            kd_only=True), log=_quiet)
+    assert checked
     assert result.teacher["kind"] == "held-out" and result.teacher["top1"] is not None
+    # a random-weight teacher is not clearly stronger than the student, which the run says
     assert any("points better than the student" in w for w in result.warnings) or \
         result.teacher["top1"] - result.best_top1 >= 5
+
+
+def test_ensemble_probs_equal_each_members_own_on_uint8_and_leave_float_input_alone(teacher_weights):
+    from reinforce.recipes.distill import ensemble_probs
+    from reinforce.teachers import create_ensemble
+
+    ensemble = create_ensemble([teacher_weights[0], teacher_weights[0]])
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    floats = images.float()
+    expected = ensemble.members[0].probs(images)
+    assert torch.allclose(ensemble_probs(ensemble, floats), expected, atol=1e-6)
+    assert torch.equal(floats, images.float())
 
 
 def test_multiscale_sampler_and_entropy_curriculum_train_from_the_store(digits, store, tmp_path, monkeypatch):

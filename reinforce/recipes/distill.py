@@ -22,13 +22,19 @@ CLEAR_MARGIN = 5.0
 
 
 def ensemble_probs(ensemble: Ensemble, images: torch.Tensor) -> torch.Tensor:
-    """Mean teacher probabilities of ``[B, 3, H, W]`` images with values in [0, 255] (uint8 or float)."""
-    by_size = {}
-    for size in ensemble.input_sizes:
-        resized = images.float() if images.shape[-1] == size else F.interpolate(
+    """Mean member probabilities of ``[B, 3, H, W]`` images with values in [0, 255] (uint8 or float).
+
+    Each member gets its own copy at its input size: ``TeacherMember.probs`` scales a float input in place, so
+    neither ``images`` (the student's batch) nor another member's input may be shared with it.
+    """
+    total = None
+    for member in ensemble.members:
+        size = member.input_size
+        own = images.to(torch.float32, copy=True) if images.shape[-1] == size else F.interpolate(
             images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        by_size[size] = resized
-    return ensemble.probs(by_size)
+        probs = member.probs(own)
+        total = probs if total is None else total + probs
+    return total / len(ensemble.members)
 
 
 @dataclasses.dataclass
