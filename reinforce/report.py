@@ -25,6 +25,7 @@ def describe_store(store: str | os.PathLike[str]) -> str:
     """Human-readable description of a store: header, layout, sizes per array and bytes per record."""
     group = fmt.open_store_group(store)
     header = fmt.read_header(group, require_complete=False)
+    fmt.check_store(group, header, last_block=header.complete)
     records = header.num_samples * header.num_augmentations
     columns = header.record_columns
     lines = [
@@ -93,7 +94,10 @@ async def _stored_sizes(store: zarr.abc.store.Store, keys: list[str]) -> list[in
         except FileNotFoundError:
             return None
 
-    return await asyncio.gather(*(size(key) for key in keys))
+    sizes: list[int | None] = []
+    for first in range(0, len(keys), 4096):  # bounded: a header may claim up to fmt.MAX_BLOCKS blocks
+        sizes.extend(await asyncio.gather(*(size(key) for key in keys[first:first + 4096])))
+    return sizes
 
 
 def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, quick: bool = False,
@@ -118,21 +122,13 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, qu
     if len(header.param_encodings or []) != pipeline.num_params:
         raise VerificationError(f"header has {len(header.param_encodings or [])} param encodings for a pipeline "
                                 f"of {pipeline.num_params} parameters")
-    specs = fmt.array_specs(header)
-    for name, spec in specs.items():
-        if name not in group:
-            raise VerificationError(f"array '{name}' is missing from the store: re-download or rebuild it")
-        array = group[name]
-        if array.shape != spec["shape"] or array.dtype != spec["dtype"]:
-            raise VerificationError(f"array '{name}' is {array.shape} {array.dtype}, the header implies "
-                                    f"{spec['shape']} {spec['dtype']}")
-        if array.chunks != spec["chunks"] or array.shards != spec.get("shards"):
-            raise VerificationError(f"array '{name}' has chunks {array.chunks} / shards {array.shards}, format v1 "
-                                    f"requires {spec['chunks']} / {spec.get('shards')}")
-    passed.append(f"arrays: {len(specs)} present with the shapes, dtypes, chunks and shards of format v1")
-    done = _read(group, fmt.BLOCKS_DONE)
-    if not done.all():
-        raise VerificationError(f"{int((done == 0).sum())} blocks are not written (first: {int(np.argmin(done))})")
+    try:
+        fmt.check_store(group, header)
+    except ReinforceError as error:
+        raise VerificationError(str(error)) from None
+    passed.append(f"arrays: {len(header.array_names)} present with the shapes, dtypes, chunks, shards and "
+                  "compressors of format v1; the last block written")
+    _check_blocks_done(group, header)
     passed.append(f"blocks: {header.num_blocks} of {header.num_blocks} written")
     labels = _read(group, fmt.LABELS)
     sizes = _read(group, fmt.IMAGE_SIZES).astype(np.int64)
@@ -183,6 +179,15 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, qu
     if source is not None and not quick:
         passed.extend(_check_source(open_source(source), header, labels, sizes, fingerprints))
     return passed
+
+
+def _check_blocks_done(group: Any, header: fmt.StoreHeader, step: int = 4096) -> None:
+    """Read ``blocks_done`` a slice at a time, stopping at the first block not written."""
+    for first in range(0, header.num_blocks, step):
+        done = _read(group, fmt.BLOCKS_DONE, slice(first, first + step))
+        if not done.all():
+            raise VerificationError(f"block {first + int(np.argmin(done))} is not written (blocks_done is 0): the "
+                                    "store is damaged or truncated; re-download or rebuild it")
 
 
 def _read(group: Any, name: str, selection: Any = slice(None), what: str = "") -> np.ndarray:

@@ -102,6 +102,8 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         group = fmt.open_store_group(self._store_ref, storage_options=storage_options)
         self.header = fmt.read_header(group)
         self.source = open_source(source)
+        self._check_source_count()  # first: a hostile header's sizes are checked before anything is read
+        fmt.check_store(group, self.header)
         self.pipeline = AugmentPipeline.from_config(self.header.augmentation)
         self.resolution = int(resolution) if resolution is not None else self.pipeline.size
         self.target = target
@@ -323,12 +325,14 @@ class ReinforcedDataset(torch.utils.data.Dataset):
             index = self.store_index(position)
             self._checked(index, self.source.load(index)[0])
 
-    def _check_source_matches(self) -> None:
+    def _check_source_count(self) -> None:
         if len(self.source) != self.header.num_samples:
             raise SourceMismatchError(
                 f"source {self.source.description} has {len(self.source)} samples but the store was built from "
                 f"{self.header.num_samples}: pass the same dataset, in the same order, that was reinforced"
             )
+
+    def _check_source_matches(self) -> None:
         if self.source.targets is not None:
             mismatched = np.flatnonzero(np.asarray(self.source.targets) != self._labels)
             if mismatched.size:

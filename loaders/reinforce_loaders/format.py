@@ -20,12 +20,15 @@ import functools
 import hashlib
 import json
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
+from zarr.abc.codec import BytesBytesCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, TransposeCodec, ZstdCodec
+from zarr.core.array import AsyncArray
 
 from . import rng
 from .codecs import ParamLayout
@@ -181,6 +184,12 @@ MAX_TOP_K = 1024
 MAX_AUGMENTATIONS = 1 << 16
 MAX_BLOCK_SIZE = 1 << 20
 MAX_IMAGE_SIDE = 8192
+MAX_BLOCKS = 1 << 20
+"""``ceil(num_samples / block_size)``: per-block metadata a reader walks (``blocks_done``, the epoch table)."""
+MAX_BLOCK_RECORD_BYTES = 1 << 30
+"""Bytes of one block's records (a ``records`` shard, ``B * A * W_s * itemsize``), read whole by ``verify``."""
+MAX_CHUNK_BYTES = 1 << 28
+"""Bytes of one decoded chunk of any array (the most any single decompression may produce)."""
 
 _UNBOUNDED = (None, None)
 HEADER_MEMBERS: dict[str, tuple[Any, Any, Any]] = {
@@ -286,6 +295,10 @@ class StoreHeader:
         if not 0 <= self.class_vocabulary_size <= self.num_classes:
             raise StoreFormatError(f"class_vocabulary_size={self.class_vocabulary_size} must be between 0 and "
                                    f"num_classes={self.num_classes}")
+        if self.num_blocks > MAX_BLOCKS:
+            raise StoreFormatError(f"header members num_samples={self.num_samples} and block_size={self.block_size} "
+                                   f"make {self.num_blocks} blocks, over the limit of {MAX_BLOCKS}: the store is "
+                                   "damaged or hostile (format_spec.md, section 2)")
 
     @property
     def num_blocks(self) -> int:
@@ -433,7 +446,22 @@ def array_specs(header: StoreHeader) -> dict[str, dict[str, Any]]:
         BLOCKS_DONE: dict(shape=(header.num_blocks,), chunks=(1,), dtype=BLOCK_DONE_DTYPE, fill_value=0,
                           compressors=[Crc32cCodec()]),
     }
-    return {name: specs[name] for name in header.array_names}
+    chosen = {name: specs[name] for name in header.array_names}
+    _check_chunk_sizes(chosen)
+    return chosen
+
+
+def _check_chunk_sizes(specs: dict[str, dict[str, Any]]) -> None:
+    """Refuse a header whose chunks or ``records`` shard would exceed the reader's limits (section 2)."""
+    for name, spec in specs.items():
+        for what, shape, limit in (("chunk", spec["chunks"], MAX_CHUNK_BYTES),
+                                   ("shard", spec.get("shards"), MAX_BLOCK_RECORD_BYTES)):
+            size = math.prod(shape) * np.dtype(spec["dtype"]).itemsize if shape is not None else 0
+            if size > limit:
+                raise StoreFormatError(
+                    f"a {what} of array '{name}' would hold {size:,} bytes ({what} shape {shape}, from the header's "
+                    f"block_size, num_augmentations, top_k or class_vocabulary_size), over the limit of {limit:,}: "
+                    "the store is damaged or hostile, or use a smaller --block-size")
 
 
 def record_shuffle(header: StoreHeader) -> str:
@@ -547,15 +575,154 @@ def read_header(group: zarr.Group, *, require_complete: bool = True) -> StoreHea
 def read_array(group: zarr.Group, name: str, selection: Any = slice(None), what: str = "") -> np.ndarray:
     """``group[name][selection]``, turning a damaged chunk (checksum, truncation) into a StoreFormatError."""
     try:
-        return np.asarray(group[name][selection])
+        array = _bounded_member(group, name)
     except KeyError:
         raise StoreFormatError(f"array '{name}' is missing from the store: the store is damaged; re-download "
                                "or rebuild it") from None
+    try:
+        return np.asarray(array[selection])
     except Exception as error:  # zarr reports damage as ValueError, RuntimeError or struct/codec errors
         raise StoreFormatError(
             f"cannot read {what or 'data'} of array '{name}' ({type(error).__name__}: {error}): the store is "
             "damaged or truncated; re-download it, or run `reinforce verify` to find every damaged block"
         ) from error
+
+
+def check_store(group: zarr.Group, header: StoreHeader, *, last_block: bool = True) -> None:
+    """Check what a reader must check before it reads a whole array or allocates anything per sample: every
+    array of the header present with the shape, dtype, chunks, shards and fill value of :func:`array_specs`
+    and only compressors whose output a reader bounds (:func:`bounded_array`); with ``last_block``, that the
+    last block is written (``blocks_done`` and its chunks), so a store of metadata alone claiming many samples
+    fails at once. Raises :class:`StoreFormatError` naming the array."""
+    specs = array_specs(header)
+    for name, spec in specs.items():
+        try:
+            array = group[name]
+        except KeyError:
+            raise StoreFormatError(f"array '{name}' is missing from the store: the store is damaged; re-download "
+                                   "or rebuild it") from None
+        if not isinstance(array, zarr.Array):
+            raise StoreFormatError(f"'{name}' in the store is not an array: the store is damaged or hostile")
+        found = (array.shape, np.dtype(array.dtype), array.chunks, array.shards)
+        wanted = (spec["shape"], np.dtype(spec["dtype"]), spec["chunks"], spec.get("shards"))
+        if found != wanted:
+            raise StoreFormatError(
+                f"array '{name}' has shape {found[0]}, dtype {found[1]}, chunks {found[2]} and shards {found[3]}, "
+                f"but the header implies {wanted[0]}, {wanted[1]}, {wanted[2]} and {wanted[3]} (format_spec.md, "
+                "section 3): the store is damaged or hostile; re-download or rebuild it")
+        if array.fill_value != spec["fill_value"]:
+            raise StoreFormatError(f"array '{name}' has fill value {_shown(np.asarray(array.fill_value).tolist())}, "
+                                   f"format_spec.md section 3 requires {spec['fill_value']}: the store is damaged "
+                                   "or hostile")
+        bounded_array(array)  # refuses compressors whose output size it cannot check
+    if last_block:
+        _check_last_block(group, header)
+
+
+def _check_last_block(group: zarr.Group, header: StoreHeader) -> None:
+    block = header.num_blocks - 1
+    start, stop = header.block_range(block)
+    what = f"the last block ({block})"
+    if int(read_array(group, BLOCKS_DONE, block, what=what)) != 1:
+        raise StoreFormatError(f"{what} of the store is not written although the header says the build is "
+                               "complete: the store is damaged or truncated; re-download or rebuild it")
+    if (read_array(group, LABELS, slice(start, stop), what=what) < 0).any():
+        raise StoreFormatError(f"the labels of {what} are missing from the store (chunk absent): the store is "
+                               "damaged or truncated; re-download or rebuild it")
+    rows = read_array(group, RECORDS, (slice(start, stop), 0), what=f"{what}, slot 0")
+    check_rows_present(header, rows, f"{what}, slot 0")
+
+
+def bounded_array(array: zarr.Array) -> zarr.Array:
+    """``array`` read through compressors that refuse a chunk declaring a decoded size larger than its chunk
+    (a decompression bomb: a 98 KB zstd frame may expand to 3 GiB, which zarr would allocate before noticing).
+
+    zstd and blosc are bounded by the size their frame header declares; a frame without one, and any other
+    compressor, is refused (StoreFormatError), as this reader cannot bound its output."""
+    metadata = array.metadata
+    bounded = dataclasses.replace(metadata, codecs=_bounded_codecs(metadata.codecs, array.path))
+    return zarr.Array(AsyncArray(bounded, array.async_array.store_path, array.async_array.config))
+
+
+_BOUNDED_MEMBERS: dict[int, dict[str, zarr.Array]] = {}
+
+
+def _bounded_member(group: zarr.Group, name: str) -> zarr.Array:
+    """:func:`bounded_array` of ``group[name]``, made once per open group."""
+    arrays = _BOUNDED_MEMBERS.get(id(group))
+    if arrays is None:
+        arrays = _BOUNDED_MEMBERS[id(group)] = {}
+        weakref.finalize(group, _BOUNDED_MEMBERS.pop, id(group), None)
+    if name not in arrays:
+        member = group[name]
+        if not isinstance(member, zarr.Array):
+            raise KeyError(name)
+        arrays[name] = bounded_array(member)
+    return arrays[name]
+
+
+def _bounded_codecs(codecs: Sequence[Any], name: str) -> tuple[Any, ...]:
+    out = []
+    for codec in codecs:
+        if isinstance(codec, ShardingCodec):
+            codec = dataclasses.replace(codec, codecs=_bounded_codecs(codec.codecs, name),
+                                        index_codecs=_bounded_codecs(codec.index_codecs, name))
+        elif type(codec) in _BOUNDED_CODECS:
+            codec = _BOUNDED_CODECS[type(codec)].from_dict(codec.to_dict())
+        elif isinstance(codec, BytesBytesCodec) and not isinstance(codec, (Crc32cCodec, *_BOUNDED_CODECS.values())):
+            raise StoreFormatError(f"array '{name}' uses the compressor {type(codec).__name__}, whose output this "
+                                   "reader cannot bound: a reinforce store uses zstd or blosc (format_spec.md, "
+                                   "section 3); the store is damaged or hostile")
+        out.append(codec)
+    return tuple(out)
+
+
+def _check_declared_size(codec: str, declared: int | None, chunk_spec: Any) -> None:
+    expected = math.prod(chunk_spec.shape) * chunk_spec.dtype.to_native_dtype().itemsize
+    if declared is None:
+        raise ValueError(f"a {codec} frame does not declare its decoded size, so its output cannot be bounded")
+    if declared > expected:
+        raise ValueError(f"a {codec} frame declares {declared:,} decoded bytes for a chunk of {expected:,} bytes "
+                         "(a decompression bomb)")
+
+
+def zstd_content_size(data: bytes | np.ndarray) -> int | None:
+    """Decoded size a zstd frame declares in its header (RFC 8878, section 3.1.1), or None without one."""
+    data = bytes(data[:18])
+    if len(data) < 6 or data[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = data[4]
+    single_segment = descriptor >> 5 & 1
+    start = 5 + (not single_segment) + (0, 1, 2, 4)[descriptor & 3]
+    width = (single_segment, 2, 4, 8)[descriptor >> 6]
+    if not width or len(data) < start + width:
+        return None
+    return int.from_bytes(data[start:start + width], "little") + (256 if width == 2 else 0)
+
+
+def blosc_content_size(data: bytes | np.ndarray) -> int | None:
+    """Decoded size a blosc (1.x) chunk declares in its 16-byte header, or None for a shorter input."""
+    data = bytes(data[:16])
+    return int.from_bytes(data[4:8], "little") if len(data) == 16 else None
+
+
+class BoundedZstdCodec(ZstdCodec):
+    """zarr's zstd codec, refusing a frame that declares more bytes than its chunk holds (see bounded_array)."""
+
+    def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
+        _check_declared_size("zstd", zstd_content_size(chunk_bytes.as_numpy_array()), chunk_spec)
+        return super()._decode_sync(chunk_bytes, chunk_spec)
+
+
+class BoundedBloscCodec(BloscCodec):
+    """zarr's blosc codec, refusing a chunk that declares more bytes than it holds (see bounded_array)."""
+
+    def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
+        _check_declared_size("blosc", blosc_content_size(chunk_bytes.as_numpy_array()), chunk_spec)
+        return super()._decode_sync(chunk_bytes, chunk_spec)
+
+
+_BOUNDED_CODECS: dict[type, type] = {ZstdCodec: BoundedZstdCodec, BloscCodec: BoundedBloscCodec}
 
 
 @dataclasses.dataclass

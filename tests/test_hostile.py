@@ -1,0 +1,224 @@
+"""Hostile stores (issue 10): sizes a header claims, array metadata, decompression bombs and damaged records.
+
+Every case goes through the public dataset and CLI. Cases that a reader without limits would turn into a huge
+allocation run in a child process whose address space is limited to what it had after its imports plus
+:data:`EXTRA_MEMORY`, so a reader that allocated what the store claims would fail with MemoryError instead of
+the named error asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import pytest
+import zarr
+
+from reinforce_loaders import format as fmt
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRA_MEMORY = 1536 << 20
+"""Address space a limited child may add after its imports (a bomb here claims 3 GiB)."""
+BOMB_BYTES = 3 << 30
+
+_CHILD = """
+import contextlib, io, json, resource, sys
+from reinforce.cli import main
+from reinforce_loaders import ReinforcedDataset
+from reinforce_loaders.errors import ReinforceError
+
+used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[1]), resource.RLIM_INFINITY))
+for action, *args in json.loads(sys.argv[2]):
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            if action == "dataset":
+                ds = ReinforcedDataset(args[0], args[1])
+                if len(args) > 2:
+                    ds.record(*args[2])
+                result = {"error": None}
+            else:
+                result = {"rc": main([action, *args])}
+    except ReinforceError as error:
+        result = {"error": type(error).__name__, "message": str(error)}
+    result["stderr"] = err.getvalue()
+    print(json.dumps(result), flush=True)
+"""
+
+
+def run_limited(*actions: list) -> list[dict]:
+    """Run ``actions`` (``["dataset", source, store(, (index, slot))]``, ``["verify", store]``, ...) in a child with
+    a limited address space; one result per action. A raw traceback, MemoryError or hang fails the test."""
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "loaders")])}
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(EXTRA_MEMORY), json.dumps(actions, default=str)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def copy_store(store: Path, where: Path) -> Path:
+    shutil.copytree(store, where)
+    return where
+
+
+def edit_header(path: Path, **members) -> None:
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs[fmt.ATTRS_KEY] = {**group.attrs[fmt.ATTRS_KEY], **members}
+    zarr.consolidate_metadata(str(path))
+
+
+def metadata_only_store(like: Path, path: Path, **members) -> Path:
+    """A complete-looking store with ``like``'s header changed by ``members`` and consistent array metadata, but
+    no chunk at all: a few KB claiming any number of samples."""
+    attrs = {**zarr.open_group(str(like), mode="r").attrs[fmt.ATTRS_KEY], **members, "complete": True}
+    header = fmt.StoreHeader.from_attrs({fmt.ATTRS_KEY: attrs})
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name, spec in fmt.array_specs(header).items():
+        group.create_array(name, **spec)
+    group.attrs[fmt.ATTRS_KEY] = attrs
+    zarr.consolidate_metadata(str(path))
+    return path
+
+
+def with_crc(data: bytes) -> bytes:
+    return data + np.uint32(google_crc32c.value(data)).tobytes()
+
+
+def zstd_bomb(size: int) -> bytes:
+    """A zstd frame (RFC 8878) of RLE blocks that really expands to ``size`` zero bytes: ~32 bytes per MiB."""
+    frame = bytearray(b"\x28\xb5\x2f\xfd\xe0") + struct.pack("<Q", size)  # single segment, 8-byte content size
+    block = 1 << 17
+    while size:
+        n = min(block, size)
+        size -= n
+        frame += (int(not size) | 1 << 1 | n << 3).to_bytes(3, "little") + b"\x00"
+    return bytes(frame)
+
+
+def replace_shard_chunk(shard: Path, slot: int, chunk: bytes, slots: int) -> None:
+    """Rewrite chunk ``slot`` of a ``records`` shard (index at the end: (offset, nbytes) per chunk, crc32c)."""
+    data = shard.read_bytes()
+    index = np.frombuffer(data[-(16 * slots + 4):-4], dtype="<u8").reshape(slots, 2)
+    chunks = [chunk if s == slot else data[int(o):int(o + n)] for s, (o, n) in enumerate(index)]
+    offsets = np.cumsum([0] + [len(c) for c in chunks[:-1]])
+    new_index = np.stack([offsets, [len(c) for c in chunks]], axis=1).astype("<u8").tobytes()
+    shard.write_bytes(b"".join(chunks) + with_crc(new_index))
+
+
+@pytest.fixture()
+def copied(store, tmp_path) -> Path:
+    return copy_store(store, tmp_path / "copy.zarr")
+
+
+# -- sizes a header claims --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("members, culprit", [
+    ({"num_augmentations": 200_000_000}, r"num_augmentations=200000000 is outside \[1, 65536\]"),
+    ({"num_samples": 1_500_000_000}, "num_samples=1500000000 and block_size=16 make 93750000 blocks, over the limit"),
+    ({"block_size": 1 << 20, "num_augmentations": 1000}, "a shard of array 'records' would hold 25,165,824,000"),
+])
+def test_header_sizes_beyond_the_limits_are_refused_by_every_reader(digits, copied, members, culprit, capsys):
+    from reinforce.cli import main
+    from reinforce_loaders import ReinforcedDataset, StoreFormatError
+
+    edit_header(copied, **members)
+    with pytest.raises(StoreFormatError, match=culprit):
+        ReinforcedDataset(digits[0], copied)
+    assert main(["verify", str(copied)]) != 0
+    assert main(["inspect", str(copied)]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(re.findall(culprit, err)) == 2, err
+
+
+def test_a_count_differing_from_the_source_is_refused_before_anything_is_read(digits, copied):
+    """1.5e9 samples in blocks of 4096 passes the header limits; the dataset compares the count with the source
+    first, and verify/inspect find the arrays' shapes disagree with the header, all without allocating."""
+    edit_header(copied, num_samples=1_500_000_000, block_size=4096)
+    dataset, verify, inspect = run_limited(["dataset", str(digits[0]), str(copied)], ["verify", str(copied)],
+                                           ["inspect", str(copied)])
+    assert dataset["error"] == "SourceMismatchError"
+    assert "has 45 samples but the store was built from 1500000000" in dataset["message"]
+    assert verify["rc"] == 1 and "array 'labels' has shape (45,)" in verify["stderr"]
+    assert "implies (1500000000,)" in verify["stderr"]
+    assert inspect["rc"] == 2 and "array 'labels' has shape (45,)" in inspect["stderr"]
+
+
+@pytest.mark.parametrize("num_samples, block_size", [(8_000_000, 8), (4_000_000_000, 4096)])
+def test_a_store_of_metadata_alone_claiming_many_samples_fails_at_once(store, digits, tmp_path, num_samples,
+                                                                       block_size):
+    hostile = metadata_only_store(store, tmp_path / "hostile.zarr", num_samples=num_samples, block_size=block_size)
+    assert sum(f.stat().st_size for f in hostile.rglob("*") if f.is_file()) < 64_000
+    last = -(-num_samples // block_size) - 1
+    dataset, verify, inspect = run_limited(["dataset", str(digits[0]), str(hostile)], ["verify", str(hostile)],
+                                           ["inspect", str(hostile)])
+    assert dataset["error"] == "SourceMismatchError" and f"built from {num_samples}" in dataset["message"]
+    for result in (verify, inspect):
+        assert result["rc"] in (1, 2)
+        assert f"the last block ({last}) of the store is not written" in result["stderr"], result["stderr"]
+
+
+# -- array metadata -----------------------------------------------------------------------------------------------
+
+def _edit_array_metadata(path: Path, name: str, edit) -> None:
+    meta_path = path / name / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    zarr.consolidate_metadata(str(path))
+
+
+@pytest.mark.parametrize("name, edit, culprit", [
+    ("labels", lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[8]),
+     r"array 'labels' has shape \(45,\), dtype int32, chunks \(8,\)"),
+    ("image_sizes", lambda m: m.update(data_type="uint8"), "array 'image_sizes' has shape (45, 2), dtype uint8"),
+    ("records", lambda m: m["codecs"][0]["configuration"].update(chunk_shape=[16, 2, m["shape"][2]]),
+     "array 'records' has shape"),
+    ("labels", lambda m: m.update(fill_value=7), "array 'labels' has fill value 7"),
+    ("fingerprints", lambda m: m["codecs"].__setitem__(1, {"name": "gzip", "configuration": {"level": 1}}),
+     "array 'fingerprints' uses the compressor GzipCodec"),
+])
+def test_array_metadata_that_disagrees_with_the_spec_is_refused(digits, copied, name, edit, culprit, capsys):
+    from reinforce.cli import main
+    from reinforce_loaders import ReinforcedDataset, StoreFormatError
+
+    _edit_array_metadata(copied, name, edit)
+    with pytest.raises(StoreFormatError) as caught:
+        ReinforcedDataset(digits[0], copied)
+    assert culprit in str(caught.value) or re.search(culprit, str(caught.value)), caught.value
+    assert main(["verify", str(copied)]) == 1
+    assert main(["inspect", str(copied)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count(f"array '{name}'") == 2, err
+
+
+# -- decompression bombs ------------------------------------------------------------------------------------------
+
+def test_a_zstd_chunk_expanding_to_3_gib_is_refused_before_it_is_decoded(digits, copied):
+    (copied / fmt.LABELS / "c" / "0").write_bytes(with_crc(zstd_bomb(BOMB_BYTES)))
+    assert (copied / fmt.LABELS / "c" / "0").stat().st_size < 100_000
+    dataset, verify = run_limited(["dataset", str(digits[0]), str(copied)], ["verify", str(copied)])
+    for text in (dataset.get("message"), verify["stderr"]):
+        assert "array 'labels'" in text and "declares 3,221,225,472 decoded bytes for a chunk of 64 bytes" in text
+
+
+def test_a_blosc_records_chunk_declaring_2_gb_is_refused_before_it_is_allocated(digits, copied):
+    header = fmt.read_header(fmt.open_store_group(copied))
+    shard = copied / fmt.RECORDS / "c" / "0" / "0" / "0"
+    data = shard.read_bytes()
+    offset, nbytes = np.frombuffer(data[-(16 * header.num_augmentations + 4):-4], dtype="<u8")[:2]
+    chunk = bytearray(data[int(offset):int(offset + nbytes) - 4])
+    chunk[4:8] = struct.pack("<I", 2_000_000_000)  # blosc's header: the size numcodecs allocates (< 2**31)
+    replace_shard_chunk(shard, 0, with_crc(bytes(chunk)), header.num_augmentations)
+    dataset, verify = run_limited(["dataset", str(digits[0]), str(copied), [0, 0]], ["verify", str(copied)])
+    for text in (dataset.get("message"), verify["stderr"]):
+        assert "array 'records'" in text and "a blosc frame declares 2,000,000,000 decoded bytes" in text, text
