@@ -20,6 +20,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from reinforce_loaders import format as fmt
@@ -222,3 +223,57 @@ def test_a_blosc_records_chunk_declaring_2_gb_is_refused_before_it_is_allocated(
     dataset, verify = run_limited(["dataset", str(digits[0]), str(copied), [0, 0]], ["verify", str(copied)])
     for text in (dataset.get("message"), verify["stderr"]):
         assert "array 'records'" in text and "a blosc frame declares 2,000,000,000 decoded bytes" in text, text
+
+
+# -- the loader checks what it serves -----------------------------------------------------------------------------
+
+def test_an_image_size_differing_from_the_decoded_image_is_refused_naming_the_sample(digits, copied, capsys):
+    from reinforce.cli import main
+    from reinforce_loaders import ReinforcedDataset, SourceMismatchError
+
+    group = zarr.open_group(str(copied), mode="r+")
+    group[fmt.IMAGE_SIZES][3] = (1, 1)  # rewritten through zarr: valid checksums
+    ds = ReinforcedDataset(digits[0], copied, verify="none")
+    ds[2]
+    with pytest.raises(SourceMismatchError, match=r"source sample 3 \(.*\.png\) is 32 x 32 pixels but the store "
+                                                  r"records 1 x 1"):
+        ds[3]
+    with pytest.raises(SourceMismatchError, match="source sample 3 .* records 1 x 1"):
+        ReinforcedDataset(digits[0], copied, verify="full")
+    assert main(["verify", str(copied), "--data", str(digits[0])]) == 1
+    assert "source sample 3" in capsys.readouterr().err
+
+
+class FolderWithoutTargets(torch.utils.data.Dataset):
+    """A map-style dataset of the digits folder, in the store's order, without a ``targets`` attribute."""
+
+    def __init__(self, root: Path, relabel: dict[int, int]) -> None:
+        from reinforce_loaders.source import ImageSource
+
+        listed = ImageSource.from_folder(root)
+        self.paths = [listed.name_of(i) for i in range(len(listed))]
+        self.labels = [relabel.get(i, label) for i, label in enumerate(listed.targets)]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        with Image.open(self.paths[index]) as image:
+            return image.convert("RGB"), self.labels[index]
+
+
+def test_a_source_without_targets_is_label_checked_through_the_dataset(digits, store):
+    from reinforce_loaders import ReinforcedDataset, SourceMismatchError
+
+    source = FolderWithoutTargets(digits[0], relabel={7: 9})
+    assert not hasattr(source, "targets")
+    message = r"source sample 7 \(FolderWithoutTargets\[7\]\) has label 9 but the store has 1"
+    with pytest.raises(SourceMismatchError, match=message):
+        ReinforcedDataset(source, store, verify="full")
+    ds = ReinforcedDataset(source, store, verify="none")
+    ds[6]
+    with pytest.raises(SourceMismatchError, match=message):
+        ds[7]
+    assert len(ReinforcedDataset(FolderWithoutTargets(digits[0], {}), store, verify="full")) == 45

@@ -296,7 +296,8 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                 and not self._table.verified[index])
 
     def _load_checked(self, index: int) -> torch.Tensor:
-        image, _ = self.source.load(index, decoder="pillow" if self._table.pillow_only[0] else "auto")
+        image, label = self.source.load(index, decoder="pillow" if self._table.pillow_only[0] else "auto")
+        self._check_size_and_label(index, image, label)
         if self.verify == "lazy" and not self._table.verified[index]:
             image = self._checked(index, image)
             self._table.verified[index] = True
@@ -320,10 +321,27 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         return self._fingerprints is None or fingerprint(image) == int(self._fingerprints[index])
 
     def verify_fingerprints(self) -> None:
-        """Decode every source image and raise :class:`SourceMismatchError` at the first that differs."""
+        """Decode every source image and raise :class:`SourceMismatchError` at the first that differs (pixel
+        size, fingerprint, or label when the source has no ``.targets``)."""
         for position in range(len(self)):
             index = self.store_index(position)
-            self._checked(index, self.source.load(index)[0])
+            image, label = self.source.load(index)
+            self._check_size_and_label(index, image, label)
+            self._checked(index, image)
+
+    def _check_size_and_label(self, index: int, image: torch.Tensor, label: int) -> None:
+        """Every decoded image must have the size its records were encoded against, and a source without
+        ``.targets`` (whose labels were not compared up front) the stored label."""
+        stored = tuple(int(v) for v in self._image_sizes[index])
+        if tuple(image.shape[1:]) != stored:
+            raise SourceMismatchError(
+                f"source sample {index} ({self.source.name_of(index)}) is {image.shape[1]} x {image.shape[2]} pixels "
+                f"but the store records {stored[0]} x {stored[1]}: the store is damaged, or the source is not the "
+                "dataset that was reinforced")
+        if self.source.targets is None and int(label) != int(self._labels[index]):
+            raise SourceMismatchError(
+                f"source sample {index} ({self.source.name_of(index)}) has label {int(label)} but the store has "
+                f"{int(self._labels[index])}: pass the same dataset, in the same order, that was reinforced")
 
     def _check_source_count(self) -> None:
         if len(self.source) != self.header.num_samples:
