@@ -90,7 +90,8 @@ class BlockProcessor:
         torch.set_num_threads(plan.cpu_threads)  # process-wide: CPU results depend on it
         config = plan.config
         self.plan = plan
-        self.source = open_source(source if source is not None else config.source)
+        self.source = open_source(source if source is not None else config.source,
+                                  allow_empty_classes=config.allow_empty_classes)
         self.pipeline = plan.pipeline()
         self.device = torch.device(config.device)
         self.ensemble = prepare_ensemble(ensemble, self.device, channels_last=config.channels_last,

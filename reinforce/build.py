@@ -107,7 +107,7 @@ def run_build(config: BuildConfig, ensemble: Ensemble | None = None, progress: b
     ``progress`` is on) and is returned.
     """
     config.validate()
-    source = open_source(config.source)
+    source = open_source(config.source, allow_empty_classes=config.allow_empty_classes)
     if ensemble is None:
         ensemble = make_ensemble(config)
     plan = resolve_plan(config, source, ensemble)

@@ -106,6 +106,9 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        help="run the teachers in channels_last memory format (default on)")
     build.add_argument("--compile", action="store_true", help="torch.compile every teacher")
+    build.add_argument("--allow-empty-classes", action="store_true",
+                       help="keep a class folder without images as a class without samples (refused by default, "
+                            "as torchvision's ImageFolder refuses it: every later class's label would shift)")
     build.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES,
                        help="an unreadable source image stops the build (fail, the default) or is recorded as "
                             "skipped in the store and the summary (skip)")

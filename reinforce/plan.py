@@ -81,6 +81,7 @@ class BuildConfig:
     channels_last: bool = True
     compile: bool = False
     on_bad_image: BadImagePolicy = "fail"
+    allow_empty_classes: bool = False  # keep a class folder without images as a class without samples
     workers: int | None = None
     ray_address: str | None = None
     cpu_threads: int | None = None  # None: this machine's cores up to 8 on the CPU, 1 on a GPU
@@ -187,6 +188,7 @@ def resolve_plan(config: BuildConfig, source: ImageSource, ensemble: Ensemble) -
     check_teacher_classes(config, source, num_classes)
     block_size = config.block_size or fmt.recommended_block_size(config.num_augmentations)
     config = absolute(dataclasses.replace(config, image_size=image_size, block_size=block_size))
+    check_out_apart_from_source(config)
     precision = resolve_precision(config)
     cpu_threads = config.cpu_threads or (min(os.cpu_count() or 1, 8) if config.device_type == "cpu" else 1)
     compute = {"batch_size": config.batch_size, "precision": precision, "channels_last": config.channels_last,
@@ -203,6 +205,20 @@ def resolve_plan(config: BuildConfig, source: ImageSource, ensemble: Ensemble) -
         class_vocabulary_size=vocabulary, param_storage=config.param_storage, provenance=_provenance(config),
     )
     return BuildPlan(config=config, header=header, precision=precision, cpu_threads=cpu_threads)
+
+
+def check_out_apart_from_source(config: BuildConfig) -> None:
+    """Refuse a store directory inside the source folder (its files would be listed as images on a rebuild) or a
+    source folder inside the store (a build or cleanup of the store would touch the source)."""
+    if not isinstance(config.source, (str, os.PathLike)):
+        return
+    source, out = Path(os.path.realpath(config.source)), Path(os.path.realpath(config.out))
+    if out == source or source in out.parents:
+        raise BuildError(f"--out {config.out} is inside the source folder {config.source}: put the store "
+                         "outside the dataset it is built from")
+    if out in source.parents:
+        raise BuildError(f"the source folder {config.source} is inside --out {config.out}: put the store "
+                         "in a directory of its own, outside the dataset")
 
 
 def resolve_image_size(config: BuildConfig) -> int:

@@ -177,7 +177,8 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, qu
                   + ("; parameters re-derived and every block slot's digest matched" if header.derives_params
                      else ""))
     if source is not None and not quick:
-        passed.extend(_check_source(open_source(source), header, labels, sizes, fingerprints))
+        passed.extend(_check_source(open_source(source, allow_empty_classes=True), header, labels, sizes,
+                                    fingerprints))
     return passed
 
 

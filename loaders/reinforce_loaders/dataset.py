@@ -101,7 +101,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         self._storage_options = storage_options
         group = fmt.open_store_group(self._store_ref, storage_options=storage_options)
         self.header = fmt.read_header(group)
-        self.source = open_source(source)
+        self.source = open_source(source, allow_empty_classes=True)  # labels are checked against the store
         self._check_source_count()  # first: a hostile header's sizes are checked before anything is read
         fmt.check_store(group, self.header)
         self.pipeline = AugmentPipeline.from_config(self.header.augmentation)

@@ -201,7 +201,12 @@ class ImageSource:
         self.description = description
 
     @classmethod
-    def from_folder(cls, root: str | os.PathLike[str]) -> ImageSource:
+    def from_folder(cls, root: str | os.PathLike[str], *, allow_empty_classes: bool = False) -> ImageSource:
+        """List ``ROOT/CLASS/.../IMAGE``: classes and files sorted, hidden entries (``.name``) skipped at every
+        depth, symbolic links followed but a directory reached twice (a link loop such as ``cat/up -> ..``, or a
+        second link to the same folder) skipped with a warning. A class folder without images is refused, as
+        torchvision's ImageFolder does (the labels of later classes would shift), unless
+        ``allow_empty_classes``: it then keeps its label and has no samples."""
         root = Path(root)
         if not root.exists():
             raise SourceError(f"source directory {root} does not exist: pass a directory laid out as ROOT/CLASS/IMAGE")
@@ -213,13 +218,17 @@ class ImageSource:
                 f"source directory {root} has no class subdirectories: lay it out as ROOT/CLASS/IMAGE"
             )
         paths, targets = [], []
+        visited = {_identity(root)} | {_identity(root / name) for name in classes}
         for label, name in enumerate(classes):
-            for directory, subdirs, files in os.walk(root / name, followlinks=True):
-                subdirs.sort()
-                for file in sorted(files):
-                    if file.lower().endswith(IMG_EXTENSIONS) and not file.startswith("."):
-                        paths.append(os.path.join(directory, file))
-                        targets.append(label)
+            found = _list_images(root / name, visited)
+            if not found and not allow_empty_classes:
+                raise SourceError(
+                    f"class folder {root / name} holds no images (looked for {', '.join(IMG_EXTENSIONS)} files, "
+                    "hidden ones skipped): every later class's label would shift, so it is refused as torchvision's "
+                    "ImageFolder refuses it. Add images, remove the folder, or keep it as a class without samples "
+                    "(allow_empty_classes=True; reinforce build --allow-empty-classes)")
+            paths.extend(found)
+            targets.extend([label] * len(found))
         if not paths:
             raise SourceError(
                 f"source directory {root} holds no images (looked for {', '.join(IMG_EXTENSIONS)} files "
@@ -259,10 +268,37 @@ class ImageSource:
         return decode_crop(self._paths[index], box, size, expected_size)
 
 
-def open_source(source: str | os.PathLike[str] | MapDataset | ImageSource) -> ImageSource:
-    """An :class:`ImageSource` from a directory path, a map-style dataset, or an existing source."""
+def _list_images(directory: Path, visited: set[tuple[int, int]]) -> list[str]:
+    """Image files under ``directory`` (sorted walk, links followed, hidden entries skipped); a directory below
+    it whose (device, inode) is in ``visited`` (the root, the class folders, those walked) is skipped with a
+    warning, and every directory walked is added to ``visited``."""
+    found = []
+    for current, subdirs, files in os.walk(directory, followlinks=True):
+        identity = _identity(Path(current))
+        if current != str(directory) and identity in visited:
+            warnings.warn(f"source folder {current} was already listed (a symbolic link loop or a second link to "
+                          "the same folder): skipped, so no image is listed twice or under another class",
+                          RuntimeWarning, stacklevel=3)
+            subdirs.clear()
+            continue
+        visited.add(identity)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found.extend(os.path.join(current, file) for file in sorted(files)
+                     if file.lower().endswith(IMG_EXTENSIONS) and not file.startswith("."))
+    return found
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
+def open_source(source: str | os.PathLike[str] | MapDataset | ImageSource, *,
+                allow_empty_classes: bool = False) -> ImageSource:
+    """An :class:`ImageSource` from a directory path (see :meth:`ImageSource.from_folder`), a map-style dataset,
+    or an existing source."""
     if isinstance(source, ImageSource):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return ImageSource.from_folder(source)
+        return ImageSource.from_folder(source, allow_empty_classes=allow_empty_classes)
     return ImageSource.from_dataset(source)
