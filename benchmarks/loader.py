@@ -287,7 +287,7 @@ def main() -> None:
             print(f"{name:21s} {1 / seconds['wall']:10.1f} {base['wall'] / seconds['wall']:14.2f}x "
                   f"{1e3 * seconds['cpu']:14.3f} {base['cpu'] / seconds['cpu']:14.2f}x {versus:>17s}")
         print("in-process CPU ms/sample   batched (__getitems__)   one at a time")
-        for name in ("exact rrc", "exact rrc+mix"):
+        for name in ("exact rrc", "fast rrc", "exact rrc+mix"):
             batched, single = batched_vs_single(datasets[name], args.batch_size, max(2, args.repeats // 2))
             print(f"{name:24s} {1e3 * batched:12.3f} {1e3 * single:18.3f}   ({single / batched:.2f}x)")
         difference = fast_difference(source, stores["rrc"])
