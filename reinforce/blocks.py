@@ -23,7 +23,7 @@ import torch
 from reinforce_loaders import format as fmt
 from reinforce_loaders import rng
 from reinforce_loaders.errors import SourceError
-from reinforce_loaders.source import ImageSource, fingerprint, open_source
+from reinforce_loaders.source import ImageSource, fingerprint, open_source, set_max_image_pixels
 
 from .plan import BuildError, BuildPlan
 from .teachers import Ensemble
@@ -90,6 +90,7 @@ class BlockProcessor:
         torch.set_num_threads(plan.cpu_threads)  # process-wide: CPU results depend on it
         config = plan.config
         self.plan = plan
+        set_max_image_pixels(config.max_image_pixels)  # also in Ray workers, other processes
         self.source = open_source(source if source is not None else config.source,
                                   allow_empty_classes=config.allow_empty_classes)
         self.pipeline = plan.pipeline()

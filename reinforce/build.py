@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from reinforce_loaders import format as fmt
-from reinforce_loaders.source import ImageSource, fingerprint, open_source
+from reinforce_loaders.source import ImageSource, fingerprint, open_source, set_max_image_pixels
 from tqdm.auto import tqdm
 
 from .blocks import BlockProcessor, BlockRunner, BlockStats, LoadedBlock, SkippedSample, make_processor
@@ -107,6 +107,7 @@ def run_build(config: BuildConfig, ensemble: Ensemble | None = None, progress: b
     ``progress`` is on) and is returned.
     """
     config.validate()
+    set_max_image_pixels(config.max_image_pixels)
     source = open_source(config.source, allow_empty_classes=config.allow_empty_classes)
     if ensemble is None:
         ensemble = make_ensemble(config)

@@ -109,6 +109,9 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--allow-empty-classes", action="store_true",
                        help="keep a class folder without images as a class without samples (refused by default, "
                             "as torchvision's ImageFolder refuses it: every later class's label would shift)")
+    build.add_argument("--max-image-pixels", type=int, metavar="N",
+                       help="refuse source images of more than N pixels as unreadable (decompression bombs; they "
+                            "follow --on-bad-image); default Pillow's 89,478,485, 0 for no limit")
     build.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES,
                        help="an unreadable source image stops the build (fail, the default) or is recorded as "
                             "skipped in the store and the summary (skip)")

@@ -82,6 +82,7 @@ class BuildConfig:
     compile: bool = False
     on_bad_image: BadImagePolicy = "fail"
     allow_empty_classes: bool = False  # keep a class folder without images as a class without samples
+    max_image_pixels: int | None = None  # None: Pillow's limit (89,478,485); 0: none (source.set_max_image_pixels)
     workers: int | None = None
     ray_address: str | None = None
     cpu_threads: int | None = None  # None: this machine's cores up to 8 on the CPU, 1 on a GPU
@@ -104,7 +105,8 @@ class BuildConfig:
         """Refuse settings out of range, naming the flag (checks that need the source or teachers: :func:`resolve_plan`)."""
         _at_least(1, top_k=self.top_k, num_augmentations=self.num_augmentations, batch_size=self.batch_size,
                   block_size=self.block_size, decode_threads=self.decode_threads, cpu_threads=self.cpu_threads)
-        _at_least(0, class_vocabulary=self.class_vocabulary, workers=self.workers, max_retries=self.max_retries)
+        _at_least(0, class_vocabulary=self.class_vocabulary, workers=self.workers, max_retries=self.max_retries,
+                  max_image_pixels=self.max_image_pixels)
         for name, size in (("image_size", self.image_size), ("teacher_input_size", self.teacher_input_size)):
             if size is not None and not 1 <= size <= MAX_IMAGE_SIZE:
                 raise BuildError(f"{_flag(name)} {size} is out of range: use 1 to {MAX_IMAGE_SIZE} pixels")

@@ -15,6 +15,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import google_crc32c
@@ -24,6 +25,7 @@ import torch
 import zarr
 
 from reinforce_loaders import format as fmt
+from test_source_listing import _build
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_MEMORY = 1536 << 20
@@ -277,3 +279,59 @@ def test_a_source_without_targets_is_label_checked_through_the_dataset(digits, s
     with pytest.raises(SourceMismatchError, match=message):
         ds[7]
     assert len(ReinforcedDataset(FolderWithoutTargets(digits[0], {}), store, verify="full")) == 45
+
+
+# -- decompression bombs among the source images ------------------------------------------------------------------
+
+def png_bomb(path: Path, side: int = 30_000) -> None:
+    """A ``side`` x ``side`` 1-bit grey PNG of zeros: ~110 KB on disk for 30000 x 30000 = 9e8 pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + -(-side // 8))  # filter byte, then the row's bits
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_among_the_source_images_is_an_unreadable_image(digits, teacher_weights, store,
+                                                                            tmp_path, capsys):
+    from reinforce.cli import main
+    from reinforce_loaders import ImageSource, ReinforcedDataset
+    from reinforce_loaders.errors import SourceError
+
+    source = tmp_path / "src"
+    shutil.copytree(digits[0], source)
+    victim = sorted((source / "3").iterdir())[0]
+    png_bomb(victim)
+    assert victim.stat().st_size < 200_000
+    assert _build(source, tmp_path / "fail.zarr", teacher_weights) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image {victim}" in err and "decompression bomb" in err and "--max-image-pixels" in err
+    assert _build(source, tmp_path / "skip.zarr", teacher_weights, "--on-bad-image", "skip") == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable images" in out and str(victim) in out
+    assert main(["verify", str(store), "--data", str(source)]) != 0
+    assert f"cannot read image {victim}" in capsys.readouterr().err
+    index = [ImageSource.from_folder(source).name_of(i) for i in range(45)].index(str(victim))
+    ds = ReinforcedDataset(source, store)
+    with pytest.raises(SourceError, match=f"cannot read image {re.escape(str(victim))}: .*decompression bomb"):
+        ds[index]
+
+
+def test_max_image_pixels_sets_the_limit_for_the_build_and_the_dataset(digits, teacher_weights, store, tmp_path,
+                                                                       capsys, monkeypatch):
+    from PIL import Image
+
+    from reinforce_loaders import ReinforcedDataset
+    from reinforce_loaders.errors import SourceError
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    assert _build(digits[0], tmp_path / "s.zarr", teacher_weights, "--max-image-pixels", "100") == 2
+    err = capsys.readouterr().err
+    assert "over the limit of 100 pixels (a decompression bomb?" in err and "cannot read image" in err
+    with pytest.raises(SourceError, match=r"over the limit of 100 pixels"):
+        ReinforcedDataset(digits[0], store, max_image_pixels=100)[0]
+    assert ReinforcedDataset(digits[0], store, max_image_pixels=0)[0][0].shape[-1] == 32
+    assert Image.MAX_IMAGE_PIXELS is None

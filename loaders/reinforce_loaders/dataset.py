@@ -22,7 +22,7 @@ from .collate import Crop
 from .errors import ReinforceError, SourceMismatchError, StoreFormatError
 from .rng import slot_for_epoch
 from .source import (ImageSource, MapDataset, distrust_torchvision_jpeg, fingerprint, open_source,
-                     reduced_scale)
+                     reduced_scale, set_max_image_pixels)
 from .targets import RemainingMass, dense_target
 
 TargetKind = Literal["dense", "sparse"]
@@ -78,6 +78,9 @@ class ReinforcedDataset(torch.utils.data.Dataset):
             :func:`~reinforce_loaders.collate.replay_crops` to replay the other ops batched on the GPU
             (``transform`` is not applied). Needs a pipeline whose crop is antialiased (the default).
         storage_options: fsspec options for remote stores.
+        max_image_pixels: largest source image decoded, in pixels (sets ``PIL.Image.MAX_IMAGE_PIXELS`` for the
+            process and its DataLoader workers; 0: no limit; default: leave Pillow's 89,478,485). A larger image
+            raises :class:`~reinforce_loaders.errors.SourceError` naming it, before it is decoded.
 
     Call :meth:`set_epoch` before each epoch (or use :class:`~reinforce_loaders.samplers.ReinforcedSampler`,
     which does); it reaches DataLoader workers, persistent ones included.
@@ -91,7 +94,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                  transform: Callable[[torch.Tensor], Any] | None = None, seed: int | None = None,
                  verify: Literal["lazy", "full", "none"] = "lazy", decode: DecodeMode = "exact",
                  table_dir: str | os.PathLike[str] | None = None, transform_policy: TransformPolicy = "refuse",
-                 output: Output = "replayed", storage_options: dict[str, Any] | None = None) -> None:
+                 output: Output = "replayed", storage_options: dict[str, Any] | None = None,
+                 max_image_pixels: int | None = None) -> None:
+        set_max_image_pixels(max_image_pixels)
+        self.max_image_pixels = max_image_pixels
         _check_choice("target", target, ("dense", "sparse"))
         _check_choice("verify", verify, ("lazy", "full", "none"))
         _check_choice("decode", decode, ("exact", "fast"))
@@ -452,6 +458,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.pipeline = AugmentPipeline.from_config(self.header.augmentation)
+        set_max_image_pixels(self.max_image_pixels)  # a spawned worker is a fresh process
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -97,12 +97,44 @@ def decode_image(path: str | os.PathLike[str], decoder: Decoder = "auto") -> tor
     """
     try:
         with Image.open(path) as image:
+            check_pixel_count(image, path)
             decoded = _torchvision_jpeg(path, image) if decoder == "auto" else None
             return decoded if decoded is not None else F.pil_to_tensor(to_rgb(image))
+    except Image.DecompressionBombError as error:
+        raise _bomb_error(path, error) from error
     except (UnidentifiedImageError, OSError, ValueError, RuntimeError) as error:
         raise SourceError(
             f"cannot read image {path}: {error}. Remove or replace the file and run again"
         ) from error
+
+
+_PIXEL_ADVICE = ("Remove or replace the file, or raise the limit if the image is genuine (reinforce build "
+                 "--max-image-pixels, ReinforcedDataset(max_image_pixels=...)).")
+
+
+def _bomb_error(path: str | os.PathLike[str], error: Exception) -> SourceError:
+    """Pillow's refusal of an image over twice its limit, said with the limit the user set."""
+    return SourceError(f"cannot read image {path}: over the limit of {Image.MAX_IMAGE_PIXELS or 0:,} pixels (a "
+                       f"decompression bomb? Pillow: {error}). {_PIXEL_ADVICE}")
+
+
+def check_pixel_count(image: Image.Image, path: str | os.PathLike[str]) -> None:
+    """Raise :class:`SourceError` for an image of more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow only
+    warns below twice the limit): a decompression bomb is refused before it is decoded."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise SourceError(f"cannot read image {path}: {image.width} x {image.height} = {image.width * image.height:,} "
+                          f"pixels, over the limit of {limit:,} pixels (a decompression bomb?). {_PIXEL_ADVICE}")
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Largest source image, in pixels, decoded by this process (``PIL.Image.MAX_IMAGE_PIXELS``; 0: no limit,
+    None: leave it as it is, by default Pillow's 89,478,485)."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"max_image_pixels must be an integer >= 0 (0: no limit), got {limit!r}")
+    Image.MAX_IMAGE_PIXELS = limit or None
 
 
 def reduced_scale(box: Sequence[float], size: int) -> int:
@@ -125,6 +157,7 @@ def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,
     scale = reduced_scale(box, size)
     try:
         with Image.open(path) as image:
+            check_pixel_count(image, path)
             if expected_size is not None and (image.height, image.width) != tuple(expected_size):
                 raise SourceMismatchError(
                     f"source image {path} is {image.height} x {image.width} pixels but the store was built from "
@@ -140,6 +173,8 @@ def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,
             crop = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h),
                                 reducing_gap=None)
             return F.pil_to_tensor(crop if crop.mode == "RGB" else crop.convert("RGB"))
+    except Image.DecompressionBombError as error:
+        raise _bomb_error(path, error) from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise SourceError(
             f"cannot read image {path}: {error}. Remove or replace the file and run again"
