@@ -24,7 +24,7 @@ def pretrained(tmp_path_factory):
 def _adaptive(digits, store, out, pretrained, **overrides) -> TrainConfig:
     settings = dict(train_source=str(digits[0]), store=str(store), val_source=str(digits[1]),
                     model=f"test_resnet={pretrained}", recipe="adaptive", epochs=3, warmup_epochs=1, batch_size=8,
-                    out=str(out), progress=False)
+                    range_steps=30, out=str(out), progress=False)
     settings.update(overrides)
     return TrainConfig(**settings)
 

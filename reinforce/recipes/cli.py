@@ -61,6 +61,7 @@ def add_train_parser(commands: Any) -> argparse.ArgumentParser:
     adaptive = train.add_argument_group("adaptive")
     adaptive.add_argument("--lr-search", choices=("none", "range", "tpe"), help="adaptive default: range")
     adaptive.add_argument("--lr-range", type=_pair, default=(1e-3, 1e-2), metavar="LOW,HIGH")
+    adaptive.add_argument("--range-steps", type=int, default=100, help="steps of the LR range test")
     adaptive.add_argument("--tpe-trials", type=int, default=15)
     adaptive.add_argument("--trial-epochs", type=int, default=6)
     adaptive.add_argument("--patience", type=int, default=5)
@@ -87,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_epochs=args.warmup_epochs, image_size=args.image_size, mean=args.mean, std=args.std,
         alpha_kd=args.alpha_kd, kd_only=args.kd_only, temperature=args.temperature, kd_mode=args.kd_mode,
         mixup=args.mixup, cutmix=args.cutmix, ema=args.ema, ema_decay=args.ema_decay, test_crop=args.test_crop,
-        lr_search=args.lr_search, lr_range=args.lr_range, tpe_trials=args.tpe_trials,
+        lr_search=args.lr_search, lr_range=args.lr_range, range_steps=args.range_steps, tpe_trials=args.tpe_trials,
         trial_epochs=args.trial_epochs, patience=args.patience, sam_rho=args.sam_rho, sampler=args.sampler,
         curriculum=args.curriculum, seed=args.seed, workers=args.workers, device=args.device, threads=args.threads,
         progress=not args.no_progress,

@@ -55,6 +55,8 @@ class TrainConfig:
     test_crop: float | None = None
     lr_search: Literal["none", "range", "tpe"] | None = None
     lr_range: tuple[float, float] = (1e-3, 1e-2)
+    range_steps: int = 100
+    """Steps of the LR range test (fast.ai's default 100; they may span several epochs of a small dataset)."""
     tpe_trials: int = 15
     trial_epochs: int = 6
     patience: int = 5

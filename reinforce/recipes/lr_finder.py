@@ -25,12 +25,14 @@ class RangeTest:
     chosen: float
 
 
-def steepest_point(lrs: list[float], losses: list[float]) -> float:
-    """The LR where the smoothed loss falls fastest per unit of log LR."""
+def steepest_point(lrs: list[float], losses: list[float], skip_start: float = 0.1) -> float:
+    """The LR where the smoothed loss falls fastest per unit of log LR, ignoring the first ``skip_start`` of the
+    points (where the moving average has seen few losses)."""
     if len(lrs) < 3:
         raise ValueError("the range test needs at least 3 points")
     slopes = np.gradient(np.asarray(losses), np.log(np.asarray(lrs)))
-    return float(lrs[int(np.argmin(slopes))])
+    first = min(int(skip_start * len(lrs)), len(lrs) - 1)
+    return float(lrs[first + int(np.argmin(slopes[first:]))])
 
 
 def range_test(train_step: Callable[[Any, float], float], batches: Iterable[Any], *, start_lr: float = 1e-6,

@@ -556,9 +556,8 @@ def _initial_lr(config: TrainConfig, settings: dict[str, Any], world: World, tra
         probe = trainer(low, 1)
         for batch in probe.loader(0, 0):  # one epoch at a small LR first (paper 000), then the ramp
             probe.train_step(batch, low)
-        steps = min(100, max(20, 3 * probe.steps_in_epoch(0)))
         found = range_test(probe.train_step, probe.batches_forever(), start_lr=low / 1000, end_lr=high * 100,
-                           num_steps=steps)
+                           num_steps=settings["range_steps"])
         lr = float(np.clip(found.chosen, low / 10, high * 10))
         log(f"LR range test ({len(found.lrs)} steps after one epoch at {low:g}): steepest descent at "
             f"{found.chosen:.3g}, using {lr:.3g}")
