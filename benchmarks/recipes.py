@@ -96,7 +96,8 @@ def scratch_table(out: Path, seeds: list[int], epochs: int, student: str, batch:
                  variant=key, seed=seed) for seed in seeds for key, extra in chosen.items()]
 
 
-def finetune_table(out: Path, seeds: list[int], epochs: int, batch: int, data: tuple) -> list[dict]:
+def finetune_table(out: Path, seeds: list[int], epochs: int, batch: int, data: tuple,
+                   range_steps: int) -> list[dict]:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -108,8 +109,9 @@ def finetune_table(out: Path, seeds: list[int], epochs: int, batch: int, data: t
                   epochs=epochs, warmup_epochs=1, batch_size=batch)
     variants = {
         "fixed fine-tune (plain, one-cycle)": dict(recipe="plain", fine_tune=True),
-        "adaptive, labels": dict(recipe="adaptive", patience=2),
-        "adaptive, store (CE + 5 KL)": dict(recipe="adaptive", patience=2, store=str(store), teacher_weights=[spec]),
+        "adaptive, labels": dict(recipe="adaptive", patience=2, range_steps=range_steps),
+        "adaptive, store (CE + 5 KL)": dict(recipe="adaptive", patience=2, range_steps=range_steps, store=str(store),
+                                            teacher_weights=[spec]),
     }
     return [dict(_run(f"ft_{key.split(' ')[0].strip(',')}{'_store' if 'store' in key else ''}_seed{seed}", out,
                       seed=seed, **common, **extra), variant=key, seed=seed)
@@ -149,6 +151,7 @@ def main() -> None:
     parser.add_argument("--table", choices=("scratch", "finetune", "both"), default="scratch",
                         help="finetune needs the bench extra; two invocations with one --out may run in parallel")
     parser.add_argument("--finetune-epochs", type=int, default=6)
+    parser.add_argument("--range-steps", type=int, default=30, help="adaptive: steps of the LR range test")
     parser.add_argument("--kd-only", action="store_true", help="also usi from the store with the KL term only")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -163,11 +166,13 @@ def main() -> None:
         print(f"\nFrom scratch: {args.student} on {images}, {args.epochs} epochs, seeds {args.seeds}\n")
         print(markdown(results["scratch"]))
     if args.table in ("finetune", "both"):
-        results["finetune"] = finetune_table(args.out, args.seeds, args.finetune_epochs, args.batch_size, data)
+        results["finetune"] = finetune_table(args.out, args.seeds, args.finetune_epochs, args.batch_size, data,
+                                             args.range_steps)
         print(f"\nFine-tuning ImageNet tf_efficientnet_lite0 on {images}, at most {args.finetune_epochs} epochs, "
               f"seeds {args.seeds}\n")
         print(markdown(results["finetune"]))
-    (args.out / f"results-{args.table}.json").write_text(json.dumps(results, indent=1))
+    seeds = "-".join(map(str, args.seeds))
+    (args.out / f"results-{args.table}-seeds{seeds}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

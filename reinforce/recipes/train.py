@@ -558,9 +558,9 @@ def _initial_lr(config: TrainConfig, settings: dict[str, Any], world: World, tra
             probe.train_step(batch, low)
         found = range_test(probe.train_step, probe.batches_forever(), start_lr=low / 1000, end_lr=high * 100,
                            num_steps=settings["range_steps"])
-        lr = float(np.clip(found.chosen, low / 10, high * 10))
+        lr = float(np.clip(found.chosen, low, high))  # the estimate stays inside --lr-range
         log(f"LR range test ({len(found.lrs)} steps after one epoch at {low:g}): steepest descent at "
-            f"{found.chosen:.3g}, using {lr:.3g}")
+            f"{found.chosen:.3g}, using {lr:.3g}{' (clipped to --lr-range)' if lr != found.chosen else ''}")
         return lr
     if search == "tpe":
         if val_set is None:
