@@ -346,11 +346,12 @@ def _stages(root: Path, seed: int, log: Callable[[str], None], runner: JobRunner
 
     store = root / "digits-train.reinforce.zarr"
     stage(3, f"reinforce build: {num_augmentations} augmentations per image through the ensemble, top-{TOP_K} kept")
-    summary, build_cpu = _timed(run_build, BuildConfig(
+    config = BuildConfig(
         source=str(train_dir), out=str(store), teachers=[f"{arch}={path}" for arch, path in zip(teachers, weights)],
         augment="rrc", image_size=IMAGE_SIZE, num_augmentations=num_augmentations, top_k=TOP_K, seed=seed,
         batch_size=256, block_size=BUILD_BLOCK_SIZE, cpu_threads=1, decode_threads=1,
-    ))
+    )
+    summary, build_cpu = _timed(lambda: run_build(config, report=lambda text: None))  # the summary is logged here
     log(f"      {summary} ({build_cpu:.0f} s CPU)")
 
     stage(4, f"training student {STUDENT} twice, {student_steps} steps of {BATCH_SIZE}: plain labels and the store")
