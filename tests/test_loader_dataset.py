@@ -197,3 +197,15 @@ def test_a_transform_that_would_augment_again_is_refused_or_ignored(digits, stor
         lenient.transform = v2.RandomHorizontalFlip()
     assert lenient.transform is normalize
     assert torch.equal(lenient[3][0], ds[3][0])
+
+
+def test_fast_decode_does_not_depend_on_which_load_checks_the_fingerprint(photo_jpegs, jpeg_stores):
+    """Sample 0 is fingerprinted in full on its first load in fast mode; its replay must not change with that."""
+    probe = uint8_dataset(photo_jpegs, jpeg_stores["rrc"], decode="fast")
+    epoch = next(e for e in range(8) if reduced_scale(probe.record(0, probe.slot(0, e))[0][:4], RESOLUTION) > 1)
+    first, later = (uint8_dataset(photo_jpegs, jpeg_stores["rrc"], decode="fast") for _ in range(2))
+    for ds in (first, later):
+        ds.set_epoch(epoch)
+    later[0]  # the fingerprint check happens here
+    assert not first._table.verified[0] and later._table.verified[0]
+    assert_same_samples([first[0]], [later[0]])

@@ -286,8 +286,9 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         """Source image of ``index`` for record ``row``. In fast mode a JPEG whose crop (``params[row, crop]``)
         is downscaled 2x or more comes back already cropped to ``resolution``, and ``params[row, crop]`` is
         rewritten to the whole image, which the crop op then passes through unchanged."""
-        if (self.decode == "fast" and crop is not None and reduced_scale(params[row, crop], resolution) > 1
-                and not self._needs_full_check(index)):
+        if self.decode == "fast" and crop is not None and reduced_scale(params[row, crop], resolution) > 1:
+            if self._needs_full_check(index):  # checked in full, replayed like the others: order-independent
+                self._load_checked(index)
             expected = tuple(self._image_sizes[index]) if self.verify != "none" else None
             cropped = self.source.load_crop(index, params[row, crop], resolution, expected)
             if cropped is not None:
