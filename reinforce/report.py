@@ -41,7 +41,8 @@ def describe_store(store: str | os.PathLike[str]) -> str:
         f"augmentation     size {header.augmentation['size']}: "
         + ", ".join(_op_text(op) for op in header.augmentation["ops"]),
         "teachers         " + "; ".join(
-            f"{t['name']} @{t['input_size']} sha256 {t['weights_sha256'][:12]}" for t in header.teachers),
+            f"{t.get('name')} @{t.get('input_size')} sha256 {str(t.get('weights_sha256'))[:12]}"
+            for t in header.teachers),
         f"built            {header.provenance.get('created', '?')} by {header.provenance.get('tool', '?')}"
         f" on {header.provenance.get('device', '?')}",
         f"record row       {header.record_width} x {header.dtype}: "
@@ -61,7 +62,8 @@ def describe_store(store: str | os.PathLike[str]) -> str:
         lines.append(f"{name:<18}{str(array.shape):<20}{str(array.dtype):<8}{str(array.chunks):<16}{shards:<18}"
                      f"{files:>7}{size:>14,}{size / max(records, 1):>14.2f}")
     lines.append(f"{'total (data files)':<80}{files_total:>7}{total:>14,}{total / max(records, 1):>14.2f}")
-    return "\n".join(lines)
+    # Header strings come from whoever made the store: no terminal control sequences reach the screen.
+    return "".join(ch if ch.isprintable() or ch == "\n" else "?" for ch in "\n".join(lines))
 
 
 def _op_text(op: dict[str, Any]) -> str:

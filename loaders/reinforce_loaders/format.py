@@ -32,7 +32,7 @@ from zarr.core.array import AsyncArray
 
 from . import rng
 from .codecs import ParamLayout
-from .errors import IncompleteStoreError, StoreFormatError
+from .errors import IncompleteStoreError, ReinforceError, StoreFormatError
 
 FORMAT_NAME = "reinforce-store"
 FORMAT_VERSION = (1, 1)
@@ -295,10 +295,26 @@ class StoreHeader:
         if not 0 <= self.class_vocabulary_size <= self.num_classes:
             raise StoreFormatError(f"class_vocabulary_size={self.class_vocabulary_size} must be between 0 and "
                                    f"num_classes={self.num_classes}")
+        self._check_lists()
         if self.num_blocks > MAX_BLOCKS:
             raise StoreFormatError(f"header members num_samples={self.num_samples} and block_size={self.block_size} "
                                    f"make {self.num_blocks} blocks, over the limit of {MAX_BLOCKS}: the store is "
                                    "damaged or hostile (format_spec.md, section 2)")
+
+    def _check_lists(self) -> None:
+        """The members whose elements readers use: class names, teachers, and the skipped samples."""
+        if self.class_names is not None and not all(isinstance(name, str) for name in self.class_names):
+            raise StoreFormatError("header member class_names must be an array of strings or null")
+        if not all(isinstance(teacher, dict) for teacher in self.teachers):
+            raise StoreFormatError("header member teachers must be an array of objects")
+        skipped = self.provenance.get("skipped", [])
+        indices = [entry.get("index") if isinstance(entry, dict) else None
+                   for entry in (skipped if isinstance(skipped, list) else [None])]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_samples for i in indices) \
+                or indices != sorted(set(indices)):
+            raise StoreFormatError(f"header member provenance.skipped must list objects with ascending, distinct "
+                                   f"sample indices in [0, {self.num_samples}) (format_spec.md, section 3.7), got "
+                                   f"{_shown(skipped)}")
 
     @property
     def num_blocks(self) -> int:
@@ -502,6 +518,10 @@ def open_store_group(store: Any, mode: str = "r", storage_options: dict[str, Any
             f"no reinforce store at {where!s}: check the path or URL (it must be the directory written by "
             "`reinforce build --out`)"
         ) from None
+    except (ValueError, TypeError, LookupError, AttributeError, ArithmeticError) as error:  # zarr parsing bad JSON
+        raise StoreFormatError(f"the Zarr metadata (zarr.json) of the store at {where!s} is invalid "
+                               f"({type(error).__name__}: {_shown(str(error))}): the store is damaged or was not "
+                               "written by reinforce; re-download or rebuild it") from None
 
 
 def _http_store(url: str, *, read_only: bool, storage_options: dict[str, Any]) -> Any:
@@ -564,12 +584,31 @@ def _range_checking_http_filesystem() -> type:
 def read_header(group: zarr.Group, *, require_complete: bool = True) -> StoreHeader:
     """Read and validate the header of an open store group."""
     header = StoreHeader.from_attrs(group.attrs.asdict())
+    check_pipeline(header)
     if require_complete and not header.complete:
         raise IncompleteStoreError(
             f"the store's build has not finished ({_blocks_done_summary(group, header)}): "
             "re-run the same `reinforce build` command to resume it"
         )
     return header
+
+
+def check_pipeline(header: StoreHeader) -> None:
+    """Parse the header's augmentation pipeline and parameter codecs once (cached on the header), turning
+    whatever a damaged or hostile ``augmentation`` or ``param_encodings`` raises into a StoreFormatError, and
+    check that the codecs are those of the pipeline's parameters, in order."""
+    try:
+        pipeline, params = header.pipeline, header.layout.params
+        names = list(params.names)
+    except ReinforceError:
+        raise
+    except Exception as error:  # parsing hostile JSON: TypeError, ValueError, KeyError, AttributeError...
+        raise StoreFormatError(f"the store header's augmentation or param_encodings cannot be used "
+                               f"({type(error).__name__}: {_shown(str(error))}): the store is damaged or was not "
+                               "written by a reinforce writer") from None
+    if names != list(pipeline.param_names):
+        raise StoreFormatError(f"the store header's param_encodings ({len(names)}) do not match the parameters of "
+                               f"its augmentation pipeline ({pipeline.num_params}): the store is damaged")
 
 
 def read_array(group: zarr.Group, name: str, selection: Any = slice(None), what: str = "") -> np.ndarray:
