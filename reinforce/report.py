@@ -79,13 +79,22 @@ def _encoding_text(item: dict[str, Any]) -> str:
 def _array_bytes(array: zarr.Array) -> tuple[int, int]:
     """(bytes, files) of an array's shard (or chunk) files present in the store.
 
-    Each file is asked for by its key, as a reader finds it, so a remote store needs no directory listing.
+    A local store's directory is listed (as long as the files present, however many blocks a header claims);
+    in any other store each file is asked for by its key, as a reader finds it, so a remote store needs no
+    directory listing.
     """
+    if isinstance(array.store, zarr.storage.LocalStore):
+        present = sync(_listed_sizes(array.store, f"{array.path}/c/"))
+        return sum(present), len(present)
     step = array.shards or array.chunks
     grid = [range(math.ceil(size / width)) for size, width in zip(array.shape, step)]
     keys = [f"{array.path}/{array.metadata.encode_chunk_key(coords)}" for coords in itertools.product(*grid)]
     present = [size for size in sync(_stored_sizes(array.store, keys)) if size is not None]
     return sum(present), len(present)
+
+
+async def _listed_sizes(store: zarr.abc.store.Store, prefix: str) -> list[int]:
+    return [await store.getsize(key) async for key in store.list_prefix(prefix)]
 
 
 async def _stored_sizes(store: zarr.abc.store.Store, keys: list[str]) -> list[int | None]:

@@ -83,7 +83,7 @@ def edit_header(path: Path, **members) -> None:
 def metadata_only_store(like: Path, path: Path, **members) -> Path:
     """A complete-looking store with ``like``'s header changed by ``members`` and consistent array metadata, but
     no chunk at all: a few KB claiming any number of samples."""
-    attrs = {**zarr.open_group(str(like), mode="r").attrs[fmt.ATTRS_KEY], **members, "complete": True}
+    attrs = {**zarr.open_group(str(like), mode="r").attrs[fmt.ATTRS_KEY], "complete": True, **members}
     header = fmt.StoreHeader.from_attrs({fmt.ATTRS_KEY: attrs})
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name, spec in fmt.array_specs(header).items():
@@ -168,6 +168,16 @@ def test_a_store_of_metadata_alone_claiming_many_samples_fails_at_once(store, di
     for result in (verify, inspect):
         assert result["rc"] in (1, 2)
         assert f"the last block ({last}) of the store is not written" in result["stderr"], result["stderr"]
+
+
+def test_an_unfinished_store_claiming_a_million_blocks_is_inspected_and_refused_at_once(store, digits, tmp_path):
+    hostile = metadata_only_store(store, tmp_path / "hostile.zarr", num_samples=8_000_000, block_size=8,
+                                  complete=False)
+    inspect, verify, dataset = run_limited(["inspect", str(hostile)], ["verify", str(hostile)],
+                                           ["dataset", str(digits[0]), str(hostile)])
+    assert inspect["rc"] == 0
+    for text in (verify["stderr"], dataset["message"]):
+        assert "the store's build has not finished (the header claims 1000000 blocks)" in text, text
 
 
 # -- array metadata -----------------------------------------------------------------------------------------------
