@@ -84,7 +84,7 @@ class TeacherMember:
     def probs(self, images: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (float32) of uint8 ``[B, 3, input_size, input_size]`` images."""
         device = next(self.module.parameters()).device
-        x = images.to(device, non_blocking=True).float().div_(255.0)
+        x = images.to(device, non_blocking=True).float() / 255.0  # never in place: a float input is the caller's
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         logits = self.module((x - mean) / std)

@@ -317,3 +317,16 @@ def _recording_bar(heard: list[float]):
             return None
 
     return Bar
+
+
+def test_teacher_member_leaves_a_float_input_alone():
+    import torch
+
+    from reinforce.teachers import TeacherMember
+
+    member = TeacherMember("id", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2)),
+                           input_size=4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    images = torch.full((2, 3, 4, 4), 255.0)
+    member.probs(images)
+    member.probs(images)
+    assert (images == 255.0).all()

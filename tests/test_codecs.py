@@ -153,3 +153,4 @@ def test_header_errors_never_echo_control_characters(store):
     with pytest.raises(StoreFormatError) as error:
         fmt.StoreHeader.from_attrs(attrs)
     assert "\x1b" not in str(error.value) and "evil" in str(error.value)
+
