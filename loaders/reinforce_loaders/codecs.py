@@ -77,11 +77,6 @@ class Codec(ABC):
         return decode
 
     @property
-    def reference(self) -> str | None:
-        """The reference size this codec is relative to (``ParamRefs.get``), or None."""
-        return None
-
-    @property
     def start(self) -> str:
         """Name of the parameter this one is an extent of (its box start), or ``""``."""
         return ""
@@ -244,10 +239,6 @@ class RelativeCodec(Codec):
         if self.ref not in REFERENCES:
             raise StoreFormatError(f"relative parameter encoding ref must be {', '.join(REFERENCES)}, "
                                    f"got {self.ref!r}")
-
-    @property
-    def reference(self) -> str | None:
-        return self.ref
 
     @property
     def start(self) -> str:

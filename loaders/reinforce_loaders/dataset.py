@@ -110,7 +110,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         self.source = open_source(source, allow_empty_classes=True)  # labels are checked against the store
         self._check_source_count()  # first: a hostile header's sizes are checked before anything is read
         fmt.check_store(group, self.header)
-        self.pipeline = AugmentPipeline.from_config(self.header.augmentation)
+        self.pipeline = self.header.pipeline  # parsed once, with the header (format.read_header)
         self.resolution = int(resolution) if resolution is not None else self.pipeline.size
         self.target = target
         self.remaining_mass = remaining_mass
@@ -451,14 +451,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_group"] = None
         state["_other_slots"] = collections.OrderedDict()
-        # Without their cached layouts, whose decoders are closures that do not pickle (spawned workers).
-        state["header"] = dataclasses.replace(self.header)
-        state["pipeline"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.pipeline = AugmentPipeline.from_config(self.header.augmentation)
         set_max_image_pixels(self.max_image_pixels)  # a spawned worker is a fresh process
 
 
