@@ -91,12 +91,22 @@ def decoding_row(pipeline: AugmentPipeline, rows: int, repeats: int) -> tuple[fl
     return median_seconds(single, repeats) / rows * 1e6, median_seconds(batched, repeats) / rows * 1e6
 
 
+def derive_row(pipeline: AugmentPipeline, samples: int, repeats: int) -> float:
+    """CPU us per record to re-derive one slot of a block of a ``--derived-params`` store (format 5.1)."""
+    header = fmt.StoreHeader(num_samples=samples, num_classes=1000, top_k=10, num_augmentations=400, seed=0,
+                             block_size=samples, augmentation=pipeline.config(), teachers=[],
+                             param_encodings=fmt.pipeline_param_encodings(pipeline), param_storage="derived")
+    sizes = image_sizes(samples)
+    return median_seconds(lambda: fmt.derive_param_columns(header, 0, 7, sizes), repeats) / samples * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64, help="samples per sampled block")
     parser.add_argument("--slots", type=int, default=32, help="slots per sample")
     parser.add_argument("--rows", type=int, default=2000, help="records decoded")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--derive-samples", type=int, default=1024, help="block size for the re-derivation cost")
     args = parser.parse_args()
     print(f"python {platform.python_version()}, numpy {np.__version__}, {platform.processor() or platform.machine()}")
     print(f"sampling: {args.samples} samples x {args.slots} slots; decoding: {args.rows} records; "
@@ -109,6 +119,11 @@ def main() -> None:
         one, many = decoding_row(pipeline, args.rows, args.repeats)
         print(f"| {preset} | {pipeline.num_params} | {block:.2f} | {single:.1f} | {single / block:.0f}x "
               f"| {one:.1f} | {many:.2f} |", flush=True)
+    print(f"\nre-deriving one slot of a {args.derive_samples}-sample block of a --derived-params store "
+          "(CPU us per record):")
+    for preset in ("rrc", "rrc+ra/re", "rrc+m*+r*"):
+        print(f"| {preset} | {derive_row(make_pipeline(preset, 224), args.derive_samples, args.repeats):.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
