@@ -113,6 +113,28 @@ def test_validation_set_with_other_class_names_is_refused(digits, store, tmp_pat
         train(_config(digits, store, tmp_path / "run", val_source=str(val)), log=_quiet)
 
 
+def test_store_built_with_an_empty_class_trains_and_validates_with_that_class(digits, teacher_weights, tmp_path):
+    from conftest import build_store
+    from reinforce_loaders.errors import SourceError
+
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    shutil.copytree(digits[0], train_dir)
+    shutil.copytree(digits[1], val_dir)
+    for folder in (train_dir / "5", val_dir / "5"):
+        for image in folder.iterdir():
+            image.unlink()
+    store = build_store(train_dir, tmp_path / "store.zarr", teacher_weights[:1], num_augmentations=2,
+                        allow_empty_classes=True)
+    result = train(_config((train_dir, val_dir), store, tmp_path / "run", epochs=1), log=_quiet)
+    assert result.epochs_run == 1 and result.last_top1 is not None
+    assert load_file(str(tmp_path / "run" / "last.safetensors"))["fc.weight"].shape[0] == 10  # class 5 kept
+    (val_dir / "5").rename(val_dir / "five")  # the empty folder still takes part in the class check
+    with pytest.raises(TrainError, match=r"classes differ.*missing \['5'\].*unknown \['five'\]"):
+        train(_config((train_dir, val_dir), store, tmp_path / "renamed", epochs=1), log=_quiet)
+    with pytest.raises(SourceError, match="holds no images"):  # plain has no store naming the empty class
+        train(_config((train_dir, val_dir), None, tmp_path / "plain", recipe="plain", epochs=1), log=_quiet)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, store, tmp_path):
     def poison(trainer, epoch, step):
         if (epoch, step) == (1, 1):

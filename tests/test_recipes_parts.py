@@ -14,6 +14,7 @@ from reinforce.recipes.lr_finder import range_test, tpe_search
 from reinforce.recipes.sam import SAM
 from reinforce.recipes.samplers import EntropyCurriculum, FixedBatchSampler, VariableBatchSampler, multiscale_sizes
 from reinforce.recipes.schedules import ReduceLROnPlateauV2
+from reinforce_loaders.samplers import ReinforcedSampler
 
 
 def test_usi_loss_is_ce_plus_alpha_kl_by_hand():
@@ -105,6 +106,20 @@ def test_fixed_batch_sampler_splits_ranks_disjointly_with_equal_steps():
         assert len(seen) == len(set(seen)) == 32
     samplers[0].set_start(1)
     assert list(samplers[0]) == batches[0][1:]
+
+
+def test_fixed_batch_sampler_cuts_the_loaders_sequence_into_batches():
+    for rank in (0, 1):
+        loader_side = ReinforcedSampler(range(45), seed=3, rank=rank, world_size=2, drop_last=True)
+        loader_side.set_epoch(1)
+        sampler = FixedBatchSampler(45, 8, seed=3, rank=rank, world_size=2)
+        sampler.set_epoch(1)
+        batches = list(sampler)
+        assert [p for batch in batches for p in batch] == list(loader_side)[:16]  # 22 per rank, 2 whole batches
+        assert list(sampler) == batches  # a second pass repeats the epoch
+        sampler.set_start(1)  # a resumed run: the loader's state one step (2 x 8 samples) into the epoch
+        assert sampler.positions.state_dict()["position"] == 16
+        assert list(sampler) == batches[1:]
 
 
 def test_variable_batch_sampler_trades_batch_size_for_resolution():

@@ -129,10 +129,15 @@ class AugmentedSamples(EpochDataset):
 
 
 class EvalSamples(torch.utils.data.Dataset):
-    """Validation images: resize the short side to ``size / crop``, then center-crop ``size``."""
+    """Validation images: resize the short side to ``size / crop``, then center-crop ``size``.
+
+    A class folder without images is kept as a class without samples (a store built with
+    ``--allow-empty-classes`` names such a class, and so does its validation split): its label does not shift
+    the later ones, and :func:`check_classes` compares the folder names with the training set's in order.
+    """
 
     def __init__(self, source: Any, size: int, crop: float) -> None:
-        self.source = open_source(source)
+        self.source = open_source(source, allow_empty_classes=True)
         resize = int(round(size / crop))
         self.transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
 

@@ -1,17 +1,16 @@
 """Batch samplers and curricula.
 
-- :class:`FixedBatchSampler`: a fresh permutation each epoch (seeded by (seed, epoch)), split into disjoint
-  per-rank batches; every rank runs the same number of steps (the incomplete tail is dropped), which keeps DDP
-  from hanging at the end of an epoch. Resuming mid-epoch skips the batches already trained on.
+- :class:`FixedBatchSampler`: this rank's batches of one epoch, cut from the loader's
+  :class:`reinforce_loaders.samplers.ReinforcedSampler` (the same keyed per-epoch permutation and per-rank split
+  that a hand-written loop over a ``ReinforcedDataset`` gets; ``drop_last``, so every rank runs the same number
+  of steps and DDP does not hang at the end of an epoch). Resuming mid-epoch moves the sampler's position past
+  the batches already trained on.
 - :class:`VariableBatchSampler`: paper 003's multi-scale sampler with variable batch size: every step draws a
   resolution from a set and a batch size inversely proportional to its pixels; the store replays each record
-  at that resolution, so nothing is rebuilt.
+  at that resolution, so nothing is rebuilt. It cuts the same epoch permutation into batches of varying size.
 - :class:`EntropyCurriculum`: paper 001, Appendix C.4: each sample's stored records are ranked by the stored
   teacher entropy and each epoch draws from a window of ranks that widens from the easiest (or hardest) 10 %
   to all of them along a cosine.
-
-These are small and local to the recipes; a loader-side distributed sampler can replace
-:class:`FixedBatchSampler` without changing the training loop (it only needs ``set_epoch``/``set_start``).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from reinforce_loaders.samplers import ReinforcedSampler
 
 from .config import TrainError
 from .data import sample_seed
@@ -31,7 +31,8 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 class FixedBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's batches (lists of positions) of one epoch."""
+    """Yields this rank's batches (lists of positions) of one epoch: ``batch_size`` consecutive samples of the
+    rank's share of :class:`ReinforcedSampler`'s sequence (rank ``r`` holds positions ``r, r + W, ...``)."""
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.num_samples = num_samples
@@ -39,28 +40,37 @@ class FixedBatchSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.epoch = 0
-        self.start = 0
+        # check_epochs off: the loop also calls set_epoch to plan its schedule, and every rank runs the same loop.
+        self.positions = ReinforcedSampler(range(num_samples), seed=seed, rank=rank, world_size=world_size,
+                                           drop_last=True, check_epochs=False)
         if len(self) == 0:
             raise TrainError(f"{num_samples} training samples cannot fill one step of {world_size} x {batch_size}: "
                              "lower --batch-size")
 
+    @property
+    def epoch(self) -> int:
+        return self.positions.epoch
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.positions.set_epoch(epoch)
+        self.set_start(0)
 
     def set_start(self, step: int) -> None:
         """Skip the first ``step`` batches of the epoch (a resumed run)."""
-        self.start = step
+        state = self.positions.state_dict()
+        self.positions.load_state_dict({**state, "position": self.start_position(step)})
+
+    def start_position(self, step: int) -> int:
+        """Samples of the epoch's sequence (all ranks together) consumed before ``step``."""
+        return step * self.batch_size * self.world_size
 
     def __len__(self) -> int:
         return self.num_samples // (self.batch_size * self.world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch)).tolist()
-        per_step = self.batch_size * self.world_size
-        for step in range(self.start, len(self)):
-            first = step * per_step + self.rank * self.batch_size
-            yield order[first:first + self.batch_size]
+        mine = iter(self.positions)
+        for _ in range(len(self.positions) // self.batch_size):
+            yield [next(mine) for _ in range(self.batch_size)]
 
 
 def multiscale_sizes(base: int, low: float = 0.5, high: float = 1.5) -> list[int]:
@@ -74,13 +84,19 @@ def multiscale_sizes(base: int, low: float = 0.5, high: float = 1.5) -> list[int
 
 class VariableBatchSampler(FixedBatchSampler):
     """Yields this rank's batches of ``(position, resolution)``: resolution ``r`` drawn per step from ``sizes``,
-    batch ``max(1, batch_size * base^2 // r^2)`` (paper 003, MSc-VBS)."""
+    batch ``max(1, batch_size * base^2 // r^2)`` (paper 003, MSc-VBS). Each step takes the next
+    ``batch x world_size`` samples of the epoch's :class:`ReinforcedSampler` sequence, rank ``r`` the ``r``-th
+    ``batch`` of them."""
 
     def __init__(self, num_samples: int, batch_size: int, base: int, sizes: Sequence[int], *, seed: int,
                  rank: int = 0, world_size: int = 1) -> None:
         self.base = base
         self.sizes = list(sizes)
+        self.start = 0
         super().__init__(num_samples, batch_size, seed=seed, rank=rank, world_size=world_size)
+
+    def set_start(self, step: int) -> None:
+        self.start = step
 
     def batch_for(self, resolution: int) -> int:
         return max(1, self.batch_size * self.base ** 2 // resolution ** 2)
@@ -101,7 +117,7 @@ class VariableBatchSampler(FixedBatchSampler):
         return len(self._plan())
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch)).tolist()
+        order = self.positions.order(self.epoch).tolist()
         for first, resolution, batch in self._plan()[self.start:]:
             mine = first + self.rank * batch
             yield [(position, resolution) for position in order[mine:mine + batch]]
