@@ -21,8 +21,8 @@ from .augment.geometric import RandomCrop, RandomResizedCrop
 from .collate import Crop
 from .errors import ReinforceError, SourceMismatchError, StoreFormatError
 from .rng import slot_for_epoch
-from .source import (ImageSource, MapDataset, distrust_torchvision_jpeg, fingerprint, open_source,
-                     reduced_scale, set_max_image_pixels)
+from .source import (ImageSource, MapDataset, distrust_libjpeg_bindings, fast_decode_applies, fingerprint,
+                     open_source, set_max_image_pixels)
 from .targets import RemainingMass, dense_target
 
 TargetKind = Literal["dense", "sparse"]
@@ -66,8 +66,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
             ``"lazy"`` checks every image's pixel size (from its header, no decode) and the full fingerprint
             of every :data:`FAST_FINGERPRINT_EVERY`-th sample.
         decode: ``"exact"`` replays the teacher's pixels bit for bit; ``"fast"`` decodes a JPEG at 1/2, 1/4 or
-            1/8 scale when its stored crop is downscaled by 2x or more (a few levels of pixel difference,
-            see benchmarks/RESULTS.md), and replays the rest exactly.
+            1/8 scale when its stored crop is downscaled by 2x or more, and with ``simplejpeg`` installed
+            (``pip install 'reinforce-loaders[fast]'``) decodes every plain JPEG with libjpeg's plain chroma
+            upsampling (one or two levels of mean pixel difference, see benchmarks/RESULTS.md). Other files,
+            and without ``simplejpeg`` the crops not downscaled 2x, are replayed exactly. Targets never change.
         table_dir: directory of the memory-mapped epoch table (default: the system temporary directory). It
             lives in the page cache, not in ``/dev/shm``.
         transform_policy: what assigning an augmenting ``transform`` later does (timm's ``create_loader`` does):
@@ -283,10 +285,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
 
     def _source_image(self, index: int, params: np.ndarray, row: int, crop: slice | None, resolution: int,
                       decoded: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Source image of ``index`` for record ``row``. In fast mode a JPEG whose crop (``params[row, crop]``)
-        is downscaled 2x or more comes back already cropped to ``resolution``, and ``params[row, crop]`` is
+        """Source image of ``index`` for record ``row``. In fast mode a JPEG crop (``params[row, crop]``) that
+        :func:`decode_crop` handles comes back already cropped to ``resolution``, and ``params[row, crop]`` is
         rewritten to the whole image, which the crop op then passes through unchanged."""
-        if self.decode == "fast" and crop is not None and reduced_scale(params[row, crop], resolution) > 1:
+        if self.decode == "fast" and crop is not None and fast_decode_applies(params[row, crop], resolution):
             if self._needs_full_check(index):  # checked in full, replayed like the others: order-independent
                 self._load_checked(index)
             expected = tuple(self._image_sizes[index]) if self.verify != "none" else None
@@ -316,7 +318,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
             return image
         pillow, _ = self.source.load(index, decoder="pillow")
         if not torch.equal(pillow, image) and self._fingerprint_matches(index, pillow):
-            distrust_torchvision_jpeg()
+            distrust_libjpeg_bindings()
             self._table.pillow_only[0] = True  # in every worker: a sample verified with Pillow stays Pillow's
             return pillow
         raise SourceMismatchError(

@@ -23,6 +23,8 @@ except ImportError:  # pragma: no cover - depends on the installed torchvision
     decode_jpeg = None
 from torchvision.transforms.v2 import functional as F
 
+from . import jpeg as fast_jpeg
+from .augment.geometric import crop_resize
 from .errors import SourceError, SourceMismatchError
 
 
@@ -53,19 +55,22 @@ _PLAIN_JPEG_MODES = ("RGB", "L")
 
 
 class _LibjpegAgreement:
-    """Whether torchvision's JPEG decoder gives Pillow's pixels in this process (None: not probed yet).
+    """Whether the libjpeg-turbo bindings give Pillow's pixels in this process (None: not probed yet):
+    ``agrees`` for torchvision's decoder, ``turbo`` for simplejpeg's.
 
-    Both wrap libjpeg-turbo, but they may bundle different versions; the first plain JPEG decoded is decoded
-    both ways and torchvision's decoder is used only if the pixels are identical. A later fingerprint
-    mismatch also switches it off (:func:`distrust_torchvision_jpeg`).
+    All wrap libjpeg-turbo, but they may bundle different versions; the first plain JPEG a binding decodes is
+    also decoded by Pillow and the binding is used only if the pixels are identical. A later fingerprint
+    mismatch switches both off (:func:`distrust_libjpeg_bindings`).
     """
 
     agrees: bool | None = None
+    turbo: bool | None = None
 
 
-def distrust_torchvision_jpeg() -> None:
-    """Decode every later JPEG of this process with Pillow (called when a torchvision decode did not match)."""
+def distrust_libjpeg_bindings() -> None:
+    """Decode every later JPEG of this process with Pillow (called when a binding's decode did not match)."""
     _LibjpegAgreement.agrees = False
+    _LibjpegAgreement.turbo = False
 
 
 def is_plain_jpeg(image: Image.Image) -> bool:
@@ -91,11 +96,15 @@ def _torchvision_jpeg(path: str | os.PathLike[str], image: Image.Image) -> torch
 def decode_image(path: str | os.PathLike[str], decoder: Decoder = "auto") -> torch.Tensor:
     """Decode an image file to an RGB uint8 ``[3, H, W]`` tensor: Pillow's pixels.
 
-    ``decoder="auto"`` decodes plain JPEGs with torchvision's libjpeg-turbo binding (about 1.5x faster than
-    Pillow here, no copy) once it has been seen to give Pillow's exact pixels in this process; ``"pillow"``
-    always uses Pillow.
+    ``decoder="auto"`` decodes plain JPEGs with a libjpeg-turbo binding, once it has been seen to give Pillow's
+    exact pixels in this process: simplejpeg's when installed (straight from the file's bytes), else
+    torchvision's (about 1.5x faster than Pillow here, no copy); ``"pillow"`` always uses Pillow.
     """
     try:
+        if decoder == "auto" and fast_jpeg.available() and _LibjpegAgreement.turbo is not False:
+            decoded = _turbo_jpeg(path)
+            if decoded is not None:
+                return decoded
         with Image.open(path) as image:
             check_pixel_count(image, path)
             decoded = _torchvision_jpeg(path, image) if decoder == "auto" else None
@@ -106,6 +115,24 @@ def decode_image(path: str | os.PathLike[str], decoder: Decoder = "auto") -> tor
         raise SourceError(
             f"cannot read image {path}: {error}. Remove or replace the file and run again"
         ) from error
+
+
+def _turbo_jpeg(path: str | os.PathLike[str]) -> torch.Tensor | None:
+    """simplejpeg's decode of a plain JPEG when it is known (or now probed) to equal Pillow's, else None (also
+    for a damaged file: Pillow's path then names the problem)."""
+    data = Path(path).read_bytes()
+    try:
+        header = fast_jpeg.read_header(data)
+        if header is None or not header.plain:
+            return None
+        check_pixel_size(header.width, header.height, path)
+        decoded = torch.from_numpy(fast_jpeg.decode_exact(data)).permute(2, 0, 1)
+    except ValueError:
+        return None
+    if _LibjpegAgreement.turbo is None:
+        with Image.open(path) as image:
+            _LibjpegAgreement.turbo = torch.equal(decoded, F.pil_to_tensor(to_rgb(image)))
+    return decoded if _LibjpegAgreement.turbo else None
 
 
 _PIXEL_ADVICE = ("Remove or replace the file, or raise the limit if the image is genuine (reinforce build "
@@ -121,9 +148,14 @@ def _bomb_error(path: str | os.PathLike[str], error: Exception) -> SourceError:
 def check_pixel_count(image: Image.Image, path: str | os.PathLike[str]) -> None:
     """Raise :class:`SourceError` for an image of more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow only
     warns below twice the limit): a decompression bomb is refused before it is decoded."""
+    check_pixel_size(image.width, image.height, path)
+
+
+def check_pixel_size(width: int, height: int, path: str | os.PathLike[str]) -> None:
+    """:func:`check_pixel_count` from a header's size."""
     limit = Image.MAX_IMAGE_PIXELS
-    if limit and image.width * image.height > limit:
-        raise SourceError(f"cannot read image {path}: {image.width} x {image.height} = {image.width * image.height:,} "
+    if limit and width * height > limit:
+        raise SourceError(f"cannot read image {path}: {width} x {height} = {width * height:,} "
                           f"pixels, over the limit of {limit:,} pixels (a decompression bomb?). {_PIXEL_ADVICE}")
 
 
@@ -147,21 +179,50 @@ def reduced_scale(box: Sequence[float], size: int) -> int:
 def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,
                 expected_size: tuple[int, int] | None = None) -> torch.Tensor | None:
     """Fast, approximate crop: the source box ``(top, left, height, width)`` resampled to ``size`` x ``size``
-    from a reduced-scale JPEG decode (Pillow draft mode: libjpeg's 1/2, 1/4 or 1/8 scaled IDCT).
+    from a JPEG decoded at the smallest scale (1, 1/2, 1/4, 1/8) that keeps at least ``size`` pixels across the
+    box.
 
-    The box maps exactly onto the reduced image (source pixel edge ``x`` is reduced edge ``x / scale``) and is
-    resampled with Pillow's antialiased bilinear filter (torchvision's uint8 filter follows Pillow's). Returns
-    None when the file is not a plain JPEG or the crop is not downscaled by 2x or more: decode it in full.
+    With ``simplejpeg`` installed (the ``[fast]`` extra) every plain JPEG is decoded this way, with libjpeg's
+    plain chroma upsampling, and the box is resampled like the exact replay: rounded to whole pixels of the
+    reduced image (so at most half an output pixel off), torchvision's antialiased bilinear. Without it, only crops downscaled 2x or more are decoded reduced, by
+    Pillow's draft mode, and resampled with Pillow's filter from the exact sub-pixel box. Returns None where the
+    full decode must be used: a file that is not a plain JPEG, or (Pillow) a crop not downscaled 2x.
     ``expected_size`` ``(height, width)``: raise :class:`SourceMismatchError` if the file's size differs.
     """
+    if fast_jpeg.available():
+        return _turbo_crop(path, box, size, expected_size)
+    return _draft_crop(path, box, size, expected_size)
+
+
+def fast_decode_applies(box: Sequence[float], size: int) -> bool:
+    """Whether :func:`decode_crop` decodes a JPEG crop of source box ``box`` differently from the full decode."""
+    return fast_jpeg.available() or reduced_scale(box, size) > 1
+
+
+def _turbo_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,
+                expected_size: tuple[int, int] | None) -> torch.Tensor | None:
+    try:
+        data = Path(path).read_bytes()
+        header = fast_jpeg.read_header(data)
+        if header is None or not header.reducible:
+            return None
+        _check_decoded_size(path, header.height, header.width, expected_size)
+        scale = reduced_scale(box, size)
+        pixels = torch.from_numpy(fast_jpeg.decode_scaled(data, header, scale)).permute(2, 0, 1)
+    except OSError as error:
+        raise SourceError(f"cannot read image {path}: {error}. Remove or replace the file and run again") from error
+    except ValueError:
+        return None  # a damaged file: the full decode names what is wrong with it
+    boxes = torch.tensor([[float(value) / scale for value in box]], dtype=torch.float64)
+    return crop_resize([pixels], boxes, size)[0]
+
+
+def _draft_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,
+                expected_size: tuple[int, int] | None) -> torch.Tensor | None:
     scale = reduced_scale(box, size)
     try:
         with Image.open(path) as image:
-            check_pixel_count(image, path)
-            if expected_size is not None and (image.height, image.width) != tuple(expected_size):
-                raise SourceMismatchError(
-                    f"source image {path} is {image.height} x {image.width} pixels but the store was built from "
-                    f"one of {expected_size[0]} x {expected_size[1]}: pass the same dataset that was reinforced")
+            _check_decoded_size(path, image.height, image.width, expected_size)
             if scale == 1 or not is_plain_jpeg(image):
                 return None
             width, height = image.size
@@ -179,6 +240,16 @@ def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,
         raise SourceError(
             f"cannot read image {path}: {error}. Remove or replace the file and run again"
         ) from error
+
+
+def _check_decoded_size(path: str | os.PathLike[str], height: int, width: int,
+                        expected_size: tuple[int, int] | None) -> None:
+    """Refuse a bomb, and an image of another size than the store's records were encoded against."""
+    check_pixel_size(width, height, path)
+    if expected_size is not None and (height, width) != tuple(expected_size):
+        raise SourceMismatchError(
+            f"source image {path} is {height} x {width} pixels but the store was built from "
+            f"one of {expected_size[0]} x {expected_size[1]}: pass the same dataset that was reinforced")
 
 
 def as_uint8_image(image: Any) -> torch.Tensor:
