@@ -193,8 +193,8 @@ class Trainer:
         except TrainingDiverged:
             return math.inf
 
-    def batches_forever(self) -> Iterator[Any]:
-        epoch = 0
+    def batches_forever(self, epoch: int = 0) -> Iterator[Any]:
+        """Training batches of ``epoch``, ``epoch + 1``, ... without end."""
         while True:
             yield from self.loader(epoch, 0)
             epoch += 1
@@ -556,7 +556,9 @@ def _initial_lr(config: TrainConfig, settings: dict[str, Any], world: World, tra
         probe = trainer(low, 1)
         for batch in probe.loader(0, 0):  # one epoch at a small LR first (paper 000), then the ramp
             probe.train_step(batch, low)
-        found = range_test(probe.train_step, probe.batches_forever(), start_lr=low / 1000, end_lr=high * 100,
+        # The ramp starts at epoch 1: epoch 0's batches (same images, same augmentations) were just trained on,
+        # and their lower loss would read as a descent at the ramp's smallest LRs.
+        found = range_test(probe.train_step, probe.batches_forever(1), start_lr=low / 1000, end_lr=high * 100,
                            num_steps=settings["range_steps"])
         lr = float(np.clip(found.chosen, low, high))  # the estimate stays inside --lr-range
         log(f"LR range test ({len(found.lrs)} steps after one epoch at {low:g}): steepest descent at "
