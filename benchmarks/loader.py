@@ -8,7 +8,7 @@ size (500 x 375 or 375 x 500) and larger (1000 x 750):
   + flip, against ``ReinforcedDataset`` (``rrc`` store) with ``decode="exact"`` and ``decode="fast"``, and
   the ``rrc+mix`` preset against ``rrc`` (time per sample), also with ``ReinforcedSampler(pair_partners=True)``;
 * batched replay (``__getitems__``) against one sample at a time, in one process;
-* the pixel difference of ``decode="fast"`` from the exact replay;
+* the pixel difference of ``decode="fast"`` from the exact replay, and the decoders alone on these files;
 * the ops after the crop (flip, RandAugment, erasing, mixing) replayed batched from ``output="crops"`` on the CPU
   and on ``--device`` (a GPU when one is lent), decoding excluded;
 * memory: the epoch table and per-sample arrays computed at ImageNet size, and per-worker memory measured here.
@@ -20,6 +20,7 @@ Usage: ``nice -n 10 python benchmarks/loader.py [--images 128] [--large-images 6
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +211,37 @@ def device_replay(source: Path, store: Path, device: str, batch_size: int, repea
             "max |d|": difference}
 
 
+def decoder_costs(source: Path, repeats: int = 3) -> dict[str, float]:
+    """Median CPU us per image of decoding every JPEG of ``source`` to RGB uint8, one decoder at a time:
+    torchvision, Pillow (decode + RGB + tensor), simplejpeg at full scale (libjpeg's defaults, then plain
+    upsampling) and at the reduced scales; file reading excluded."""
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    files = [path.read_bytes() for path in sorted(source.rglob("*.jpg"))]
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
+    decoders = {"torchvision": lambda i: decode_jpeg(tensors[i]),
+                "pillow": lambda i: pil_to_tensor(Image.open(io.BytesIO(files[i])).convert("RGB"))}
+    if fast_jpeg.available():
+        headers = [fast_jpeg.read_header(data) for data in files]
+        decoders["simplejpeg"] = lambda i: fast_jpeg.decode_exact(files[i])
+        for scale in (1, 2, 4, 8):
+            decoders[f"simplejpeg 1/{scale}, plain upsampling"] = (
+                lambda i, scale=scale: fast_jpeg.decode_scaled(files[i], headers[i], scale))
+    costs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's decoders are moving to TorchCodec
+        for name, decode in decoders.items():
+            times = []
+            for _ in range(repeats):
+                began = time.process_time()
+                for index in range(len(files)):
+                    decode(index)
+                times.append((time.process_time() - began) / len(files))
+            costs[name] = 1e6 * statistics.median(times)
+    return costs
+
+
 def imagenet_memory(num_samples: int = IMAGENET_SAMPLES, num_augmentations: int = 400) -> dict[str, float]:
     """Bytes of the shared epoch table and of the per-sample arrays for an ImageNet+ store (rrc+ra/re, top-10,
     1000 classes, class vocabulary 32)."""
@@ -300,6 +333,8 @@ def main() -> None:
         for name in ("exact rrc", "fast rrc", "exact rrc+mix"):
             batched, single = batched_vs_single(datasets[name], args.batch_size, max(2, args.repeats // 2))
             print(f"{name:24s} {1e3 * batched:12.3f} {1e3 * single:18.3f}   ({single / batched:.2f}x)")
+        print("decoders alone, CPU us/image: " + ", ".join(f"{name} {value:.0f}"
+                                                          for name, value in decoder_costs(source).items()))
         difference = fast_difference(source, stores["rrc"])
         print(f"fast vs exact: {difference['reduced']:.0%} of {difference['records']} records decoded reduced "
               f"(1/2 scale or less); "
