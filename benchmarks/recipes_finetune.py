@@ -111,14 +111,17 @@ def prepare(out: Path, args: argparse.Namespace) -> dict:
     data = {"train": str(subset), "test": str(test_dir), "lite0": lite0}
     if "adaptive-store" not in args.variants:
         return data
-    teacher = run_variant("teacher_lite2", out, train_source=str(train_dir), val_source=str(test_dir),
-                          model=f"tf_efficientnet_lite2={lite2}", recipe="plain", fine_tune=True,
-                          epochs=args.teacher_epochs, warmup_epochs=1, image_size=args.teacher_size,
-                          batch_size=args.batch_size, seed=100, threads=args.threads)
-    spec = f"tf_efficientnet_lite2={out / 'teacher_lite2' / 'best.safetensors'}"
-    print(f"teacher lite2 at {args.teacher_size} px ({teacher['epochs']} epochs on {train_dir}): test top-1 "
-          f"last {teacher['top1']:.2f}, EMA {teacher['ema_top1']:.2f}, best {teacher['best_top1']:.2f}", flush=True)
-    store = out / f"store-{args.fraction:g}-A{args.augmentations}-{args.size}.zarr"
+    spec, teacher = args.teacher, None
+    if spec is None:
+        teacher = run_variant("teacher_lite2", out, train_source=str(train_dir), val_source=str(test_dir),
+                              model=f"tf_efficientnet_lite2={lite2}", recipe="plain", fine_tune=True,
+                              epochs=args.teacher_epochs, warmup_epochs=1, image_size=args.teacher_size,
+                              batch_size=args.batch_size, seed=100, threads=args.threads)
+        spec = f"tf_efficientnet_lite2={out / 'teacher_lite2' / 'best.safetensors'}"
+        print(f"teacher lite2 at {args.teacher_size} px ({teacher['epochs']} epochs on {train_dir}): test top-1 "
+              f"last {teacher['top1']:.2f}, EMA {teacher['ema_top1']:.2f}, best {teacher['best_top1']:.2f}",
+              flush=True)
+    store = out / f"store-{args.fraction:g}-A{args.augmentations}-{args.size}-{Path(spec).stem}.zarr"
     run_build(BuildConfig(source=str(subset), out=str(store), teachers=[spec], augment="rrc", image_size=args.size,
                           num_augmentations=args.augmentations, top_k=5, seed=0, batch_size=128, block_size=256),
               progress=False)
@@ -179,6 +182,9 @@ def main() -> None:
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--range-steps", type=int, default=60)
+    parser.add_argument("--teacher", metavar="ARCH=WEIGHTS",
+                        help="the store's teacher (its test top-1 is reported by the store runs); default: "
+                             "ImageNet lite2 fine-tuned here on the whole train split at --teacher-size px")
     parser.add_argument("--teacher-size", type=int, default=128)
     parser.add_argument("--teacher-epochs", type=int, default=12)
     parser.add_argument("-A", "--augmentations", type=int, default=16)
@@ -193,6 +199,9 @@ def main() -> None:
           f"{args.epochs // 2}; seeds {args.seeds}\n")
     print(markdown(results))
     print("\n".join(reached(results)))
+    for run in results:
+        if run["teacher"]["top1"] is not None:
+            print(f"{run['name']}: teacher top-1 {run['teacher']['top1']:.2f} ({run['teacher']['kind']})")
     seeds = "-".join(map(str, args.seeds))
     (args.out / f"results-finetune-seeds{seeds}.json").write_text(json.dumps({"data": data, "runs": results},
                                                                              indent=1))
