@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the installed torchvision
 from torchvision.transforms.v2 import functional as F
 
 from . import jpeg as fast_jpeg
-from .augment.geometric import crop_resize
+from .augment.geometric import resized_crop
 from .errors import SourceError, SourceMismatchError
 
 
@@ -213,8 +213,7 @@ def _turbo_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,
         raise SourceError(f"cannot read image {path}: {error}. Remove or replace the file and run again") from error
     except ValueError:
         return None  # a damaged file: the full decode names what is wrong with it
-    boxes = torch.tensor([[float(value) / scale for value in box]], dtype=torch.float64)
-    return crop_resize([pixels], boxes, size)[0]
+    return resized_crop(pixels, [float(value) / scale for value in box], size)
 
 
 def _draft_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,

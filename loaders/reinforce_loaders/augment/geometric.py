@@ -75,13 +75,16 @@ def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, 
 
 def _resized_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Per record: whole-pixel crop of the box, antialiased bilinear resize (torchvision) to ``size``."""
-    out = []
-    for image, box in zip(images, boxes.tolist()):
-        height, width = image.shape[-2:]
-        top, left = min(int(round(box[0])), height - 1), min(int(round(box[1])), width - 1)
-        h, w = min(max(int(round(box[2])), 1), height - top), min(max(int(round(box[3])), 1), width - left)
-        out.append(F.resized_crop(image, top, left, h, w, [size, size], antialias=True))
-    return torch.stack(out)
+    return torch.stack([resized_crop(image, box, size) for image, box in zip(images, boxes.tolist())])
+
+
+def resized_crop(image: torch.Tensor, box: Sequence[float], size: int) -> torch.Tensor:
+    """The source box ``(top, left, height, width)`` of ``image``, rounded to whole pixels and clipped to the
+    image, resized to ``size`` x ``size`` with torchvision's antialiased bilinear filter."""
+    height, width = image.shape[-2:]
+    top, left = min(int(round(box[0])), height - 1), min(int(round(box[1])), width - 1)
+    h, w = min(max(int(round(box[2])), 1), height - top), min(max(int(round(box[3])), 1), width - left)
+    return F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
 
 
 def _check_resample(op: str, resample: str) -> str:
