@@ -102,6 +102,21 @@ def torchvision_baseline(source: Path, dtype: torch.dtype = torch.float32):
         v2.ToDtype(dtype, scale=True)]))
 
 
+class ConstantImages(torch.utils.data.Dataset):
+    """``count`` copies of one ``3 x 224 x 224`` image: what the DataLoader itself costs per sample (workers
+    handing batches to the main process), a floor under every other row."""
+
+    def __init__(self, count: int, dtype: torch.dtype) -> None:
+        self.count = count
+        self.image = torch.zeros((3, OUTPUT, OUTPUT), dtype=dtype)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.image.clone(), 0
+
+
 def loader_epochs(datasets: dict[str, object], workers: int, batch_size: int, repeats: int,
                   samplers: dict[str, ReinforcedSampler] | None = None) -> dict[str, dict[str, float]]:
     """Per dataset through a DataLoader, medians over epochs interleaved across datasets: wall seconds per sample
@@ -315,7 +330,9 @@ def main() -> None:
                     "torchvision rrc uint8": torchvision_baseline(source, torch.uint8),
                     "exact rrc uint8": ReinforcedDataset(source, stores["rrc"], transform=torch.nn.Identity()),
                     "fast rrc uint8": ReinforcedDataset(source, stores["rrc"], decode="fast",
-                                                        transform=torch.nn.Identity())}
+                                                        transform=torch.nn.Identity()),
+                    "DataLoader only": ConstantImages(count, torch.float32),
+                    "DataLoader only uint8": ConstantImages(count, torch.uint8)}
         paired = ReinforcedSampler(datasets["exact rrc+mix paired"], seed=0, pair_partners=True)
         per_sample = loader_epochs(datasets, args.workers, args.batch_size, args.repeats,
                                    {"exact rrc+mix paired": paired})
