@@ -41,6 +41,8 @@ class TrainConfig:
     weight_decay: float | None = None
     warmup_epochs: float | None = None
     image_size: int | None = None
+    decode: Literal["exact", "fast"] = "exact"
+    """How the store's JPEG sources are decoded (``ReinforcedDataset(decode=...)``): exact replay, or reduced-scale."""
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     alpha_kd: float = 5.0
@@ -122,6 +124,8 @@ def check_settings(settings: dict[str, Any]) -> None:
         raise TrainError("--kd-only needs soft targets: pass --store or --teacher")
     if settings["epochs"] < 1 or settings["batch_size"] < 1:
         raise TrainError("--epochs and --batch-size must be at least 1")
+    if settings.get("decode", "exact") != "exact" and not settings["store"]:
+        raise TrainError("--decode fast changes how a store's JPEG sources are replayed: pass --store, or drop it")
     if settings["curriculum"] != "none" and not settings["store"]:
         raise TrainError("--curriculum orders a store's records by teacher entropy: pass --store")
     low, high = settings["lr_range"]

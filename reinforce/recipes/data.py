@@ -55,10 +55,11 @@ class StoreSamples(EpochDataset):
     ``slot_for(position, epoch)`` may be replaced (a curriculum) to choose which stored record a sample uses.
     """
 
-    def __init__(self, source: Any, store: str, resolution: int | None = None, seed: int | None = None) -> None:
+    def __init__(self, source: Any, store: str, resolution: int | None = None, seed: int | None = None,
+                 decode: str = "exact") -> None:
         super().__init__()
         self.dataset = ReinforcedDataset(source, store, resolution=resolution, target="dense",
-                                         transform=v2.Identity(), seed=seed)
+                                         transform=v2.Identity(), seed=seed, decode=decode)
         self.labels = _labels_of(self.dataset.source, self.dataset)
         self.slot_policy: Any = None
 

@@ -501,7 +501,7 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
 
 def make_train_set(config: TrainConfig, settings: dict[str, Any]) -> tuple[Any, int, list[str] | None]:
     if config.store:
-        data = StoreSamples(config.train_source, config.store, resolution=config.image_size)
+        data = StoreSamples(config.train_source, config.store, resolution=config.image_size, decode=config.decode)
         return data, data.num_classes, data.classes
     data = AugmentedSamples(config.train_source, config.image_size or 224, settings["seed"])
     return data, data.num_classes, data.classes
