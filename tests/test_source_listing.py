@@ -116,3 +116,14 @@ def test_a_store_inside_its_source_or_a_source_inside_the_store_is_refused(digit
     assert f"the source folder {source} is inside --out {tmp_path}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in digits[0].iterdir())
+
+
+def test_path_list_keeps_paths_outside_python_strings_and_returns_them_unchanged(tmp_path):
+    from reinforce_loaders.source import PathList
+
+    names = [str(tmp_path / "a" / "b.jpg"), "/données/ü/c.png", "relative/d.JPEG", ""]
+    paths = PathList(names)
+    assert len(paths) == 4 and list(paths) == names and paths[-2] == names[-2] and paths[1:3] == names[1:3]
+    assert paths._bytes.dtype == np.uint8  # shared pages in forked workers, not per-worker string copies
+    with pytest.raises(IndexError, match="out of range for 4 paths"):
+        paths[4]

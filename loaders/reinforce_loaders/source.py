@@ -289,6 +289,33 @@ class MapDataset(Protocol):
     def __getitem__(self, index: int) -> tuple[Any, int]: ...
 
 
+class PathList(Sequence[str]):
+    """File paths kept as one byte buffer and an offset array instead of a list of Python strings.
+
+    A forked DataLoader worker that reads a Python string writes its reference count, so the kernel copies the
+    string's memory page into the worker: over an epoch every worker would hold its own copy of the path list
+    (measured at ImageNet size, ``benchmarks/loader_memory.py``: ~127 MiB per worker). Numpy arrays are only
+    read, so their pages stay shared.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+        encoded = [os.fsencode(path) for path in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(path) for path in encoded], out=self._offsets[1:])
+        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"path index {index} out of range for {len(self)} paths")
+        index %= len(self)
+        return os.fsdecode(self._bytes[self._offsets[index]:self._offsets[index + 1]].tobytes())
+
+
 class ImageSource:
     """Indexed access to decoded source images and their labels.
 
@@ -299,7 +326,7 @@ class ImageSource:
     def __init__(self, *, paths: Sequence[str] | None = None, targets: Sequence[int] | None = None,
                  classes: Sequence[str] | None = None, dataset: MapDataset | None = None,
                  description: str = "") -> None:
-        self._paths = list(paths) if paths is not None else None
+        self._paths = PathList(paths) if paths is not None else None
         self.targets = list(targets) if targets is not None else None
         self.classes = list(classes) if classes is not None else None
         self._dataset = dataset
