@@ -184,9 +184,10 @@ def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,
 
     With ``simplejpeg`` installed (the ``[fast]`` extra) every plain JPEG is decoded this way, with libjpeg's
     plain chroma upsampling, and the box is resampled like the exact replay: rounded to whole pixels of the
-    reduced image (so at most half an output pixel off), torchvision's antialiased bilinear. Without it, only crops downscaled 2x or more are decoded reduced, by
-    Pillow's draft mode, and resampled with Pillow's filter from the exact sub-pixel box. Returns None where the
-    full decode must be used: a file that is not a plain JPEG, or (Pillow) a crop not downscaled 2x.
+    reduced image (so at most half an output pixel off), torchvision's antialiased bilinear. Without it, only
+    crops downscaled 2x or more are decoded reduced, by Pillow's draft mode, and resampled with Pillow's filter
+    from the exact sub-pixel box. Returns None where the full decode must be used: a file that is not a plain
+    JPEG, or (Pillow) a crop not downscaled 2x.
     ``expected_size`` ``(height, width)``: raise :class:`SourceMismatchError` if the file's size differs.
     """
     if fast_jpeg.available():
