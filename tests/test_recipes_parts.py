@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from reinforce.recipes.distill import TeacherReport
+from reinforce.recipes.config import TrainError
+from reinforce.recipes.distill import TeacherReport, baseline_top1
 from reinforce.recipes.losses import DistillationLoss, SoftMixing, kd_kl
 from reinforce.recipes.lr_finder import range_test, tpe_search
 from reinforce.recipes.sam import SAM
@@ -173,3 +174,23 @@ def test_teacher_warning_needs_a_clear_margin():
     close = TeacherReport(92.0, "train-agreement", "")
     warning = close.warning(88.0, kd_only=True)
     assert "+4.00 points" in warning and "--kd-only is risky" in warning and "optimistic" in warning
+
+
+def test_teacher_margin_against_a_plain_baseline_run(tmp_path):
+    report = TeacherReport(99.33, "held-out", "")
+    # This run's own distilled student approaches the teachers: the warning says what it compared.
+    own = report.warning(96.2, kd_only=True)
+    assert "+3.13 points" in own and "this run's student, trained with them" in own and "--baseline" in own
+    # Against a plain-trained student 7 points below: no warning; 4 points below: warned, naming the baseline.
+    assert report.warning(92.18, kd_only=True, baseline=True) is None
+    close = report.warning(95.33, kd_only=False, baseline=True)
+    assert "+4.00 points" in close and "plain-trained student of --baseline" in close
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "summary.json").write_text('{"best_top1": 92.18}')
+    assert baseline_top1(str(tmp_path / "plain")) == 92.18
+    with pytest.raises(TrainError, match="--baseline .*cannot read"):
+        baseline_top1(str(tmp_path / "missing"))
+    (tmp_path / "noval").mkdir()
+    (tmp_path / "noval" / "summary.json").write_text('{"best_top1": null}')
+    with pytest.raises(TrainError, match="records no best_top1"):
+        baseline_top1(str(tmp_path / "noval"))

@@ -31,6 +31,8 @@ class TrainConfig:
     val_source: Any = None
     teachers: list[str] = dataclasses.field(default_factory=list)
     """Online teachers ``ARCH=WEIGHTS``: run every step on the student's own augmentation (USI's way)."""
+    baseline: str | None = None
+    """A finished plain run's directory: the margin check compares the teachers with its best top-1."""
     teacher_weights: list[str] = dataclasses.field(default_factory=list)
     """The store's teachers as ``ARCH=WEIGHTS``, only to report their held-out accuracy on ``val_source``."""
     fine_tune: bool | None = None
@@ -88,7 +90,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 # May differ between a run and its --resume: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = frozenset({"out", "workers", "device", "threads", "progress", "resume"})
+RESUMABLE_CHANGES = frozenset({"out", "workers", "device", "threads", "progress", "resume", "baseline"})
 
 
 def resolve(config: TrainConfig) -> dict[str, Any]:

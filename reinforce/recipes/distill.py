@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..teachers import Ensemble, create_ensemble, parse_teacher_spec
+from .config import TrainError
 
 CLEAR_MARGIN = 5.0
 """Points of top-1 by which the teachers should beat the student for distillation to be safe."""
@@ -50,8 +51,13 @@ class TeacherReport:
             return f"teacher accuracy unknown ({self.detail})"
         return f"teacher top-1 {self.top1:.2f} % ({self.kind}: {self.detail})"
 
-    def warning(self, student_top1: float | None, kd_only: bool) -> str | None:
-        """A warning when the teachers are not clearly stronger than the student, else None."""
+    def warning(self, student_top1: float | None, kd_only: bool, baseline: bool = False) -> str | None:
+        """A warning when the teachers are not clearly stronger than the student, else None.
+
+        ``student_top1`` is a plain-trained student's top-1 when ``baseline`` (the reference the margin is meant
+        for), else this run's own student, trained with the teachers: it approaches them when distillation
+        works, so the warning then also says how to check against a plain run.
+        """
         if self.top1 is None or student_top1 is None:
             return None
         margin = self.top1 - student_top1
@@ -61,10 +67,29 @@ class TeacherReport:
                   "keep the CE + KD mix (the default) and compare with --recipe plain")
         estimate = (" (the estimate from train records is optimistic: the teachers may have seen these images)"
                     if self.kind == "train-agreement" else "")
+        student = ("the plain-trained student of --baseline" if baseline else
+                   "this run's student, trained with them; a plain-trained student is the fair reference: "
+                   "pass --baseline PLAIN_RUN_DIR to measure the margin against one")
         return (f"the teachers ({self.top1:.2f} % {self.kind}{estimate}) are only {margin:+.2f} points better than "
-                f"the student ({student_top1:.2f} %): distilling from a teacher less than {CLEAR_MARGIN:.0f} points "
-                f"better can cost accuracy (a KL-only student lost 0.9 points at a 4-point margin); {advice}, or "
-                "build the store with stronger teachers")
+                f"{student} ({student_top1:.2f} %). Distilling from a teacher less than {CLEAR_MARGIN:.0f} points "
+                f"better than a plain student can cost accuracy (a KL-only student lost 0.9 points at a 4-point "
+                f"margin); {advice}, or build the store with stronger teachers")
+
+
+def baseline_top1(run_dir: str) -> float:
+    """The best validation top-1 (percent) recorded in a finished run's ``summary.json``."""
+    import json
+
+    path = Path(run_dir) / "summary.json"
+    try:
+        value = json.loads(path.read_text()).get("best_top1")
+    except (OSError, ValueError) as error:
+        raise TrainError(f"--baseline {run_dir}: cannot read {path} ({error}); pass the directory of a finished "
+                         "`reinforce train --recipe plain` run") from error
+    if not isinstance(value, (int, float)):
+        raise TrainError(f"--baseline {run_dir}: {path} records no best_top1 (a run without --val?); pass a "
+                         "finished plain run validated on the same --val")
+    return float(value)
 
 
 def teachers_to_evaluate(specs: list[str], header: Any) -> tuple[list[str], str]:

@@ -14,7 +14,7 @@ import torch
 
 from .config import TrainConfig, TrainError, resolve
 from .data import AugmentedSamples, EvalSamples, StoreSamples, check_classes, sample_seed
-from .distill import TeacherReport, ensemble_probs, teacher_report
+from .distill import TeacherReport, baseline_top1, ensemble_probs, teacher_report
 from .distributed import World, all_sum, barrier, broadcast, device_for, init_world, shutdown
 from .lr_finder import range_test, tpe_search
 from .losses import DistillationLoss, SoftMixing
@@ -438,6 +438,7 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, log: Cal
 def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log: Callable[[str], None],
            on_step: StepHook | None) -> RunResult:
     settings = resolve(config)
+    reference = baseline_top1(config.baseline) if config.baseline else None  # refused now, not after training
     device = device_for(config.device, world)
     run = RunDirectory(config.out)
     if world.is_main:
@@ -485,7 +486,10 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
     rows = run.metrics() if world.is_main else []
     last = rows[-1] if rows else {}
     last_top1 = max((last.get(k) for k in ("val_top1", "ema_top1") if last.get(k) is not None), default=None)
-    warning = report.warning(trainer.best_top1, config.kd_only)
+    if reference is not None:
+        warning = report.warning(reference, config.kd_only, baseline=True)
+    else:
+        warning = report.warning(trainer.best_top1, config.kd_only)
     if warning:
         warnings.append(warning)
         log(f"WARNING: {warning}")

@@ -1,4 +1,5 @@
-"""`reinforce train --decode`: the recipes replay a store in fast mode when asked, and refuse it without one."""
+"""`reinforce train` options: --decode (a store replayed in fast mode, refused without one) and --baseline (the
+teachers' margin measured against a plain run, refused before training when it is not one)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,14 @@ def test_decode_fast_without_a_store_is_refused(digits):
     config = parse(str(digits[0]), "--recipe", "plain", "--model", "resnet10t", "--out", "run", "--decode", "fast")
     with pytest.raises(TrainError, match="--decode fast .* pass --store"):
         resolve(config)
+
+
+def test_baseline_that_is_not_a_finished_run_is_refused_before_training(digits, store, tmp_path):
+    from reinforce.recipes.train import train
+
+    config = parse(str(digits[0]), "--store", str(store), "--model", "resnet10t", "--out", str(tmp_path / "run"),
+                   "--baseline", str(tmp_path / "no-such-run"))
+    assert config.baseline == str(tmp_path / "no-such-run")
+    with pytest.raises(TrainError, match="--baseline .*pass the directory of a finished"):
+        train(config)
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
