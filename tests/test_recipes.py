@@ -133,6 +133,11 @@ def test_store_built_with_an_empty_class_trains_and_validates_with_that_class(di
         train(_config((train_dir, val_dir), store, tmp_path / "renamed", epochs=1), log=_quiet)
     with pytest.raises(SourceError, match="holds no images"):  # plain has no store naming the empty class
         train(_config((train_dir, val_dir), None, tmp_path / "plain", recipe="plain", epochs=1), log=_quiet)
+    (val_dir / "five").rename(val_dir / "5")
+    kept = train(_config((train_dir, val_dir), None, tmp_path / "plain-kept", recipe="plain", epochs=1,
+                         allow_empty_classes=True), log=_quiet)  # reinforce train --allow-empty-classes
+    assert kept.epochs_run == 1
+    assert load_file(str(tmp_path / "plain-kept" / "last.safetensors"))["fc.weight"].shape[0] == 10
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, store, tmp_path):

@@ -66,7 +66,7 @@ def test_an_empty_class_is_refused_unless_kept_on_purpose(tree):
     (tree / "clay").mkdir()
     _image(tree / "clay" / ".hidden.png", 9)
     with pytest.raises(SourceError, match=f"class folder {tree / 'clay'} holds no images.*ImageFolder.*"
-                                          "allow_empty_classes=True; reinforce build --allow-empty-classes"):
+                                          "allow_empty_classes=True; --allow-empty-classes of reinforce build and reinforce"):
         ImageSource.from_folder(tree)
     source = ImageSource.from_folder(tree, allow_empty_classes=True)
     assert source.classes == ["brick", "clay", "stone", "wood"]

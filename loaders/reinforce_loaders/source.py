@@ -359,7 +359,7 @@ class ImageSource:
                     f"class folder {root / name} holds no images (looked for {', '.join(IMG_EXTENSIONS)} files, "
                     "hidden ones skipped): every later class's label would shift, so it is refused as torchvision's "
                     "ImageFolder refuses it. Add images, remove the folder, or keep it as a class without samples "
-                    "(allow_empty_classes=True; reinforce build --allow-empty-classes)")
+                    "(allow_empty_classes=True; --allow-empty-classes of reinforce build and reinforce train)")
             paths.extend(found)
             targets.extend([label] * len(found))
         if not paths:

@@ -39,6 +39,8 @@ def add_train_parser(commands: Any) -> argparse.ArgumentParser:
                        help="online teacher run every step on the student's augmentation (usi online; repeat)")
     train.add_argument("--teacher-weights", action="append", default=[], metavar="ARCH=WEIGHTS",
                        help="the store's teachers, only to report their accuracy on --val (repeat)")
+    train.add_argument("--allow-empty-classes", action="store_true",
+                       help="keep a TRAIN_SOURCE class folder without images as a class without samples")
     train.add_argument("--baseline", metavar="PLAIN_RUN_DIR",
                        help="a finished --recipe plain run: check the teachers' margin against its best top-1 "
                             "(default: against this run's own student)")
@@ -89,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         train_source=args.train_source, store=args.store, val_source=args.val, model=args.model, recipe=args.recipe,
         out=args.out, resume=args.resume, fine_tune=args.fine_tune, teachers=args.teacher,
-        teacher_weights=args.teacher_weights, baseline=args.baseline,
+        teacher_weights=args.teacher_weights, baseline=args.baseline, allow_empty_classes=args.allow_empty_classes,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, image_size=args.image_size, decode=args.decode, mean=args.mean, std=args.std,
         alpha_kd=args.alpha_kd, kd_only=args.kd_only, temperature=args.temperature, kd_mode=args.kd_mode,

@@ -31,6 +31,9 @@ class TrainConfig:
     val_source: Any = None
     teachers: list[str] = dataclasses.field(default_factory=list)
     """Online teachers ``ARCH=WEIGHTS``: run every step on the student's own augmentation (USI's way)."""
+    allow_empty_classes: bool = False
+    """Keep a training class folder without images as a class without samples (a store's source is checked
+    against the store instead)."""
     baseline: str | None = None
     """A finished plain run's directory: the margin check compares the teachers with its best top-1."""
     teacher_weights: list[str] = dataclasses.field(default_factory=list)

@@ -101,9 +101,9 @@ class StoreSamples(EpochDataset):
 class AugmentedSamples(EpochDataset):
     """Source images with torchvision's RandomResizedCrop + horizontal flip (the plain baseline's augmentation)."""
 
-    def __init__(self, source: Any, resolution: int, seed: int) -> None:
+    def __init__(self, source: Any, resolution: int, seed: int, allow_empty_classes: bool = False) -> None:
         super().__init__()
-        self.source = open_source(source)
+        self.source = open_source(source, allow_empty_classes=allow_empty_classes)
         self.resolution = int(resolution)
         self.seed = int(seed)
 

@@ -507,7 +507,8 @@ def make_train_set(config: TrainConfig, settings: dict[str, Any]) -> tuple[Any, 
     if config.store:
         data = StoreSamples(config.train_source, config.store, resolution=config.image_size, decode=config.decode)
         return data, data.num_classes, data.classes
-    data = AugmentedSamples(config.train_source, config.image_size or 224, settings["seed"])
+    data = AugmentedSamples(config.train_source, config.image_size or 224, settings["seed"],
+                            allow_empty_classes=config.allow_empty_classes)
     return data, data.num_classes, data.classes
 
 
