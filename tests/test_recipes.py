@@ -102,7 +102,7 @@ def test_weights_with_another_class_count_are_refused_unless_fine_tuning(digits,
     lines = []
     train(_config(digits, store, tmp_path / "tuned", model=f"test_resnet={path}", fine_tune=True, epochs=1),
           log=lines.append)
-    assert "classifier fc re-initialized for 10 classes (the weights had 1000)" in lines
+    assert "classifier fc re-initialized (zeros) for 10 classes (the weights had 1000)" in lines
 
 
 def test_validation_set_with_other_class_names_is_refused(digits, store, tmp_path):

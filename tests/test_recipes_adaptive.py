@@ -32,7 +32,7 @@ def _adaptive(digits, store, out, pretrained, **overrides) -> TrainConfig:
 def test_adaptive_with_range_test_fine_tunes_from_pretrained_weights(digits, store, tmp_path, pretrained):
     lines = []
     result = train(_adaptive(digits, store, tmp_path / "run", pretrained), log=lines.append)
-    assert any("classifier fc re-initialized for 10 classes (the weights had 1000)" in line for line in lines)
+    assert any("classifier fc re-initialized (zeros) for 10 classes (the weights had 1000)" in line for line in lines)
     assert any(line.startswith("LR range test") for line in lines)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["optimizer"], config["sam"], config["weight_decay"], config["schedule"]) == \

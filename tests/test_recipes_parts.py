@@ -12,7 +12,7 @@ from reinforce.recipes.config import TrainError
 from reinforce.recipes.distill import TeacherReport, baseline_top1
 from reinforce.recipes.losses import DistillationLoss, SoftMixing, kd_kl
 from reinforce.recipes.lr_finder import range_test, tpe_search
-from reinforce.recipes.sam import SAM
+from reinforce.recipes.sam import SAM, frozen_norm_statistics
 from reinforce.recipes.samplers import EntropyCurriculum, FixedBatchSampler, VariableBatchSampler, multiscale_sizes
 from reinforce.recipes.schedules import ReduceLROnPlateauV2
 from reinforce_loaders.samplers import ReinforcedSampler
@@ -93,6 +93,25 @@ def test_sam_step_by_hand():
     (w ** 2).sum().div(2).backward()  # gradient at the perturbed point: (3.3, 4.4)
     sam.step()
     assert torch.allclose(w.detach(), torch.tensor([3.0 - 0.33, 4.0 - 0.44]))
+
+
+def test_sam_second_pass_keeps_batch_norm_running_statistics():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    x = torch.randn(16, 4)
+    sam = SAM(torch.optim.SGD(net.parameters(), lr=0.1), rho=0.5)
+    net(x).square().mean().backward()
+    once = (net[1].running_mean.clone(), net[1].running_var.clone(), int(net[1].num_batches_tracked))
+    sam.perturb()
+    sam.zero_grad()
+    with frozen_norm_statistics(net):
+        out = net(x)
+    out.square().mean().backward()
+    sam.step()
+    assert torch.equal(net[1].running_mean, once[0]) and torch.equal(net[1].running_var, once[1])
+    assert int(net[1].num_batches_tracked) == once[2] == 1 and net[1].momentum == 0.1
+    net(x)  # outside the context the statistics move again
+    assert not torch.equal(net[1].running_mean, once[0])
 
 
 def test_fixed_batch_sampler_splits_ranks_disjointly_with_equal_steps():
@@ -194,3 +213,19 @@ def test_teacher_margin_against_a_plain_baseline_run(tmp_path):
     (tmp_path / "noval" / "summary.json").write_text('{"best_top1": null}')
     with pytest.raises(TrainError, match="records no best_top1"):
         baseline_top1(str(tmp_path / "noval"))
+
+
+def test_fine_tune_classifier_starts_at_zero(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from reinforce.recipes.models import create_student
+
+    path = tmp_path / "lite.safetensors"
+    save_file(timm.create_model("test_efficientnet", num_classes=1000).state_dict(), str(path))
+    student = create_student(f"test_efficientnet={path}", 8, fine_tune=True)
+    head = student.module.get_classifier()
+    assert head.weight.shape[0] == 8 and not head.weight.any() and not head.bias.any()
+    logits = student.module.eval()(torch.rand(2, 3, 32, 32))
+    assert torch.allclose(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 5])), torch.tensor(math.log(8)))
+    assert "re-initialized (zeros) for 8 classes" in student.notes[0]

@@ -63,7 +63,8 @@ def _load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], weigh
                 "of --recipe adaptive)"
             )
         state = {key: value for key, value in state.items() if key not in head_keys}
-        notes.append(f"classifier {classifier} re-initialized for {num_classes} classes (the weights had "
+        _zero_classifier(module)
+        notes.append(f"classifier {classifier} re-initialized (zeros) for {num_classes} classes (the weights had "
                      f"{head.shape[0]})")
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [key for key in missing if not key.startswith(f"{classifier}.")]
@@ -71,6 +72,14 @@ def _load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], weigh
         raise TrainError(f"weights {weights} do not fit the model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}")
     return notes
+
+
+def _zero_classifier(module: torch.nn.Module) -> None:
+    """A new classifier starts at zero, so the fine-tune starts from uniform predictions (loss ln C), as BiT
+    does; timm's random init of an EfficientNet head starts an 8-class fine-tune at a loss of about 5."""
+    with torch.no_grad():
+        for parameter in module.get_classifier().parameters():
+            parameter.zero_()
 
 
 def check_module_classes(module: torch.nn.Module, num_classes: int, size: int) -> None:

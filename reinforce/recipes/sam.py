@@ -7,9 +7,32 @@ L2 ball of radius ``rho`` (:meth:`SAM.perturb`); the gradient there updates the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+
+
+@contextlib.contextmanager
+def frozen_norm_statistics(module: torch.nn.Module) -> Iterator[None]:
+    """Batch norms still normalize with the batch's statistics, but keep their running ones (SAM's second pass
+    runs at the perturbed weights, whose activation statistics are not the model's)."""
+    saved = []
+    for layer in module.modules():
+        if isinstance(layer, _BATCH_NORMS) and layer.track_running_stats:
+            tracked = None if layer.num_batches_tracked is None else layer.num_batches_tracked.clone()
+            saved.append((layer, layer.momentum, tracked))
+            layer.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for layer, momentum, tracked in saved:
+            layer.momentum = momentum
+            if tracked is not None:
+                layer.num_batches_tracked.copy_(tracked)
 
 
 class SAM:

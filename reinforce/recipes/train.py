@@ -22,7 +22,7 @@ from .models import Student, check_module_classes, create_student
 from .run import BEST, LAST, SUMMARY, RunDirectory
 from .samplers import (EntropyCurriculum, FixedBatchSampler, VariableBatchSampler, multiscale_sizes,
                        stored_entropies)
-from .sam import SAM
+from .sam import SAM, frozen_norm_statistics
 from .schedules import ReduceLROnPlateauV2, one_cycle
 
 EMA_RUN_FRACTION = 1 / 15
@@ -156,7 +156,8 @@ class Trainer:
         if self.sam is not None:
             self.sam.perturb()
             self.optimizer.zero_grad(set_to_none=True)
-            self.loss_fn(self.net(x), labels, soft).backward()
+            with frozen_norm_statistics(self.net):
+                self.loss_fn(self.net(x), labels, soft).backward()
             self.sam.step()
         else:
             self.optimizer.step()
