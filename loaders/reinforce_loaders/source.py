@@ -120,7 +120,9 @@ def decode_image(path: str | os.PathLike[str], decoder: Decoder = "auto") -> tor
 def _turbo_jpeg(path: str | os.PathLike[str]) -> torch.Tensor | None:
     """simplejpeg's decode of a plain JPEG when it is known (or now probed) to equal Pillow's, else None (also
     for a damaged file: Pillow's path then names the problem)."""
-    data = Path(path).read_bytes()
+    data = _jpeg_bytes(path)
+    if data is None:
+        return None
     try:
         header = fast_jpeg.read_header(data)
         if header is None or not header.plain:
@@ -133,6 +135,13 @@ def _turbo_jpeg(path: str | os.PathLike[str]) -> torch.Tensor | None:
         with Image.open(path) as image:
             _LibjpegAgreement.turbo = torch.equal(decoded, F.pil_to_tensor(to_rgb(image)))
     return decoded if _LibjpegAgreement.turbo else None
+
+
+def _jpeg_bytes(path: str | os.PathLike[str]) -> bytes | None:
+    """The file's bytes if it starts like a JPEG, else None after reading two bytes (a PNG is not read twice)."""
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+        return start + handle.read() if start == b"\xff\xd8" else None
 
 
 _PIXEL_ADVICE = ("Remove or replace the file, or raise the limit if the image is genuine (reinforce build "
@@ -203,8 +212,8 @@ def fast_decode_applies(box: Sequence[float], size: int) -> bool:
 def _turbo_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,
                 expected_size: tuple[int, int] | None) -> torch.Tensor | None:
     try:
-        data = Path(path).read_bytes()
-        header = fast_jpeg.read_header(data)
+        data = _jpeg_bytes(path)
+        header = None if data is None else fast_jpeg.read_header(data)
         if header is None or not header.reducible:
             return None
         _check_decoded_size(path, header.height, header.width, expected_size)
