@@ -24,9 +24,8 @@ import torch
 from PIL import Image
 
 from reinforce.build import BuildConfig, run_build
-from reinforce.demo import (BATCH_SIZE, IMAGE_SIZE, STUDENT, TEACHER_EPOCHS, TEACHERS, TOP_K, _load_all, _normalize,
-                            _plain_batches, _timm, materialize_digits, teacher_job)
-from reinforce.training import accuracy, soft_target_loss, train
+from reinforce.demo import (BATCH_SIZE, IMAGE_SIZE, STUDENT, TEACHER_EPOCHS, TEACHERS, TOP_K, materialize_digits,
+                            reinforced_student_job, teacher_job)
 from reinforce_loaders import ReinforcedDataset
 from reinforce_loaders import jpeg as fast_jpeg
 from reinforce_loaders.source import ImageSource
@@ -42,17 +41,6 @@ def write_jpegs(png_dir: Path, out: Path, size: int) -> Path:
         with Image.open(png) as image:
             image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC).save(target, quality=90)
     return out
-
-
-def student(train_dir: Path, test_dir: Path, store: Path, steps: int, seed: int, decode: str) -> float:
-    """The demo's reinforced student (KL to the stored soft label, 600 SGD steps) with ``decode``."""
-    torch.manual_seed(seed)
-    dataset = ReinforcedDataset(train_dir, store, decode=decode, transform=lambda image: _normalize(image[None])[0])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(seed + 10))
-    model = train(_timm(STUDENT, seed + 10), lambda epoch: iter(loader), steps, soft_target_loss,
-                  on_epoch=dataset.set_epoch)
-    return accuracy(model, _plain_batches(*_load_all(test_dir)))
 
 
 def epoch_cpu(train_dir: Path, store: Path, decode: str, repeats: int = 3) -> float:
@@ -105,7 +93,8 @@ def main() -> None:
     results: dict[str, list[float]] = {"exact": [], "fast": []}
     for seed in range(args.seeds):
         for mode in results:
-            results[mode].append(100 * student(train_dir, test_dir, store, args.steps, seed, mode))
+            results[mode].append(100 * reinforced_student_job(train_dir, test_dir, store, args.steps, seed,
+                                                              lambda done: None, decode=mode))
         print(f"seed {seed}: exact {results['exact'][-1]:.2f}, fast {results['fast'][-1]:.2f}")
     for mode, values in results.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0

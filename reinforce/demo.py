@@ -169,9 +169,10 @@ def plain_student_job(train_dir: Path, test_dir: Path, steps: int, seed: int, re
 
 
 def reinforced_student_job(train_dir: Path, test_dir: Path, store: Path, steps: int, seed: int,
-                           report: Report) -> float:
-    """The student on the store: stored augmentation replayed, KL to the stored soft label; its test accuracy."""
-    dataset = ReinforcedDataset(train_dir, store, transform=lambda image: _normalize(image[None])[0])
+                           report: Report, decode: str = "exact") -> float:
+    """The student on the store: stored augmentation replayed, KL to the stored soft label; its test accuracy.
+    ``decode``: the dataset's decode mode (benchmarks/fast_decode_accuracy.py compares the two)."""
+    dataset = ReinforcedDataset(train_dir, store, decode=decode, transform=lambda image: _normalize(image[None])[0])
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(seed + 10))
     model = _train_counted(_timm(STUDENT, seed + 10), lambda epoch: iter(loader), steps, soft_target_loss, report,

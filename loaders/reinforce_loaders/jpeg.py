@@ -77,8 +77,8 @@ def read_header(data: bytes) -> JpegHeader | None:
 
 
 def _scan_markers(data: bytes) -> tuple[int, bool]:
-    """(the frame's SOF marker, 0 if none was found; whether an APP1 segment comes first), walking the
-    segments before the first scan by their lengths."""
+    """(the frame's SOF marker, 0 if none was found; whether there is an APP1 segment), walking the segments
+    before the first scan by their lengths."""
     position, has_app1, frame = 2, False, 0
     while position + 4 <= len(data):
         if data[position] != 0xFF:

@@ -8,6 +8,7 @@ teachers about 4 points better. So every run reports the teachers' accuracy, and
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,6 @@ class TeacherReport:
 
 def baseline_top1(run_dir: str) -> float:
     """The best validation top-1 (percent) recorded in a finished run's ``summary.json``."""
-    import json
-
     path = Path(run_dir) / "summary.json"
     try:
         value = json.loads(path.read_text()).get("best_top1")
