@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
+from reinforce_loaders.samplers import ReinforcedSampler
 from safetensors.torch import load_file
-
-from reinforce.recipes.samplers import FixedBatchSampler
 
 WORKER = Path(__file__).with_name("recipes_ddp_worker.py")
 
@@ -27,11 +26,12 @@ def test_two_process_ddp_splits_samples_and_keeps_ranks_in_step(digits, store, t
 
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * (45 // 16)  # equal step counts: no DDP hang
     for epoch in ("0", "1"):
-        expected = []
+        expected = []  # what a hand-written DDP loop over the loader's sampler would train on, in batches of 8
         for rank in (0, 1):
-            sampler = FixedBatchSampler(45, 8, seed=5, rank=rank, world_size=2)
+            sampler = ReinforcedSampler(range(45), seed=5, rank=rank, world_size=2, drop_last=True)
             sampler.set_epoch(int(epoch))
-            expected.append(list(sampler))
+            positions = list(sampler)
+            expected.append([positions[start:start + 8] for start in range(0, len(positions) - 7, 8)])
         assert [r["batches"][epoch] for r in ranks] == expected
         first, second = ({p for batch in r["batches"][epoch] for p in batch} for r in ranks)
         assert not first & second and len(first) == len(second) == 16  # disjoint halves of 32 samples

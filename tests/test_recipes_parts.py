@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from reinforce.recipes.config import TrainError
-from reinforce.recipes.distill import TeacherReport, baseline_top1
+from reinforce.recipes.data import EvalSamples
+from reinforce.recipes.distill import TeacherReport, baseline_top1, ensemble_probs, teacher_report
 from reinforce.recipes.losses import DistillationLoss, SoftMixing, kd_kl
 from reinforce.recipes.lr_finder import range_test, tpe_search
 from reinforce.recipes.sam import SAM, frozen_norm_statistics
 from reinforce.recipes.samplers import EntropyCurriculum, FixedBatchSampler, VariableBatchSampler, multiscale_sizes
 from reinforce.recipes.schedules import ReduceLROnPlateauV2
+from reinforce.teachers import create_ensemble
 from reinforce_loaders.samplers import ReinforcedSampler
 
 
@@ -229,3 +231,19 @@ def test_fine_tune_classifier_starts_at_zero(tmp_path):
     logits = student.module.eval()(torch.rand(2, 3, 32, 32))
     assert torch.allclose(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 5])), torch.tensor(math.log(8)))
     assert "re-initialized (zeros) for 8 classes" in student.notes[0]
+
+
+def test_teachers_are_scored_on_validation_images_at_their_own_input_size(digits, teacher_weights):
+    asked = []
+
+    def batches_at(size):
+        asked.append(size)
+        return torch.utils.data.DataLoader(EvalSamples(digits[1], size, 0.95), batch_size=256)
+
+    report = teacher_report(None, None, teacher_weights, batches_at)
+    assert asked == [40]  # the members take 32 and 40 px: the larger, not the student's size
+    assert report.kind == "held-out" and "at 40 px" in report.detail
+    images, labels = next(iter(batches_at(40)))
+    expected = 100.0 * float((ensemble_probs(create_ensemble(teacher_weights), images).argmax(-1) == labels).mean(
+        dtype=torch.float64))
+    assert report.top1 == pytest.approx(expected)

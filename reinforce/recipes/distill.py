@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +113,20 @@ def check_same_teachers(ensemble: Ensemble, header: Any) -> str | None:
 
 
 @torch.no_grad()
-def held_out_top1(specs: list[str], batches) -> float:
-    """Top-1 (percent) of the ensemble of ``specs`` over ``(uint8 images, labels)`` batches."""
+def held_out_top1(specs: list[str], batches_at: Callable[[int], Iterable]) -> tuple[float, int]:
+    """Top-1 (percent) of the ensemble of ``specs`` over the ``(uint8 images, labels)`` batches that
+    ``batches_at(size)`` gives at the members' largest input size, and that size.
+
+    Validation images are prepared at the teachers' own size, not the student's: an elpv teacher trained at
+    128 px scored 69.79 % on 96-px validation images upsampled to 128 and 71.85 % on 128-px ones.
+    """
     ensemble = create_ensemble(specs)
+    size = max(ensemble.input_sizes)
     correct = total = 0
-    for images, labels in batches:
+    for images, labels in batches_at(size):
         correct += int((ensemble_probs(ensemble, images).argmax(-1) == labels).sum())
         total += len(labels)
-    return 100.0 * correct / max(total, 1)
+    return 100.0 * correct / max(total, 1), size
 
 
 def train_agreement_top1(store_samples, max_samples: int = 1000) -> tuple[float, int]:
@@ -131,14 +138,17 @@ def train_agreement_top1(store_samples, max_samples: int = 1000) -> tuple[float,
     return 100.0 * agree / len(positions), len(positions)
 
 
-def teacher_report(header: Any, store_samples, teacher_specs: list[str], val_batches) -> TeacherReport:
-    """Held-out accuracy when teacher weights are known and there is a validation set; the store's recorded
-    accuracy if it has one; else the top-1 agreement of stored records with the training labels."""
+def teacher_report(header: Any, store_samples, teacher_specs: list[str],
+                   val_batches_at: Callable[[int], Iterable] | None) -> TeacherReport:
+    """Held-out accuracy when teacher weights are known and there is a validation set (``val_batches_at(size)``:
+    its batches at a resolution); the store's recorded accuracy if it has one; else the top-1 agreement of stored
+    records with the training labels."""
     specs, origin = teachers_to_evaluate(teacher_specs, header)
-    if specs and val_batches is not None:
+    if specs and val_batches_at is not None:
         note = check_same_teachers(create_ensemble(specs), header) if header is not None else None
-        detail = f"on --val, {origin}" + (f"; {note}" if note else "")
-        return TeacherReport(held_out_top1(specs, val_batches), "held-out", detail)
+        top1, size = held_out_top1(specs, val_batches_at)
+        detail = f"on --val at {size} px, {origin}" + (f"; {note}" if note else "")
+        return TeacherReport(top1, "held-out", detail)
     recorded = (getattr(header, "provenance", None) or {}).get("teacher_accuracy")
     if recorded is not None:
         return TeacherReport(float(recorded), "store", "accuracy recorded in the store header")

@@ -463,7 +463,7 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
         from ..teachers import create_ensemble
 
         ensemble = create_ensemble(config.teachers)
-    report = _teacher_report(config, train_set, val_set, world)
+    report = _teacher_report(config, settings, train_set, val_set, world)
     log(report.describe())
     warnings = []
     if config.kd_only:
@@ -525,18 +525,23 @@ def _student(config: TrainConfig, settings: dict[str, Any], num_classes: int,
                           std=config.std)
 
 
-def _teacher_report(config: TrainConfig, train_set: Any, val_set: Any, world: World) -> TeacherReport:
+def _teacher_report(config: TrainConfig, settings: dict[str, Any], train_set: Any, val_set: Any,
+                    world: World) -> TeacherReport:
     if not world.is_main:
         return broadcast(None, world)
     header = train_set.dataset.header if config.store else None
     specs = config.teacher_weights or config.teachers
-    val_batches = None
-    if val_set is not None:
-        val_batches = torch.utils.data.DataLoader(val_set, batch_size=256)
+
+    def val_batches_at(size: int) -> Any:
+        at_size = val_set if size == settings["image_size"] else EvalSamples(config.val_source, size,
+                                                                             settings["test_crop"])
+        return torch.utils.data.DataLoader(at_size, batch_size=256)
+
     if not config.store and not specs:
         report = TeacherReport(None, "unknown", "no teachers in this recipe")
     else:
-        report = teacher_report(header, train_set if config.store else None, specs, val_batches)
+        report = teacher_report(header, train_set if config.store else None, specs,
+                                val_batches_at if val_set is not None else None)
     return broadcast(report, world)
 
 
