@@ -89,7 +89,7 @@ def prepare(out: Path, teacher_epochs: int, augmentations: int, per_class: int,
 
 
 def scratch_table(out: Path, seeds: list[int], epochs: int, student: str, batch: int, data: tuple,
-                  kd_only: bool) -> list[dict]:
+                  kd_only: bool, online: bool = True) -> list[dict]:
     train_dir, test_dir, specs, store = data
     common = dict(train_source=str(train_dir), val_source=str(test_dir), model=student, epochs=epochs, mean=HALF,
                   std=HALF, batch_size=batch)
@@ -100,7 +100,8 @@ def scratch_table(out: Path, seeds: list[int], epochs: int, student: str, batch:
         "usi, online teacher": dict(recipe="usi", teachers=specs),
         "usi, online teacher, KL only": dict(recipe="usi", teachers=specs, kd_only=True),
     }
-    chosen = {key: extra for key, extra in variants.items() if kd_only or "KL only" not in key}
+    chosen = {key: extra for key, extra in variants.items()
+              if (kd_only or "KL only" not in key) and (online or "online" not in key)}
     return [dict(_run(f"{key.replace(', ', '_').replace(' ', '-')}_seed{seed}", out, seed=seed, **common, **extra),
                  variant=key, seed=seed) for seed in seeds for key, extra in chosen.items()]
 
@@ -215,6 +216,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=6)
     parser.add_argument("--range-steps", type=int, default=30, help="adaptive: steps of the LR range test")
     parser.add_argument("--kd-only", action="store_true", help="also usi from the store with the KL term only")
+    parser.add_argument("--no-online", action="store_true", help="skip the online-teacher rows (more seeds for less)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -224,7 +226,7 @@ def main() -> None:
     results = {}
     if args.table in ("scratch", "both"):
         results["scratch"] = scratch_table(args.out, args.seeds, args.epochs, args.student, args.batch_size, data,
-                                           args.kd_only)
+                                           args.kd_only, not args.no_online)
         print(f"\nFrom scratch: {args.student} on {images}, {args.epochs} epochs, seeds {args.seeds}\n")
         print(markdown(results["scratch"]))
         if len(args.seeds) > 1:

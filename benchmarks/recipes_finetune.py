@@ -121,8 +121,9 @@ def prepare(out: Path, args: argparse.Namespace) -> dict:
         print(f"teacher lite2 at {args.teacher_size} px ({teacher['epochs']} epochs on {train_dir}): test top-1 "
               f"last {teacher['top1']:.2f}, EMA {teacher['ema_top1']:.2f}, best {teacher['best_top1']:.2f}",
               flush=True)
-    store = out / f"store-{args.fraction:g}-A{args.augmentations}-{args.size}-{Path(spec).stem}.zarr"
-    run_build(BuildConfig(source=str(subset), out=str(store), teachers=[spec], augment="rrc", image_size=args.size,
+    store_size = args.store_size or args.size
+    store = out / f"store-{args.fraction:g}-A{args.augmentations}-{store_size}-{Path(spec).stem}.zarr"
+    run_build(BuildConfig(source=str(subset), out=str(store), teachers=[spec], augment="rrc", image_size=store_size,
                           num_augmentations=args.augmentations, top_k=5, seed=0, batch_size=128, block_size=256),
               progress=False)
     return data | {"teacher": spec, "store": str(store), "teacher_run": teacher}
@@ -134,8 +135,8 @@ def variant_settings(variant: str, data: dict, args: argparse.Namespace) -> dict
                   warmup_epochs=args.warmup_epochs)
     if variant == "fixed":
         return common | dict(recipe="plain", fine_tune=True, epochs=args.epochs)
-    adaptive = common | dict(recipe="adaptive", epochs=args.epochs // 2, patience=args.patience,
-                             range_steps=args.range_steps)
+    adaptive = common | dict(recipe="adaptive", epochs=args.adaptive_epochs or args.epochs // 2,
+                             patience=args.patience, range_steps=args.range_steps)
     if variant == "adaptive":
         return adaptive
     return adaptive | dict(store=data["store"], teacher_weights=[data["teacher"]])
@@ -175,6 +176,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=20, help="the fixed fine-tune's; adaptive gets at most half")
+    parser.add_argument("--adaptive-epochs", type=int,
+                        help="adaptive's maximum instead of half of --epochs (the paper gives both the same maximum "
+                             "and counts the epochs adaptive runs before its early stop)")
     parser.add_argument("--size", type=int, default=96, help="the student's (and the store's) resolution")
     parser.add_argument("--source-size", type=int, default=128, help="the images' size on disk")
     parser.add_argument("--fraction", type=float, default=0.5, help="of each class's train images, for the student")
@@ -187,6 +191,9 @@ def main() -> None:
                              "ImageNet lite2 fine-tuned here on the whole train split at --teacher-size px")
     parser.add_argument("--teacher-size", type=int, default=128)
     parser.add_argument("--teacher-epochs", type=int, default=12)
+    parser.add_argument("--store-size", type=int,
+                        help="the resolution the teacher sees when the store is built (default --size); the "
+                             "student replays the stored crops at --size")
     parser.add_argument("-A", "--augmentations", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -196,7 +203,7 @@ def main() -> None:
     results = [dict(run_variant(f"{variant}_seed{seed}", args.out, seed=seed, **variant_settings(variant, data, args)),
                     variant=variant, seed=seed) for seed in args.seeds for variant in args.variants]
     print(f"\nelpv, lite0 at {args.size} px on {data['train']}, fixed {args.epochs} epochs, adaptive at most "
-          f"{args.epochs // 2}; seeds {args.seeds}\n")
+          f"{args.adaptive_epochs or args.epochs // 2}; seeds {args.seeds}\n")
     print(markdown(results))
     print("\n".join(reached(results)))
     for run in results:
