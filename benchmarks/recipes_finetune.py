@@ -12,8 +12,9 @@ each class's train images, the teacher on all of them.
    weights teach a store (``rrc``, ``-A`` augmentations per image, top-5) of the student's images.
 2. Student: ImageNet ``tf_efficientnet_lite0`` at ``--size`` px:
    - fixed fine-tune: ``--recipe plain --fine-tune`` (AdamW 2e-3, one-cycle, EMA) for ``--epochs`` epochs;
-   - adaptive (SGD + SAM, LR range test, ReduceLROnPlateauV2, early stop) for at most half as many epochs,
-     with labels, and with the store joined to the CE (``--kd-mode join``).
+   - adaptive (SGD + SAM, LR range test, ReduceLROnPlateauV2, early stop) for at most half as many epochs
+     (``--adaptive-epochs``: another maximum), with labels, with the store joined to the CE (``--kd-mode
+     join``), and with the store's KL replacing it (``--kd-mode replace``).
 
     pip install -e '.[bench]'
     PYTHONPATH=.:loaders nice -n 10 .venv/bin/python benchmarks/recipes_finetune.py --out /tmp/elpv-bench \
@@ -43,7 +44,7 @@ from recipes import _mean_sd  # noqa: E402
 from reinforce.build import BuildConfig, run_build  # noqa: E402
 from reinforce.recipes import TrainConfig, train  # noqa: E402
 
-VARIANTS = ("fixed", "adaptive", "adaptive-store")
+VARIANTS = ("fixed", "adaptive", "adaptive-store", "adaptive-store-replace")
 
 
 def materialize_elpv(root: Path, size: int) -> tuple[Path, Path]:
@@ -109,7 +110,7 @@ def prepare(out: Path, args: argparse.Namespace) -> dict:
     subset = student_subset(train_dir, args.fraction)
     lite0, _, lite2 = (spec.partition("=")[2] for spec in lite_weights(out / "imagenet"))
     data = {"train": str(subset), "test": str(test_dir), "lite0": lite0}
-    if "adaptive-store" not in args.variants:
+    if not any(variant.startswith("adaptive-store") for variant in args.variants):
         return data
     spec, teacher = args.teacher, None
     if spec is None:
@@ -139,7 +140,10 @@ def variant_settings(variant: str, data: dict, args: argparse.Namespace) -> dict
                              patience=args.patience, range_steps=args.range_steps)
     if variant == "adaptive":
         return adaptive
-    return adaptive | dict(store=data["store"], teacher_weights=[data["teacher"]])
+    store = dict(store=data["store"], teacher_weights=[data["teacher"]])
+    if variant == "adaptive-store-replace":
+        return adaptive | store | dict(kd_mode="replace")
+    return adaptive | store
 
 
 def markdown(results: list[dict]) -> str:
