@@ -11,7 +11,8 @@ each class's train images, the teacher on all of them.
    fine-tuned at ``--teacher-size`` px with ``--recipe plain --fine-tune`` on the whole train split; its best
    weights teach a store (``rrc``, ``-A`` augmentations per image, top-5) of the student's images.
 2. Student: ImageNet ``tf_efficientnet_lite0`` at ``--size`` px:
-   - fixed fine-tune: ``--recipe plain --fine-tune`` (AdamW 2e-3, one-cycle, EMA) for ``--epochs`` epochs;
+   - fixed fine-tune: ``--recipe plain --fine-tune`` (AdamW 2e-3, one-cycle, EMA) for ``--epochs`` epochs, and
+     the same schedule with the store (``--recipe usi --fine-tune``: CE + 5 KL);
    - adaptive (SGD + SAM, LR range test, ReduceLROnPlateauV2, early stop) for at most half as many epochs
      (``--adaptive-epochs``: another maximum), with labels, with the store joined to the CE (``--kd-mode
      join``), and with the store's KL replacing it (``--kd-mode replace``).
@@ -44,7 +45,7 @@ from recipes import _mean_sd  # noqa: E402
 from reinforce.build import BuildConfig, run_build  # noqa: E402
 from reinforce.recipes import TrainConfig, train  # noqa: E402
 
-VARIANTS = ("fixed", "adaptive", "adaptive-store", "adaptive-store-replace")
+VARIANTS = ("fixed", "fixed-store", "adaptive", "adaptive-store", "adaptive-store-replace")
 
 
 def materialize_elpv(root: Path, size: int) -> tuple[Path, Path]:
@@ -110,7 +111,7 @@ def prepare(out: Path, args: argparse.Namespace) -> dict:
     subset = student_subset(train_dir, args.fraction)
     lite0, _, lite2 = (spec.partition("=")[2] for spec in lite_weights(out / "imagenet"))
     data = {"train": str(subset), "test": str(test_dir), "lite0": lite0}
-    if not any(variant.startswith("adaptive-store") for variant in args.variants):
+    if not any(variant.endswith(("-store", "-store-replace")) for variant in args.variants):
         return data
     spec, teacher = args.teacher, None
     if spec is None:
@@ -134,13 +135,15 @@ def variant_settings(variant: str, data: dict, args: argparse.Namespace) -> dict
     common = dict(train_source=data["train"], val_source=data["test"], model=f"tf_efficientnet_lite0={data['lite0']}",
                   image_size=args.size, batch_size=args.batch_size, threads=args.threads,
                   warmup_epochs=args.warmup_epochs)
+    store = dict(store=data.get("store"), teacher_weights=[data.get("teacher")])
     if variant == "fixed":
         return common | dict(recipe="plain", fine_tune=True, epochs=args.epochs)
+    if variant == "fixed-store":
+        return common | store | dict(recipe="usi", fine_tune=True, epochs=args.epochs)
     adaptive = common | dict(recipe="adaptive", epochs=args.adaptive_epochs or args.epochs // 2,
                              patience=args.patience, range_steps=args.range_steps)
     if variant == "adaptive":
         return adaptive
-    store = dict(store=data["store"], teacher_weights=[data["teacher"]])
     if variant == "adaptive-store-replace":
         return adaptive | store | dict(kd_mode="replace")
     return adaptive | store
