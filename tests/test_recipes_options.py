@@ -43,3 +43,13 @@ def test_baseline_that_is_not_a_finished_run_is_refused_before_training(digits, 
     with pytest.raises(TrainError, match="--baseline .*pass the directory of a finished"):
         train(config)
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_plateau_decay_and_lr_floor_reach_the_config_and_bad_values_are_refused(digits):
+    base = (str(digits[0]), "--recipe", "adaptive", "--model", "resnet10t", "--out", "run")
+    settings = resolve(parse(*base, "--decay-factor", "0.2", "--min-lr-ratio", "0.01"))
+    assert settings["decay_factor"] == 0.2 and settings["min_lr_ratio"] == 0.01
+    assert resolve(parse(*base))["min_lr_ratio"] == 1e-3
+    for flag, value in (("--min-lr-ratio", "0"), ("--decay-factor", "1.5")):
+        with pytest.raises(TrainError, match=f"{flag} .* strictly between 0 and 1"):
+            resolve(parse(*base, flag, value))

@@ -73,6 +73,10 @@ def add_train_parser(commands: Any) -> argparse.ArgumentParser:
     adaptive.add_argument("--tpe-trials", type=int, default=15)
     adaptive.add_argument("--trial-epochs", type=int, default=6)
     adaptive.add_argument("--patience", type=int, default=5)
+    adaptive.add_argument("--decay-factor", type=float, default=0.1, help="LR multiplier of each plateau decay")
+    adaptive.add_argument("--min-lr-ratio", type=float, default=1e-3,
+                          help="the LR floor, as a fraction of the initial LR; the early stop waits for it "
+                               "(1e-3: three decays of 0.1; raise it for short runs)")
     adaptive.add_argument("--sam-rho", type=float, default=0.05)
     sampling = train.add_argument_group("sampling")
     sampling.add_argument("--sampler", choices=("fixed", "multiscale"), default="fixed",
@@ -97,7 +101,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         alpha_kd=args.alpha_kd, kd_only=args.kd_only, temperature=args.temperature, kd_mode=args.kd_mode,
         mixup=args.mixup, cutmix=args.cutmix, ema=args.ema, ema_decay=args.ema_decay, test_crop=args.test_crop,
         lr_search=args.lr_search, lr_range=args.lr_range, range_steps=args.range_steps, tpe_trials=args.tpe_trials,
-        trial_epochs=args.trial_epochs, patience=args.patience, sam_rho=args.sam_rho, sampler=args.sampler,
+        trial_epochs=args.trial_epochs, patience=args.patience, decay_factor=args.decay_factor,
+        min_lr_ratio=args.min_lr_ratio, sam_rho=args.sam_rho, sampler=args.sampler,
         curriculum=args.curriculum, seed=args.seed, workers=args.workers, device=args.device, threads=args.threads,
         progress=not args.no_progress,
     )

@@ -136,6 +136,9 @@ def check_settings(settings: dict[str, Any]) -> None:
     low, high = settings["lr_range"]
     if not 0 < low < high:
         raise TrainError(f"--lr-range {low},{high} must be two increasing positive numbers")
+    for flag, key in (("--decay-factor", "decay_factor"), ("--min-lr-ratio", "min_lr_ratio")):
+        if not 0 < settings[key] < 1:
+            raise TrainError(f"{flag} {settings[key]} must lie strictly between 0 and 1")
 
 
 def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
