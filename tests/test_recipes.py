@@ -178,11 +178,24 @@ def test_online_teacher_sees_the_students_pixels_and_leaves_them_alone(digits, t
         return x, labels, soft
 
     monkeypatch.setattr(Trainer, "prepare", checking)
+    import reinforce.recipes.distill as distill
+    import reinforce.teachers as teachers_module
+
+    builds = []
+    create = teachers_module.create_ensemble
+
+    def counting(specs, **kwargs):
+        builds.append(list(specs))
+        return create(specs, **kwargs)
+
+    monkeypatch.setattr(teachers_module, "create_ensemble", counting)
+    monkeypatch.setattr(distill, "create_ensemble", counting)
     # Two members at one input size: each must get its own copy of the batch.
     teachers = [teacher_weights[0], teacher_weights[0]]
     result = train(_config(digits, None, tmp_path / "run", teachers=teachers, image_size=32, epochs=1,
                            kd_only=True), log=_quiet)
     assert checked
+    assert builds == [teachers]  # built once: the held-out figure uses the training ensemble
     assert result.teacher["kind"] == "held-out" and result.teacher["top1"] is not None
     # a random-weight teacher is not clearly stronger than the student, which the run says
     assert any("points better than the student" in w for w in result.warnings) or \

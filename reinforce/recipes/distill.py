@@ -138,13 +138,14 @@ def train_agreement_top1(store_samples, max_samples: int = 1000) -> tuple[float,
 
 
 def teacher_report(header: Any, store_samples, teacher_specs: list[str],
-                   val_batches_at: Callable[[int], Iterable] | None) -> TeacherReport:
+                   val_batches_at: Callable[[int], Iterable] | None, built: Ensemble | None = None) -> TeacherReport:
     """Held-out accuracy when teacher weights are known and there is a validation set (``val_batches_at(size)``:
     its batches at a resolution); the store's recorded accuracy if it has one; else the top-1 agreement of stored
-    records with the training labels."""
+    records with the training labels. ``built``: the ensemble of ``teacher_specs`` when the caller has already
+    built it (online teachers), so that the weights are not loaded twice."""
     specs, origin = teachers_to_evaluate(teacher_specs, header)
     if specs and val_batches_at is not None:
-        ensemble = create_ensemble(specs)
+        ensemble = built if built is not None and specs == teacher_specs else create_ensemble(specs)
         note = check_same_teachers(ensemble, header) if header is not None else None
         top1, size = held_out_top1(ensemble, val_batches_at)
         detail = f"on --val at {size} px, {origin}" + (f"; {note}" if note else "")

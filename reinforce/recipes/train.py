@@ -463,7 +463,7 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
         from ..teachers import create_ensemble
 
         ensemble = create_ensemble(config.teachers)
-    report = _teacher_report(config, settings, train_set, val_set, world)
+    report = _teacher_report(config, settings, train_set, val_set, world, ensemble)
     log(report.describe())
     warnings = []
     if config.kd_only:
@@ -526,7 +526,7 @@ def _student(config: TrainConfig, settings: dict[str, Any], num_classes: int,
 
 
 def _teacher_report(config: TrainConfig, settings: dict[str, Any], train_set: Any, val_set: Any,
-                    world: World) -> TeacherReport:
+                    world: World, ensemble: Any) -> TeacherReport:
     if not world.is_main:
         return broadcast(None, world)
     header = train_set.dataset.header if config.store else None
@@ -540,8 +540,9 @@ def _teacher_report(config: TrainConfig, settings: dict[str, Any], train_set: An
     if not config.store and not specs:
         report = TeacherReport(None, "unknown", "no teachers in this recipe")
     else:
+        online = ensemble if not config.teacher_weights else None  # specs are config.teachers: built already
         report = teacher_report(header, train_set if config.store else None, specs,
-                                val_batches_at if val_set is not None else None)
+                                val_batches_at if val_set is not None else None, built=online)
     return broadcast(report, world)
 
 
