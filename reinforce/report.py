@@ -270,33 +270,14 @@ def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndar
         raise VerificationError(f"record ({samples[sample]}, {slot}) refers to an empty class vocabulary "
                                 "entry") from None
     q = fmt.quantized_probs(header, rows)
-    if indices.max(initial=0) >= header.num_classes:
-        sample, slot = np.argwhere((indices >= header.num_classes).any(-1))[0]
-        raise VerificationError(f"record ({samples[sample]}, {slot}) has a class index >= {header.num_classes}")
-    ordered = np.sort(indices, axis=-1)
-    duplicate = (ordered[..., 1:] == ordered[..., :-1]).any(axis=-1)
-    if duplicate.any():
-        sample, slot = np.argwhere(duplicate)[0]
-        raise VerificationError(f"record ({samples[sample]}, {slot}) repeats a class index")
-    if q.max(initial=0) > header.prob_scale:
-        sample, slot = np.argwhere((q > header.prob_scale).any(-1))[0]
-        raise VerificationError(f"record ({samples[sample]}, {slot}) has a probability above 1")
-    if (q < 0).any():  # drops are unsigned, so the order is descending by construction; they can overshoot
-        sample, slot = np.argwhere((q < 0).any(-1))[0]
-        raise VerificationError(f"record ({samples[sample]}, {slot}) has probability drops larger than its top-1 "
-                                "probability (negative probabilities)")
-    sums = q.sum(axis=-1)
-    # Each of the k rounded probabilities may be up to half a step high.
-    limit = header.prob_scale + (header.top_k + 1) // 2
-    bad = (sums > limit) | (sums <= 0)
-    if bad.any():
-        sample, slot = np.argwhere(bad)[0]
-        raise VerificationError(f"record ({samples[sample]}, {slot}) has top-k probabilities summing to "
-                                f"{sums[sample, slot] / header.prob_scale:.4f}, outside (0, 1]")
     entropy = rows[..., columns["teacher_entropy"].start].astype(np.int64)
-    if entropy.max(initial=0) > header.entropy_levels:
-        sample, slot = np.argwhere(entropy > header.entropy_levels)[0]
-        raise VerificationError(f"record ({samples[sample]}, {slot}) has an entropy above log(num_classes)")
+    for fault, what in fmt.record_faults(header, indices, q, entropy):
+        if fault.any():
+            sample, slot = np.argwhere(fault)[0]
+            raise VerificationError(f"record ({samples[sample]}, {slot}) {what}")
+    if (q.sum(axis=-1) <= 0).any():  # beyond the reader's checks: a record with no probability at all
+        sample, slot = np.argwhere(q.sum(axis=-1) <= 0)[0]
+        raise VerificationError(f"record ({samples[sample]}, {slot}) has top-k probabilities summing to 0")
     heights, widths = sizes[:, :1], sizes[:, 1:]
     params = codec.decode(rows[..., columns["aug_params"]], heights, widths)
     if not np.isfinite(params).all() or not np.array_equal(codec.quantize(params, heights, widths), params):

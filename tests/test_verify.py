@@ -32,7 +32,10 @@ def test_inspect_shows_layout_sizes_and_bytes_per_record(store, capsys):
     ("missing_shard", r"record \(16, 0\) is missing"),
     ("missing_labels", "label of sample 0 is -1"),
     ("incomplete", "build has not finished"),
-    ("bad_probs", "negative probabilities"),
+    ("bad_probs", r"record \(3, 2\) has probability drops larger than its top-1 probability"),
+    ("repeated_class", r"record \(4, 1\) repeats a class index"),
+    ("class_out_of_range", r"record \(5, 0\) has a class index outside \[0, "),
+    ("entropy", r"record \(6, 3\) has an entropy above log\(num_classes\)"),
     ("duplicate_vocabulary", "class vocabulary of sample 17 is invalid"),
     ("missing_vocabulary", "class vocabulary of sample 0 is missing"),
     ("emptied_vocabulary_entry", r"record \(\d+, \d\) refers to an empty class vocabulary entry"),
@@ -67,6 +70,17 @@ def test_verify_fails_naming_the_defect(tmp_path, capsys, defect, message):
         group = fmt.open_store_group(path, mode="r+")
         rows = group[fmt.RECORDS][0:16]
         rows[3, 2, header.top_k + 1] = header.prob_scale  # a drop larger than the top-1 probability
+        group[fmt.RECORDS][0:16] = rows
+    elif defect in ("repeated_class", "class_out_of_range", "entropy"):
+        group = fmt.open_store_group(path, mode="r+")
+        rows = group[fmt.RECORDS][0:16]
+        classes = header.record_columns["topk_indices"]
+        if defect == "repeated_class":
+            rows[4, 1, classes.start + 1] = rows[4, 1, classes.start]
+        elif defect == "class_out_of_range":
+            rows[5, 0, classes.start] = header.num_classes
+        else:
+            rows[6, 3, header.record_columns["teacher_entropy"].start] = header.entropy_levels + 1
         group[fmt.RECORDS][0:16] = rows
     assert main(["verify", str(path)]) == 1
     err = capsys.readouterr().err

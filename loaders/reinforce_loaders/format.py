@@ -880,12 +880,29 @@ def check_records(header: StoreHeader, indices: np.ndarray, quantized: np.ndarra
         if bad:
             _invalid_record((), header, where)
         return
-    ordered = np.sort(indices, axis=-1)
-    bad = ((ordered[..., -1] >= header.num_classes) | (ordered[..., :-1] == ordered[..., 1:]).any(axis=-1)
-           | (quantized[..., 0] > header.prob_scale) | (quantized[..., -1] < 0)
-           | (quantized.sum(axis=-1) > header.prob_scale + (k + 1) // 2) | (entropy_levels > header.entropy_levels))
+    bad = np.logical_or.reduce([mask for mask, _ in record_faults(header, indices, quantized, entropy_levels)])
     if bad.any():
         _invalid_record(tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else (), header, where)
+
+
+def record_faults(header: StoreHeader, indices: np.ndarray, quantized: np.ndarray,
+                  entropy_levels: np.ndarray) -> list[tuple[np.ndarray, str]]:
+    """The per-record rules of format_spec.md section 8 ("Checks a reader makes") over records ``(..., K)``:
+    for each rule, the mask ``(...)`` of records that break it and what such a record has wrong. Readers
+    (:func:`check_records`) refuse any; ``reinforce verify`` names the first record and its fault."""
+    k = indices.shape[-1]
+    ordered = np.sort(indices, axis=-1)
+    return [
+        ((ordered[..., 0] < 0) | (ordered[..., -1] >= header.num_classes),
+         f"has a class index outside [0, {header.num_classes})"),
+        ((ordered[..., :-1] == ordered[..., 1:]).any(axis=-1), "repeats a class index"),
+        (quantized[..., 0] > header.prob_scale, "has a probability above 1"),
+        # drops are unsigned, so the order is descending by construction; they can overshoot
+        (quantized[..., -1] < 0, "has probability drops larger than its top-1 probability (negative probabilities)"),
+        # each of the k rounded probabilities may be up to half a step high
+        (quantized.sum(axis=-1) > header.prob_scale + (k + 1) // 2, "has top-k probabilities summing past 1"),
+        (entropy_levels > header.entropy_levels, "has an entropy above log(num_classes)"),
+    ]
 
 
 def _invalid_record(position: tuple[int, ...], header: StoreHeader, where: str) -> None:
