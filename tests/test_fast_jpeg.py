@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_images
 
 from reinforce_loaders import jpeg as fast_jpeg
@@ -73,3 +73,30 @@ def test_app1_detection_walks_markers_not_bytes():
     assert fast_jpeg.read_header(with_xmp.getvalue()).has_app1
     assert np.asarray(fast_jpeg.decode_scaled(plain.getvalue(), fast_jpeg.read_header(plain.getvalue()), 4)).shape \
         == (75, 100, 3)
+
+
+def test_a_jpeg_the_fast_path_declines_is_read_from_disk_once_and_decoded_as_pillow_does(tmp_path, monkeypatch):
+    import builtins
+
+    progressive = save(tmp_path / "p.jpg", Image.fromarray(PHOTO), quality=90, progressive=True)
+    rotated = save(tmp_path / "r.jpg", Image.fromarray(PHOTO), quality=90, exif=_rotation(6))
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    for path in (progressive, rotated):
+        decoded = decode_image(path)
+        with Image.open(path) as image:
+            expected = torch.from_numpy(np.asarray(ImageOps.exif_transpose(image).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(decoded, expected), path
+    assert opened.count(progressive) == 2 and opened.count(rotated) == 2  # decode_image's read + the check here
+
+
+def _rotation(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()

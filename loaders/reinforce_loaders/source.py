@@ -7,6 +7,7 @@ from the same pixels, and both fingerprint those pixels with :func:`fingerprint`
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -101,11 +102,13 @@ def decode_image(path: str | os.PathLike[str], decoder: Decoder = "auto") -> tor
     torchvision's (about 1.5x faster than Pillow here, no copy); ``"pillow"`` always uses Pillow.
     """
     try:
+        data = None  # a JPEG's bytes once read: a file the fast path declines is not read from disk again
         if decoder == "auto" and fast_jpeg.available() and _LibjpegAgreement.turbo is not False:
-            decoded = _turbo_jpeg(path)
+            data = _jpeg_bytes(path)
+            decoded = None if data is None else _turbo_jpeg(path, data)
             if decoded is not None:
                 return decoded
-        with Image.open(path) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             check_pixel_count(image, path)
             decoded = _torchvision_jpeg(path, image) if decoder == "auto" else None
             return decoded if decoded is not None else F.pil_to_tensor(to_rgb(image))
@@ -117,12 +120,9 @@ def decode_image(path: str | os.PathLike[str], decoder: Decoder = "auto") -> tor
         ) from error
 
 
-def _turbo_jpeg(path: str | os.PathLike[str]) -> torch.Tensor | None:
-    """simplejpeg's decode of a plain JPEG when it is known (or now probed) to equal Pillow's, else None (also
-    for a damaged file: Pillow's path then names the problem)."""
-    data = _jpeg_bytes(path)
-    if data is None:
-        return None
+def _turbo_jpeg(path: str | os.PathLike[str], data: bytes) -> torch.Tensor | None:
+    """simplejpeg's decode of the plain JPEG ``data`` (the bytes of ``path``) when it is known (or now probed) to
+    equal Pillow's, else None (also for a damaged file: Pillow's path then names the problem)."""
     try:
         header = fast_jpeg.read_header(data)
         if header is None or not header.plain:
@@ -132,7 +132,7 @@ def _turbo_jpeg(path: str | os.PathLike[str]) -> torch.Tensor | None:
     except ValueError:
         return None
     if _LibjpegAgreement.turbo is None:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             _LibjpegAgreement.turbo = torch.equal(decoded, F.pil_to_tensor(to_rgb(image)))
     return decoded if _LibjpegAgreement.turbo else None
 
