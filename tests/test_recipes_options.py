@@ -53,3 +53,41 @@ def test_plateau_decay_and_lr_floor_reach_the_config_and_bad_values_are_refused(
     for flag, value in (("--min-lr-ratio", "0"), ("--decay-factor", "1.5")):
         with pytest.raises(TrainError, match=f"{flag} .* strictly between 0 and 1"):
             resolve(parse(*base, flag, value))
+
+
+@pytest.mark.parametrize("plain_top1, kd_only, expect", [
+    (50.0, False, "note"),      # teachers 10 points above a plain student, CE + KD: try KL alone
+    (50.0, True, None),         # already KL only: nothing to suggest
+    (57.0, True, "warning"),    # 3 points: KL only is risky, said before training
+])
+def test_baseline_margin_is_reported_before_training(digits, store, tmp_path, monkeypatch, plain_top1, kd_only,
+                                                    expect):
+    import importlib
+    import json
+
+    from reinforce.recipes.config import TrainConfig
+    from reinforce.recipes.distill import TeacherReport
+
+    train_module = importlib.import_module("reinforce.recipes.train")
+    monkeypatch.setattr(train_module, "_teacher_report",
+                        lambda *args: TeacherReport(60.0, "held-out", "scripted for the test"))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "summary.json").write_text(json.dumps({"best_top1": plain_top1}))
+    logged: list[str] = []
+    result = train_module.train(TrainConfig(
+        train_source=str(digits[0]), store=str(store), val_source=str(digits[1]), model="test_resnet", recipe="usi",
+        epochs=1, batch_size=8, out=str(tmp_path / "run"), progress=False, kd_only=kd_only,
+        baseline=str(tmp_path / "plain")), log=logged.append)
+    started = next(i for i, line in enumerate(logged) if line.startswith("usi: "))
+    notes = [i for i, line in enumerate(logged) if line.startswith("note: ")]
+    warned = [i for i, line in enumerate(logged) if line.startswith("WARNING: ")]
+    if expect == "note":
+        assert len(result.notes) == 1 and "+10.00 points better than the plain student" in result.notes[0]
+        assert "--kd-only" in result.notes[0] and notes and notes[0] < started and not result.warnings
+    elif expect == "warning":
+        assert len(result.warnings) == 1 and "+3.00 points" in result.warnings[0]
+        assert "--kd-only is risky" in result.warnings[0] and warned and warned[0] < started and not result.notes
+    else:
+        assert not result.notes and not result.warnings and not notes
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["notes"] == result.notes and summary["warnings"] == result.warnings

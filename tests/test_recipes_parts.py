@@ -206,6 +206,12 @@ def test_teacher_margin_against_a_plain_baseline_run(tmp_path):
     assert report.warning(92.18, kd_only=True, baseline=True) is None
     close = report.warning(95.33, kd_only=False, baseline=True)
     assert "+4.00 points" in close and "plain-trained student of --baseline" in close
+    # 7 points and more above a plain student, with CE in the loss: KL alone is suggested (not as a warning).
+    assert "+7.15 points better than the plain student" in report.suggestion(92.18, True, "--kd-only")
+    assert "--kd-mode replace" in report.suggestion(92.18, True, "--kd-mode replace")
+    assert report.suggestion(95.33, True, "--kd-only") is None  # margin below 7
+    assert report.suggestion(92.18, False, "--kd-only") is None  # already KL only
+    assert TeacherReport(99.33, "train-agreement", "").suggestion(80.0, True, "--kd-only") is None  # optimistic
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "summary.json").write_text('{"best_top1": 92.18}')
     assert baseline_top1(str(tmp_path / "plain")) == 92.18

@@ -48,6 +48,14 @@ class RunResult:
     stopped_early: bool
     teacher: dict[str, Any]
     warnings: list[str]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def uses_hard_labels(settings: dict[str, Any], train_set: Any) -> bool:
+    """Whether the loss has a CE term on the hard labels: not with --kd-only, --kd-mode replace (adaptive), or a
+    store of mixed records (their label is the teacher's target on the mixed image)."""
+    return not (settings["kd_only"] or getattr(train_set, "mixes", False)
+                or (settings["recipe"] == "adaptive" and settings["kd_mode"] == "replace"))
 
 
 class Trainer:
@@ -75,9 +83,7 @@ class Trainer:
         self.ema = self._make_ema()
         store_mixes = bool(getattr(train_set, "mixes", False))
         self.loss_fn = DistillationLoss(settings["alpha_kd"], settings["temperature"],
-                                        use_ce=not (settings["kd_only"] or store_mixes
-                                                    or (settings["recipe"] == "adaptive"
-                                                        and settings["kd_mode"] == "replace")))
+                                        use_ce=uses_hard_labels(settings, train_set))
         wants_mixing = settings["mixup"] > 0 or settings["cutmix"] > 0
         self.mixing = (SoftMixing(settings["mixup"], settings["cutmix"], num_classes)
                        if wants_mixing and not store_mixes else None)
@@ -465,11 +471,19 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
         ensemble = create_ensemble(config.teachers)
     report = _teacher_report(config, settings, train_set, val_set, world, ensemble)
     log(report.describe())
-    warnings = []
-    if config.kd_only:
-        early = report.warning(None, True)
-        if early:
-            warnings.append(early)
+    kd_only = not uses_hard_labels(settings, train_set) and bool(config.store or ensemble)
+    kd_only_flag = ("a store of mixed records" if getattr(train_set, "mixes", False) and not config.kd_only else
+                    "--kd-mode replace" if settings["recipe"] == "adaptive" else "--kd-only")
+    warnings, notes = [], []
+    if reference is not None:  # a plain student's top-1 is known before training: say now what it implies
+        warning = report.warning(reference, kd_only, baseline=True, kd_only_flag=kd_only_flag)
+        advice = report.suggestion(reference, not kd_only, kd_only_flag) if config.store or ensemble else None
+        if warning:
+            warnings.append(warning)
+            log(f"WARNING: {warning}")
+        if advice:
+            notes.append(advice)
+            log(f"note: {advice}")
     lr = _initial_lr(config, settings, world, train_set, val_set, student, num_classes, ensemble, log, run)
     trainer = Trainer(settings, world=world, device=device, train_set=train_set, val_set=val_set, student=student,
                       num_classes=num_classes, lr=lr, epochs=settings["epochs"], ensemble=ensemble, run=run,
@@ -487,16 +501,15 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
     rows = run.metrics() if world.is_main else []
     last = rows[-1] if rows else {}
     last_top1 = max((last.get(k) for k in ("val_top1", "ema_top1") if last.get(k) is not None), default=None)
-    if reference is not None:
-        warning = report.warning(reference, config.kd_only, baseline=True)
-    else:
-        warning = report.warning(trainer.best_top1, config.kd_only)
-    if warning:
-        warnings.append(warning)
-        log(f"WARNING: {warning}")
+    if reference is None:  # this run's own student is the only reference
+        warning = report.warning(trainer.best_top1, kd_only, kd_only_flag=kd_only_flag)
+        if warning:
+            warnings.append(warning)
+            log(f"WARNING: {warning}")
     result = RunResult(out=str(run.path), epochs_run=trainer.epoch, best_top1=trainer.best_top1,
                        best_epoch=trainer.best_epoch, last_top1=last_top1, lr=lr,
-                       stopped_early=trainer.stopped_early, teacher=dataclasses.asdict(report), warnings=warnings)
+                       stopped_early=trainer.stopped_early, teacher=dataclasses.asdict(report), warnings=warnings,
+                       notes=notes)
     if world.is_main:
         run.write_json(SUMMARY, dataclasses.asdict(result))
         log(f"done: best top-1 {_pct(result.best_top1)} at epoch {_epoch(result.best_epoch)}, {result.epochs_run} "
