@@ -91,3 +91,17 @@ def test_baseline_margin_is_reported_before_training(digits, store, tmp_path, mo
         assert not result.notes and not result.warnings and not notes
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["notes"] == result.notes and summary["warnings"] == result.warnings
+
+
+def test_device_auto_takes_cuda_when_present_and_cuda_without_it_is_refused(monkeypatch):
+    from reinforce.recipes.distributed import resolve_device
+
+    assert parse("src", "--model", "resnet10t", "--out", "run").device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(TrainError, match="--device cuda:1 was asked for but CUDA is not available here"):
+        resolve_device("cuda:1")
+    with pytest.raises(TrainError, match="--device gpu: not a device"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda:1") == "cuda:1"

@@ -30,7 +30,10 @@ def add_train_parser(commands: Any) -> argparse.ArgumentParser:
     train.add_argument("--val", help="ImageFolder directory of validation images (same class folders)")
     train.add_argument("--model", required=True, metavar="ARCH[=WEIGHTS]",
                        help="timm architecture of the student, with optional local weights to start from")
-    train.add_argument("--recipe", choices=tuple(RECIPES), default="usi")
+    train.add_argument("--recipe", choices=tuple(RECIPES), default="usi",
+                       help="usi: CE + KD from --store or online --teacher (paper 002); adaptive: fine-tuning with "
+                            "an estimated LR, plateau decays and early stop (paper 000); plain: hard labels, the "
+                            "baseline (default %(default)s)")
     train.add_argument("--out", required=True, help="run directory (config, metrics, weights, checkpoint)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--fine-tune", action="store_true", default=None,
@@ -42,8 +45,8 @@ def add_train_parser(commands: Any) -> argparse.ArgumentParser:
     train.add_argument("--allow-empty-classes", action="store_true",
                        help="keep a TRAIN_SOURCE class folder without images as a class without samples")
     train.add_argument("--baseline", metavar="PLAIN_RUN_DIR",
-                       help="a finished --recipe plain run: check the teachers' margin against its best top-1 "
-                            "(default: against this run's own student)")
+                       help="a finished --recipe plain run: the teachers' margin over its best top-1 is checked "
+                            "before training (default: against this run's own student, after it)")
     train.add_argument("--epochs", type=int, help="epochs (maximum for adaptive); default: the recipe's")
     train.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
     train.add_argument("--lr", type=float, help="peak LR (usi/plain default 2e-3; adaptive: estimated)")
@@ -85,7 +88,8 @@ def add_train_parser(commands: Any) -> argparse.ArgumentParser:
                           help="draw each epoch's stored records from an entropy window (paper 001, C.4)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    train.add_argument("--device", default="cpu", help="cpu, cuda")
+    train.add_argument("--device", default="auto",
+                       help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default %(default)s)")
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return train

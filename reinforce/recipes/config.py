@@ -74,7 +74,7 @@ class TrainConfig:
     curriculum: Literal["none", "easy", "hard"] = "none"
     seed: int = 0
     workers: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA when this machine has it, else the CPU; or "cpu", "cuda", "cuda:N"
     threads: int | None = None
     progress: bool = True
     resume: bool = False

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .config import TrainError
+
 
 @dataclasses.dataclass(frozen=True)
 class World:
@@ -33,6 +35,21 @@ def init_world(device: str) -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"``: ``"cuda"`` when CUDA is available, else ``"cpu"``; a CUDA device asked for on a machine
+    without one is refused with what to pass instead."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise TrainError(f"--device {device}: not a device ({error}); pass auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {device} was asked for but CUDA is not available here: pass --device cpu "
+                         "(or auto)")
+    return device
 
 
 def device_for(device: str, world: World) -> torch.device:

@@ -15,7 +15,7 @@ import torch
 from .config import TrainConfig, TrainError, resolve
 from .data import AugmentedSamples, EvalSamples, StoreSamples, check_classes, sample_seed
 from .distill import TeacherReport, baseline_top1, ensemble_probs, teacher_report
-from .distributed import World, all_sum, barrier, broadcast, device_for, init_world, shutdown
+from .distributed import World, all_sum, barrier, broadcast, device_for, init_world, resolve_device, shutdown
 from .lr_finder import range_test, tpe_search
 from .losses import DistillationLoss, SoftMixing
 from .models import Student, check_module_classes, create_student
@@ -435,6 +435,7 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, log: Cal
     """
     if config.threads:
         torch.set_num_threads(config.threads)
+    config = dataclasses.replace(config, device=resolve_device(config.device))
     world = init_world(config.device)
     try:
         return _train(config, world, model, log if world.is_main else (lambda _: None), on_step)
@@ -496,7 +497,7 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
     elif world.is_main:
         log(f"{settings['recipe']}: {student.name} on {len(train_set)} images, {num_classes} classes, "
             f"{settings['epochs']} epochs of {len(trainer.sampler)} steps x {world.size} x {settings['batch_size']}, "
-            f"lr {lr:.3g}")
+            f"lr {lr:.3g}, on {device}")
     trainer.fit()
     rows = run.metrics() if world.is_main else []
     last = rows[-1] if rows else {}
