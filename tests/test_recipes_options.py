@@ -1,7 +1,10 @@
-"""`reinforce train` options: --decode (a store replayed in fast mode, refused without one) and --baseline (the
-teachers' margin measured against a plain run, refused before training when it is not one)."""
+"""`reinforce train` options: --decode (a store replayed in fast mode, refused without one), --baseline (the
+teachers' margin measured against a plain run, refused before training when it is not one), the plateau
+schedule's decay and floor, --device and --precision."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -105,3 +108,29 @@ def test_device_auto_takes_cuda_when_present_and_cuda_without_it_is_refused(monk
         resolve_device("gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda" and resolve_device("cuda:1") == "cuda:1"
+
+
+def test_bf16_precision_runs_the_forward_passes_under_autocast_and_keeps_fp32_weights(digits, store, tmp_path):
+    from reinforce.recipes.config import TrainConfig
+    from reinforce.recipes.train import autocast_dtype, train
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("fp32", torch.device("cpu")) is None
+    seen = []
+
+    def record(trainer, epoch, step):
+        if not seen:
+            out = trainer.net(torch.zeros(2, 3, 32, 32))  # outside autocast: fp32
+            with trainer.autocast():
+                seen.append((trainer.net(torch.zeros(2, 3, 32, 32)).dtype, out.dtype,
+                             next(trainer.model.parameters()).dtype))
+
+    logged: list[str] = []
+    result = train(TrainConfig(train_source=str(digits[0]), store=str(store), val_source=str(digits[1]),
+                               model="test_resnet", recipe="usi", epochs=1, batch_size=8, out=str(tmp_path / "run"),
+                               progress=False, precision="bf16"), log=logged.append, on_step=record)
+    assert seen == [(torch.bfloat16, torch.float32, torch.float32)]
+    assert result.best_top1 is not None and any("(bf16 autocast)" in line for line in logged)
+    config = parse(str(digits[0]), "--store", "s", "--model", "m", "--out", "o")
+    assert config.precision == "auto"
+    with pytest.raises(TrainError, match="--precision fp16: use one of auto, fp32, bf16"):
+        resolve(dataclasses.replace(config, precision="fp16"))  # from Python: the CLI's choices refuse it first

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .config import RECIPES, TrainConfig
+from .config import PRECISIONS, RECIPES, TrainConfig
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -90,6 +90,9 @@ def add_train_parser(commands: Any) -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     train.add_argument("--device", default="auto",
                        help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default %(default)s)")
+    train.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="forward passes in bf16 autocast, or fp32; auto: bf16 on a CUDA device that supports "
+                            "it, else fp32 (default %(default)s)")
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return train
@@ -107,8 +110,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr_search=args.lr_search, lr_range=args.lr_range, range_steps=args.range_steps, tpe_trials=args.tpe_trials,
         trial_epochs=args.trial_epochs, patience=args.patience, decay_factor=args.decay_factor,
         min_lr_ratio=args.min_lr_ratio, sam_rho=args.sam_rho, sampler=args.sampler,
-        curriculum=args.curriculum, seed=args.seed, workers=args.workers, device=args.device, threads=args.threads,
-        progress=not args.no_progress,
+        curriculum=args.curriculum, seed=args.seed, workers=args.workers, device=args.device,
+        precision=args.precision, threads=args.threads, progress=not args.no_progress,
     )
 
 

@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     device: str = "auto"  # "auto": CUDA when this machine has it, else the CPU; or "cpu", "cuda", "cuda:N"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Student (and online teacher) forward passes: ``"bf16"`` under ``torch.autocast`` (weights, optimizer and
+    loss stay fp32); ``"auto"``: bf16 on a CUDA device that supports it, fp32 elsewhere."""
     threads: int | None = None
     progress: bool = True
     resume: bool = False
@@ -91,6 +94,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "adaptive": dict(fine_tune=True, epochs=200, optimizer="sgd", lr=None, weight_decay=5e-4, schedule="plateau",
                      warmup_epochs=5, ema=False, test_crop=1.0, lr_search="range", sam=True),
 }
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # May differ between a run and its --resume: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset({"out", "workers", "device", "threads", "progress", "resume", "baseline"})
@@ -125,6 +130,8 @@ def check_settings(settings: dict[str, Any]) -> None:
                          "(online)")
     if settings["store"] and settings["teachers"]:
         raise TrainError("pass either --store (offline soft targets) or --teacher (online), not both")
+    if settings["precision"] not in PRECISIONS:
+        raise TrainError(f"--precision {settings['precision']}: use one of {', '.join(PRECISIONS)}")
     if settings["kd_only"] and not (settings["store"] or settings["teachers"]):
         raise TrainError("--kd-only needs soft targets: pass --store or --teacher")
     if settings["epochs"] < 1 or settings["batch_size"] < 1:

@@ -51,6 +51,13 @@ class RunResult:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of a run's forward passes, None for fp32 (``TrainConfig.precision``)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
 def uses_hard_labels(settings: dict[str, Any], train_set: Any) -> bool:
     """Whether the loss has a CE term on the hard labels: not with --kd-only, --kd-mode replace (adaptive), or a
     store of mixed records (their label is the teacher's target on the mixed image)."""
@@ -71,6 +78,7 @@ class Trainer:
         self.num_classes = num_classes
         self.lr, self.epochs = lr, epochs
         self.ensemble = ensemble.to(device) if ensemble is not None else None
+        self.autocast_dtype = autocast_dtype(settings["precision"], device)
         self.run, self.log, self.on_step = run, log, on_step
         self.model = student.module.to(device)
         self.mean = torch.tensor(student.mean, device=device).view(1, 3, 1, 1) * 255
@@ -149,13 +157,14 @@ class Trainer:
             np.random.seed(sample_seed(self.settings["seed"], epoch, step, purpose=2) % 2 ** 32)  # timm uses np
             x, labels, soft = self.mixing(x, labels, soft)
         if self.ensemble is not None:
-            soft = ensemble_probs(self.ensemble, x)  # the teacher sees the student's (mixed) pixels
+            with self.autocast():
+                soft = ensemble_probs(self.ensemble, x).float()  # the teacher sees the student's (mixed) pixels
         return (x - self.mean) / self.std, labels, soft
 
     def optimize(self, x: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor, where: str) -> float:
         """One optimizer step (two forward/backward passes with SAM); returns the loss."""
         self.net.train()
-        loss = self.loss_fn(self.net(x), labels, soft)
+        loss = self.loss_fn(self.forward(x), labels, soft)
         self._check_finite(loss, where)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,11 +172,21 @@ class Trainer:
             self.sam.perturb()
             self.optimizer.zero_grad(set_to_none=True)
             with frozen_norm_statistics(self.net):
-                self.loss_fn(self.net(x), labels, soft).backward()
+                self.loss_fn(self.forward(x), labels, soft).backward()
             self.sam.step()
         else:
             self.optimizer.step()
         return float(loss.detach())
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision for forward passes (a no-op context at fp32)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's logits in fp32 (the loss is computed in fp32 whatever the forward precision)."""
+        with self.autocast():
+            return self.net(x).float()
 
     def _check_finite(self, loss: torch.Tensor, where: str) -> None:
         bad = 0.0 if torch.isfinite(loss) else 1.0
@@ -311,9 +330,10 @@ class Trainer:
     def evaluate_all(self) -> dict[str, Any]:
         if self.val_set is None:
             return {}
-        scores = {f"val_{k}": v for k, v in evaluate(self.model, self.val_batches(), self.mean, self.std).items()}
-        if self.ema is not None:
-            scores["ema_top1"] = evaluate(self.ema.module, self.val_batches(), self.mean, self.std)["top1"]
+        with self.autocast():
+            scores = {f"val_{k}": v for k, v in evaluate(self.model, self.val_batches(), self.mean, self.std).items()}
+            if self.ema is not None:
+                scores["ema_top1"] = evaluate(self.ema.module, self.val_batches(), self.mean, self.std)["top1"]
         return scores
 
     def val_batches(self) -> Any:
@@ -497,7 +517,7 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
     elif world.is_main:
         log(f"{settings['recipe']}: {student.name} on {len(train_set)} images, {num_classes} classes, "
             f"{settings['epochs']} epochs of {len(trainer.sampler)} steps x {world.size} x {settings['batch_size']}, "
-            f"lr {lr:.3g}, on {device}")
+            f"lr {lr:.3g}, on {device}{' (bf16 autocast)' if trainer.autocast_dtype is not None else ''}")
     trainer.fit()
     rows = run.metrics() if world.is_main else []
     last = rows[-1] if rows else {}
