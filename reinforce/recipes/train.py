@@ -144,7 +144,7 @@ class Trainer:
             # An explicit generator keeps the DataLoader from drawing on the global RNG (resume equality).
             self._train_loader = torch.utils.data.DataLoader(
                 self.train_set, batch_sampler=self.sampler, num_workers=workers, persistent_workers=workers > 0,
-                generator=torch.Generator().manual_seed(self.settings["seed"]))
+                pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.settings["seed"]))
         return self._train_loader
 
     def prepare(self, batch: Any, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -340,7 +340,8 @@ class Trainer:
         if self._val_loader is None:
             workers = self.settings["workers"]
             self._val_loader = torch.utils.data.DataLoader(self.val_set, batch_size=256, num_workers=workers,
-                                                           persistent_workers=workers > 0)
+                                                           persistent_workers=workers > 0,
+                                                           pin_memory=self.device.type == "cuda")
         return self._val_loader
 
     # --- checkpoints ---------------------------------------------------------------------------------------
