@@ -143,7 +143,8 @@ def held_out_top1(ensemble: Ensemble, batches_at: Callable[[int], Iterable]) -> 
     size = max(ensemble.input_sizes)
     correct = total = 0
     for images, labels in batches_at(size):
-        correct += int((ensemble_probs(ensemble, images).argmax(-1) == labels).sum())
+        predicted = ensemble_probs(ensemble, images).argmax(-1)  # on the members' device
+        correct += int((predicted == labels.to(predicted.device)).sum())
         total += len(labels)
     return 100.0 * correct / max(total, 1), size
 
@@ -158,14 +159,18 @@ def train_agreement_top1(store_samples, max_samples: int = 1000) -> tuple[float,
 
 
 def teacher_report(header: Any, store_samples, teacher_specs: list[str],
-                   val_batches_at: Callable[[int], Iterable] | None, built: Ensemble | None = None) -> TeacherReport:
+                   val_batches_at: Callable[[int], Iterable] | None, built: Ensemble | None = None,
+                   device: torch.device | str | None = None) -> TeacherReport:
     """Held-out accuracy when teacher weights are known and there is a validation set (``val_batches_at(size)``:
-    its batches at a resolution); the store's recorded accuracy if it has one; else the top-1 agreement of stored
-    records with the training labels. ``built``: the ensemble of ``teacher_specs`` when the caller has already
-    built it (online teachers), so that the weights are not loaded twice."""
+    its batches at a resolution), evaluated on ``device`` (default: where the ensemble is); the store's recorded
+    accuracy if it has one; else the top-1 agreement of stored records with the training labels. ``built``: the
+    ensemble of ``teacher_specs`` when the caller has already built it (online teachers), so that the weights are
+    not loaded twice."""
     specs, origin = teachers_to_evaluate(teacher_specs, header)
     if specs and val_batches_at is not None:
         ensemble = built if built is not None and specs == teacher_specs else create_ensemble(specs)
+        if device is not None:
+            ensemble.to(device)
         note = check_same_teachers(ensemble, header) if header is not None else None
         top1, size = held_out_top1(ensemble, val_batches_at)
         detail = f"on --val at {size} px, {origin}" + (f"; {note}" if note else "")

@@ -491,7 +491,7 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
         from ..teachers import create_ensemble
 
         ensemble = create_ensemble(config.teachers)
-    report = _teacher_report(config, settings, train_set, val_set, world, ensemble)
+    report = _teacher_report(config, settings, train_set, val_set, world, ensemble, device)
     log(report.describe())
     kd_only = not uses_hard_labels(settings, train_set) and bool(config.store or ensemble)
     kd_only_flag = ("a store of mixed records" if getattr(train_set, "mixes", False) and not config.kd_only else
@@ -561,7 +561,7 @@ def _student(config: TrainConfig, settings: dict[str, Any], num_classes: int,
 
 
 def _teacher_report(config: TrainConfig, settings: dict[str, Any], train_set: Any, val_set: Any,
-                    world: World, ensemble: Any) -> TeacherReport:
+                    world: World, ensemble: Any, device: torch.device) -> TeacherReport:
     if not world.is_main:
         return broadcast(None, world)
     header = train_set.dataset.header if config.store else None
@@ -570,14 +570,15 @@ def _teacher_report(config: TrainConfig, settings: dict[str, Any], train_set: An
     def val_batches_at(size: int) -> Any:
         at_size = val_set if size == settings["image_size"] else EvalSamples(config.val_source, size,
                                                                              settings["test_crop"])
-        return torch.utils.data.DataLoader(at_size, batch_size=256)
+        return torch.utils.data.DataLoader(at_size, batch_size=256, num_workers=settings["workers"],
+                                           pin_memory=device.type == "cuda")
 
     if not config.store and not specs:
         report = TeacherReport(None, "unknown", "no teachers in this recipe")
     else:
         online = ensemble if not config.teacher_weights else None  # specs are config.teachers: built already
         report = teacher_report(header, train_set if config.store else None, specs,
-                                val_batches_at if val_set is not None else None, built=online)
+                                val_batches_at if val_set is not None else None, built=online, device=device)
     return broadcast(report, world)
 
 
