@@ -253,3 +253,21 @@ def test_teachers_are_scored_on_validation_images_at_their_own_input_size(digits
     expected = 100.0 * float((ensemble_probs(create_ensemble(teacher_weights), images).argmax(-1) == labels).mean(
         dtype=torch.float64))
     assert report.top1 == pytest.approx(expected)
+
+
+def test_train_agreement_reads_records_only_and_equals_the_replayed_targets(digits, store, monkeypatch):
+    from reinforce.recipes.data import StoreSamples
+    from reinforce.recipes.distill import train_agreement_top1
+
+    samples = StoreSamples(str(digits[0]), str(store))
+    samples.set_epoch(3)
+    replayed = [samples[p] for p in range(len(samples))]
+    expected = 100.0 * sum(int(int(target.argmax()) == label) for _, label, target in replayed) / len(samples)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(type(samples.dataset), "_source_image", no_decoding)
+    assert train_agreement_top1(samples) == (expected, len(samples))
+    top1, used = train_agreement_top1(samples, max_samples=10)
+    assert used == 10 and 0 <= top1 <= 100

@@ -151,10 +151,15 @@ def held_out_top1(ensemble: Ensemble, batches_at: Callable[[int], Iterable]) -> 
 
 def train_agreement_top1(store_samples, max_samples: int = 1000) -> tuple[float, int]:
     """Percent of stored records (this epoch's slot, up to ``max_samples`` spread over the set) whose top-1 is
-    the label."""
+    the label. Reads the records only: no image is decoded."""
+    dataset = store_samples.dataset
     count = len(store_samples)
     positions = np.unique(np.linspace(0, count - 1, min(count, max_samples)).astype(int))
-    agree = sum(int(int(store_samples[int(p)][2].argmax()) == store_samples[int(p)][1]) for p in positions)
+    agree = 0
+    for position in positions:
+        index = dataset.store_index(int(position))
+        _, classes, probs = dataset.record(index, dataset.slot(index))
+        agree += int(classes[int(np.argmax(probs))] == store_samples.labels[index])
     return 100.0 * agree / len(positions), len(positions)
 
 
