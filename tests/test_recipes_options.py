@@ -134,3 +134,27 @@ def test_bf16_precision_runs_the_forward_passes_under_autocast_and_keeps_fp32_we
     assert config.precision == "auto"
     with pytest.raises(TrainError, match="--precision fp16: use one of auto, fp32, bf16"):
         resolve(dataclasses.replace(config, precision="fp16"))  # from Python: the CLI's choices refuse it first
+
+
+def test_channels_last_trains_the_same_student_in_the_other_memory_format(digits, store, tmp_path):
+    import json
+
+    from reinforce.recipes.config import TrainConfig
+    from reinforce.recipes.train import train
+
+    formats = []
+
+    def record(trainer, epoch, step):
+        if step == 1:
+            conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+            formats.append(conv.weight.is_contiguous(memory_format=torch.channels_last))
+
+    losses = []
+    for channels_last in (False, True):
+        out = tmp_path / f"run-{channels_last}"
+        train(TrainConfig(train_source=str(digits[0]), store=str(store), model="test_resnet", recipe="usi", epochs=1,
+                          batch_size=8, out=str(out), progress=False, channels_last=channels_last),
+              log=lambda _: None, on_step=record)
+        losses.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["train_loss"])
+    assert formats == [False, True]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -113,8 +113,9 @@ class RunDirectory:
             values = [row.get(key) for row in rows]
             if any(v is not None for v in values):
                 axes[1].plot(epochs, values, label=key)
-        axes[1].set_title("validation accuracy")
-        axes[1].legend()
+        axes[1].set_title("validation accuracy" if axes[1].lines else "validation accuracy (no --val)")
+        if axes[1].lines:
+            axes[1].legend()
         axes[2].plot(epochs, [row["lr"] for row in rows])
         axes[2].set_yscale("log")
         axes[2].set_title("learning rate")

@@ -79,8 +79,12 @@ class Trainer:
         self.lr, self.epochs = lr, epochs
         self.ensemble = ensemble.to(device) if ensemble is not None else None
         self.autocast_dtype = autocast_dtype(settings["precision"], device)
+        self.memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+        if self.ensemble is not None:
+            for member in self.ensemble.members:
+                member.module.to(memory_format=self.memory_format)
         self.run, self.log, self.on_step = run, log, on_step
-        self.model = student.module.to(device)
+        self.model = student.module.to(device, memory_format=self.memory_format)
         self.mean = torch.tensor(student.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(student.std, device=device).view(1, 3, 1, 1) * 255
         self.net = (torch.nn.parallel.DistributedDataParallel(self.model) if world.distributed else self.model)
@@ -159,7 +163,7 @@ class Trainer:
         if self.ensemble is not None:
             with self.autocast():
                 soft = ensemble_probs(self.ensemble, x).float()  # the teacher sees the student's (mixed) pixels
-        return (x - self.mean) / self.std, labels, soft
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format), labels, soft
 
     def optimize(self, x: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor, where: str) -> float:
         """One optimizer step (two forward/backward passes with SAM); returns the loss."""
