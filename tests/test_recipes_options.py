@@ -158,3 +158,25 @@ def test_channels_last_trains_the_same_student_in_the_other_memory_format(digits
         losses.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["train_loss"])
     assert formats == [False, True]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_ddp_on_cuda_joins_nccl_for_gradients_and_gloo_for_cpu_collectives(monkeypatch):
+    import torch.distributed as dist
+
+    from reinforce.recipes import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("backend", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    world = distributed.init_world("cuda")
+    # The loop's all_sum/broadcast/barrier run on CPU tensors and objects: NCCL alone cannot carry them.
+    assert calls == [("set_device", 1), ("backend", "cpu:gloo,cuda:nccl")]
+    assert distributed.device_for("cuda", world) == torch.device("cuda", 1)
+    calls.clear()
+    distributed.init_world("cpu")
+    assert calls == [("backend", "gloo")]

@@ -24,7 +24,7 @@ def add_train_parser(commands: Any) -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a student from a store (usi), fine-tune adaptively (adaptive), or a baseline (plain)",
         description="Train a student. Recipe defaults are filled in and written to OUT/config.json. Runs under "
-                    "torchrun for DDP (gloo on CPU, nccl on CUDA).")
+                    "torchrun for DDP (gloo on CPU; NCCL for gradients and gloo for metrics on CUDA).")
     train.add_argument("train_source", help="ImageFolder directory of the training images (the store's source)")
     train.add_argument("--store", help="reinforced store of TRAIN_SOURCE (offline soft targets)")
     train.add_argument("--val", help="ImageFolder directory of validation images (same class folders)")

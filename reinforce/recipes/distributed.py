@@ -27,14 +27,24 @@ class World:
         return self.size > 1
 
 
+def process_group_backend(device: str) -> str:
+    """gloo on the CPU; on CUDA, NCCL for tensors on the GPU (DDP's gradients) and gloo for the loop's small
+    CPU-side collectives (epoch metrics, broadcast objects, barriers), which NCCL cannot carry."""
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+
+
 def init_world(device: str) -> World:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1), with gloo on CPU and nccl on CUDA."""
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); on CUDA each rank's current device is
+    ``cuda:LOCAL_RANK``."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(process_group_backend(device))
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank)
 
 
 def resolve_device(device: str) -> str:

@@ -455,8 +455,8 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, log: Cal
     """Train a student by one recipe into ``config.out`` (see :class:`TrainConfig`); ``model`` may replace the
     timm model named by ``config.model`` (it must predict the store's classes).
 
-    Works under ``torchrun`` (DDP: gloo on CPU, nccl on CUDA). Ctrl-C writes a resumable checkpoint;
-    ``resume=True`` continues it exactly.
+    Works under ``torchrun`` (DDP: gloo on CPU; on CUDA, NCCL for gradients and gloo for the CPU-side
+    collectives). Ctrl-C writes a resumable checkpoint; ``resume=True`` continues it exactly.
     """
     if config.threads:
         torch.set_num_threads(config.threads)
