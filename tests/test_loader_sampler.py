@@ -181,3 +181,17 @@ def test_paired_partners_are_adjacent_and_decoded_once_per_batch(photo_jpegs, jp
     for position, (image, target) in zip(batch, samples):
         want_image, want_target = reference[position]
         assert torch.equal(image, want_image) and torch.equal(target, want_target)
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("mpi", "cpu"), ("nccl", "cuda:0"),
+])
+def test_the_rank_check_puts_its_tensor_where_the_process_group_can_carry_it(monkeypatch, backend, expected):
+    import torch
+
+    from reinforce_loaders.samplers import collective_device
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *args: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # An NCCL-only group (the usual init_process_group("nccl")) carries no CPU tensors.
+    assert collective_device() == torch.device(expected)

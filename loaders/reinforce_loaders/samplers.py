@@ -169,15 +169,26 @@ class ReinforcedSampler(torch.utils.data.Sampler[int]):
     def _check_ranks_agree(self) -> None:
         if self.world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        mine = torch.tensor([self.epoch, -self.epoch, self._start, -self._start], dtype=torch.int64)
-        extremes = mine.clone()
+        extremes = torch.tensor([self.epoch, -self.epoch, self._start, -self._start], dtype=torch.int64,
+                                device=collective_device())
         torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+        extremes = extremes.cpu()
         if extremes[0] != -extremes[1] or extremes[2] != -extremes[3]:
             raise SamplerStateError(
                 f"ranks disagree on the epoch or position: rank {self.rank} is at epoch {self.epoch} position "
                 f"{self._start}, others range over epochs {-int(extremes[1])}..{int(extremes[0])} and positions "
                 f"{-int(extremes[3])}..{int(extremes[2])}: call set_epoch with the same epoch on every rank and "
                 "load the same sampler state everywhere")
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective of the default process group must live: the CPU when the group has a CPU
+    backend (gloo, MPI, or a ``"cpu:gloo,cuda:nccl"`` pair), else this rank's current CUDA device (an NCCL-only
+    group, the usual ``init_process_group("nccl")``, carries no CPU tensors)."""
+    backend = str(torch.distributed.get_backend()).lower()
+    if "gloo" in backend or "mpi" in backend or "nccl" not in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _group_partners(order: np.ndarray, partners: np.ndarray, world_size: int) -> np.ndarray:
