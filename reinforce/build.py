@@ -10,13 +10,17 @@ is :class:`~reinforce.blocks.BlockRunner`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from reinforce_loaders import format as fmt
+from reinforce_loaders.errors import ReinforceError
 from reinforce_loaders.source import ImageSource, fingerprint, open_source, set_max_image_pixels
 from tqdm.auto import tqdm
 
@@ -90,6 +94,44 @@ def make_ensemble(config: BuildConfig) -> Ensemble:
                            std=config.teacher_std)
 
 
+VAL_CROP = 0.875
+"""Center-crop ratio of the held-out images the teachers are scored on (``--val``): the usual ImageNet
+evaluation (resize the short side to size / 0.875, crop size), timm's default ``crop_pct``."""
+
+
+def open_val_set(config: BuildConfig, source: ImageSource, ensemble: Ensemble) -> Any:
+    """``--val``'s images at the teachers' largest input size, refused up front (before any block is built) when
+    its class folders are not the source's or the teachers predict another label space."""
+    from .recipes.data import EvalSamples, check_classes
+
+    num_classes = len(source.classes) if source.classes is not None else None
+    if config.teacher_classes == "all" and ensemble.num_classes != num_classes:
+        raise BuildError(f"--val scores the teachers against the dataset's labels, but they predict "
+                         f"{ensemble.num_classes} classes (--teacher-classes all) and the dataset has "
+                         f"{num_classes}: drop --val")
+    val_set = EvalSamples(config.val_source, max(ensemble.input_sizes), VAL_CROP)
+    try:
+        check_classes(source.classes, val_set.classes, num_classes or ensemble.num_classes)
+    except ReinforceError as error:
+        raise BuildError(f"--val {config.val_source}: {error}") from None
+    if not len(val_set):
+        raise BuildError(f"--val {config.val_source} holds no images: pass the held-out split's directory")
+    return val_set
+
+
+def held_out_accuracy(ensemble: Ensemble, val_set: Any, device: str, val_source: str) -> dict[str, Any]:
+    """The ensemble's top-1 on ``val_set`` (fp32, on ``device``): the header's ``provenance.teacher_accuracy``
+    and what it was measured on (``teacher_accuracy_on``)."""
+    from .recipes.distill import held_out_top1
+
+    ensemble.to(device)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(4, os.cpu_count() or 1))
+    top1, size = held_out_top1(ensemble, lambda _: loader)
+    return {fmt.TEACHER_ACCURACY: round(top1, 4),
+            fmt.TEACHER_ACCURACY_ON: {"split": Path(val_source).name, "images": len(val_set), "size": size,
+                                      "crop": VAL_CROP}}
+
+
 def skipped_in_store(writer: StoreWriter, source: ImageSource) -> list[SkippedSample]:
     """Every sample the store marks as skipped (``image_sizes`` of (0, 0)), with its source path."""
     sizes = np.asarray(writer.group[fmt.IMAGE_SIZES][:])
@@ -112,16 +154,18 @@ def run_build(config: BuildConfig, ensemble: Ensemble | None = None, progress: b
     if ensemble is None:
         ensemble = make_ensemble(config)
     plan = resolve_plan(config, source, ensemble)
+    val_set = open_val_set(config, source, ensemble) if config.val_source else None
     if report is None and progress:
         report = print
     with store_lock(plan.config.out):
-        summary = _build_locked(plan, ensemble, source, progress)
+        summary = _build_locked(plan, ensemble, source, progress, val_set)
     if report is not None:
         report(f"{plan.config.out}: {summary}" if summary.already_complete else f"built {plan.config.out}: {summary}")
     return summary
 
 
-def _build_locked(plan: BuildPlan, ensemble: Ensemble, source: ImageSource, progress: bool) -> BuildSummary:
+def _build_locked(plan: BuildPlan, ensemble: Ensemble, source: ImageSource, progress: bool,
+                  val_set: Any = None) -> BuildSummary:
     """Create or resume the store, run its pending blocks and finalize it (the caller holds the store lock)."""
     check_sample_count(plan, source)
     writer = StoreWriter.create_or_resume(plan.config.out, plan.header)
@@ -153,10 +197,15 @@ def _build_locked(plan: BuildPlan, ensemble: Ensemble, source: ImageSource, prog
     seconds = time.perf_counter() - began
     by_index = {s.index: s for s in skipped}
     all_skipped = [by_index.get(s.index, s) for s in skipped_in_store(writer, source)]
+    provenance = dict(writer.header.provenance)
     if all_skipped:
-        provenance = {**writer.header.provenance,
-                      "skipped": [{"index": s.index, "path": s.path} for s in all_skipped]}
-        writer.header = dataclasses.replace(writer.header, provenance=provenance)
+        provenance["skipped"] = [{"index": s.index, "path": s.path} for s in all_skipped]
+    if val_set is not None:  # scored once every block is written; a crash here resumes to it
+        device = plan.config.device  # a cluster's driver may have no GPU: it scores on its CPU then
+        if plan.config.device_type == "cuda" and not torch.cuda.is_available():
+            device = "cpu"
+        provenance.update(held_out_accuracy(ensemble, val_set, device, plan.config.val_source))
+    writer.header = dataclasses.replace(writer.header, provenance=provenance)
     writer.finalize()
     return _summary(plan, pending, seconds, all_skipped, engine=engine.description, retries=engine.retries,
                     images=total)

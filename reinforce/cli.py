@@ -75,6 +75,10 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--num-augmentations", "-A", type=int, required=True, help="stored augmentations per image")
     build.add_argument("--top-k", "-k", type=int, required=True, help="teacher probabilities kept per record")
     build.add_argument("--out", required=True, help="store directory to create, or to resume")
+    build.add_argument("--val", dest="val_source", metavar="VAL_SOURCE",
+                       help="held-out images in the source's class folders: the teachers' top-1 on them (at their "
+                            "input size, center crop 0.875) is recorded in the store's header, so that every user "
+                            "of the store can check the teachers are clearly stronger than their student")
     build.add_argument("--seed", type=int,
                        help="seed of every augmentation and mixing draw: the same seed and settings give the "
                             "same store; 0 <= seed < 2**64 (default %(default)s)")

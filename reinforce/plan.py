@@ -82,6 +82,7 @@ class BuildConfig:
     compile: bool = False
     on_bad_image: BadImagePolicy = "fail"
     allow_empty_classes: bool = False  # keep a class folder without images as a class without samples
+    val_source: str | None = None  # held-out images (the source's class folders): the teachers' top-1 is recorded
     max_image_pixels: int | None = None  # None: Pillow's limit (89,478,485); 0: none (source.set_max_image_pixels)
     workers: int | None = None
     ray_address: str | None = None

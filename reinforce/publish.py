@@ -133,8 +133,12 @@ def _card_teachers_and_augmentation(header: fmt.StoreHeader) -> list[str]:
                 for t in header.teachers]
     ops = [f"- `{op['name']}`: " + ", ".join(f"{k}={v}" for k, v in op.items() if k != "name")
            for op in header.augmentation["ops"]]
+    recorded = fmt.recorded_teacher_accuracy(header.provenance)
+    accuracy = ([f"Top-1 of the ensemble: **{recorded[0]:.2f} %** on {recorded[1]}. Distil only into students "
+                 "it beats clearly: `reinforce train` warns below a 5-point margin.", ""] if recorded else
+                ["The store records no held-out accuracy of its teachers (`reinforce build --val` records one).", ""])
     return ["## Teachers", "", "| architecture | input size | mean / std | weights sha256 |", "| --- | --- | --- | --- |",
-            *teachers, "", "## Augmentation", "", f"Output size {header.augmentation['size']}; ops in order:", "",
+            *teachers, "", *accuracy, "## Augmentation", "", f"Output size {header.augmentation['size']}; ops in order:", "",
             *ops, ""]
 
 

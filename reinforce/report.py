@@ -42,7 +42,7 @@ def describe_store(store: str | os.PathLike[str]) -> str:
         + ", ".join(_op_text(op) for op in header.augmentation["ops"]),
         "teachers         " + "; ".join(
             f"{t.get('name')} @{t.get('input_size')} sha256 {str(t.get('weights_sha256'))[:12]}"
-            for t in header.teachers),
+            for t in header.teachers) + _teacher_accuracy_text(header),
         f"built            {header.provenance.get('created', '?')} by {header.provenance.get('tool', '?')}"
         f" on {header.provenance.get('device', '?')}",
         f"record row       {header.record_width} x {header.dtype}: "
@@ -191,6 +191,11 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, qu
         passed.extend(_check_source(open_source(source, allow_empty_classes=True), header, labels, sizes,
                                     fingerprints))
     return passed
+
+
+def _teacher_accuracy_text(header: fmt.StoreHeader) -> str:
+    recorded = fmt.recorded_teacher_accuracy(header.provenance)
+    return "" if recorded is None else f"; top-1 {recorded[0]:.2f} % on {recorded[1]}"
 
 
 def _check_blocks_done(group: Any, header: fmt.StoreHeader, step: int = 4096) -> None:

@@ -330,3 +330,39 @@ def test_teacher_member_leaves_a_float_input_alone():
     member.probs(images)
     member.probs(images)
     assert (images == 255.0).all()
+
+
+def test_val_records_the_teachers_held_out_accuracy_for_every_user_of_the_store(digits, teacher_weights, reference,
+                                                                                tmp_path, capsys):
+    from reinforce.cli import main
+    from reinforce.publish import CARD_NAME, publish
+    from reinforce.recipes.data import EvalSamples
+    from reinforce.recipes.distill import held_out_top1, teacher_report
+
+    out = tmp_path / "s.zarr"
+    build(digits[0], out, teacher_weights, val_source=str(digits[1]))
+    header = fmt.read_header(fmt.open_store_group(out))
+    ensemble = create_ensemble(teacher_weights)
+    size = max(ensemble.input_sizes)
+    expected, _ = held_out_top1(ensemble, lambda s: torch.utils.data.DataLoader(EvalSamples(str(digits[1]), s, 0.875),
+                                                                                batch_size=7))
+    assert header.provenance["teacher_accuracy"] == pytest.approx(expected, abs=1e-4)
+    assert header.provenance["teacher_accuracy_on"] == {"split": digits[1].name, "images": 15, "size": size,
+                                                        "crop": 0.875}
+    assert_same_arrays(out, reference)  # the score is provenance: the arrays are the build's without --val
+    # inspect, the dataset card and a student's run all say it; the student needs no teacher weights for it
+    assert main(["inspect", str(out)]) == 0
+    assert f"top-1 {expected:.2f} % on 15 held-out images of {digits[1].name} at {size} px" in capsys.readouterr().out
+    publish(str(out), str(tmp_path / "pub"), source=digits[0])
+    assert f"Top-1 of the ensemble: **{expected:.2f} %**" in (tmp_path / "pub" / CARD_NAME).read_text()
+    report = teacher_report(header, None, [], None)
+    assert (report.kind, report.top1) == ("store", pytest.approx(expected, abs=1e-4))
+
+
+def test_val_with_other_classes_is_refused_before_anything_is_built(digits, teacher_weights, tmp_path):
+    val = tmp_path / "val"
+    shutil.copytree(digits[1], val)
+    (val / "0").rename(val / "zero")
+    with pytest.raises(BuildError, match=r"--val .*class"):
+        build(digits[0], tmp_path / "s.zarr", teacher_weights, val_source=str(val))
+    assert not (tmp_path / "s.zarr").exists()

@@ -865,6 +865,24 @@ def decode_records(header: StoreHeader, rows: np.ndarray, heights: np.ndarray, w
     )
 
 
+TEACHER_ACCURACY = "teacher_accuracy"
+"""``provenance`` member (optional): the teacher ensemble's top-1, in percent, on held-out images scored at build
+time; ``TEACHER_ACCURACY_ON`` says which (``split`` name, ``images``, ``size`` px, center ``crop`` ratio)."""
+TEACHER_ACCURACY_ON = "teacher_accuracy_on"
+
+
+def recorded_teacher_accuracy(provenance: dict[str, Any]) -> tuple[float, str] | None:
+    """(top-1 percent, what it was measured on) from a header's ``provenance``, if the build scored its teachers
+    on held-out images (``reinforce build --val``); None otherwise."""
+    top1 = provenance.get(TEACHER_ACCURACY)
+    if not isinstance(top1, (int, float)) or isinstance(top1, bool) or not 0 <= top1 <= 100:
+        return None
+    on = provenance.get(TEACHER_ACCURACY_ON)
+    on = on if isinstance(on, dict) else {}
+    return float(top1), (f"{on.get('images', '?')} held-out images of {on.get('split', '?')!s} at "
+                         f"{on.get('size', '?')} px, center crop {on.get('crop', '?')}, scored at build time")
+
+
 def check_records(header: StoreHeader, indices: np.ndarray, quantized: np.ndarray, entropy_levels: np.ndarray,
                   where: str = "") -> None:
     """Raise :class:`StoreFormatError` unless every record holds distinct class indices below ``num_classes``,

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from reinforce_loaders import format as fmt
 
 from ..teachers import Ensemble, create_ensemble, parse_teacher_spec
 from .config import TrainError
@@ -180,9 +181,9 @@ def teacher_report(header: Any, store_samples, teacher_specs: list[str],
         top1, size = held_out_top1(ensemble, val_batches_at)
         detail = f"on --val at {size} px, {origin}" + (f"; {note}" if note else "")
         return TeacherReport(top1, "held-out", detail)
-    recorded = (getattr(header, "provenance", None) or {}).get("teacher_accuracy")
+    recorded = fmt.recorded_teacher_accuracy(getattr(header, "provenance", None) or {})
     if recorded is not None:
-        return TeacherReport(float(recorded), "store", "accuracy recorded in the store header")
+        return TeacherReport(recorded[0], "store", f"recorded in the store header: {recorded[1]}")
     if store_samples is None:
         return TeacherReport(None, "unknown", "no store, no teacher weights")
     top1, used = train_agreement_top1(store_samples)
