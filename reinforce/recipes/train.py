@@ -357,6 +357,8 @@ class Trainer:
             "loss_sum": self.loss_sum, "loss_count": self.loss_count, "lr": self.lr,
             "best_top1": self.best_top1, "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
             "torch_rng": torch.get_rng_state(),
+            # dropout and drop-path on a GPU draw from its own generator
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -369,6 +371,8 @@ class Trainer:
                     "stopped_early"):
             setattr(self, key, state[key])
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
     def save_checkpoint(self) -> None:
         self.run.save_checkpoint(self.state_dict())
