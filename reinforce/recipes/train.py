@@ -59,8 +59,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def uses_hard_labels(settings: dict[str, Any], train_set: Any) -> bool:
-    """Whether the loss has a CE term on the hard labels: not with --kd-only, --kd-mode replace (adaptive), or a
-    store of mixed records (their label is the teacher's target on the mixed image)."""
+    """Whether the loss has a CE term on the hard labels: always without soft targets (no store, no online
+    teachers); not with --kd-only, --kd-mode replace (adaptive), or a store of mixed records (their label is the
+    teacher's target on the mixed image)."""
+    if not (settings["store"] or settings["teachers"]):
+        return True
     return not (settings["kd_only"] or getattr(train_set, "mixes", False)
                 or (settings["recipe"] == "adaptive" and settings["kd_mode"] == "replace"))
 
@@ -501,7 +504,7 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
         ensemble = create_ensemble(config.teachers)
     report = _teacher_report(config, settings, train_set, val_set, world, ensemble, device)
     log(report.describe())
-    kd_only = not uses_hard_labels(settings, train_set) and bool(config.store or ensemble)
+    kd_only = not uses_hard_labels(settings, train_set)
     kd_only_flag = ("a store of mixed records" if getattr(train_set, "mixes", False) and not config.kd_only else
                     "--kd-mode replace" if settings["recipe"] == "adaptive" else "--kd-only")
     warnings, notes = [], []
