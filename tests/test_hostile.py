@@ -224,6 +224,36 @@ def test_a_zstd_chunk_expanding_to_3_gib_is_refused_before_it_is_decoded(digits,
         assert "array 'labels'" in text and "declares 3,221,225,472 decoded bytes for a chunk of 64 bytes" in text
 
 
+def test_a_refused_chunk_leaves_no_read_of_its_call_running(copied, monkeypatch):
+    """zarr does not cancel the other chunks of a call when one fails; a process exiting under them (verify on a
+    damaged store) printed "Task was destroyed but it is pending!" and their tracebacks (seen once in CI)."""
+    import asyncio
+    import threading
+    import time
+
+    from zarr.core.sync import sync
+
+    (copied / fmt.LABELS / "c" / "0").write_bytes(with_crc(zstd_bomb(BOMB_BYTES)))
+    decode, bomb_refused = fmt.BoundedZstdCodec._decode_sync, threading.Event()
+
+    def slow_beside_the_bomb(self, chunk_bytes, chunk_spec):
+        if fmt.zstd_content_size(chunk_bytes.as_numpy_array()) > 1 << 20:
+            bomb_refused.set()
+        else:  # still decoding when the bomb is refused
+            bomb_refused.wait(5)
+            time.sleep(0.5)
+        return decode(self, chunk_bytes, chunk_spec)
+
+    async def running_tasks() -> int:
+        return len(asyncio.all_tasks() - {asyncio.current_task()})
+
+    monkeypatch.setattr(fmt.BoundedZstdCodec, "_decode_sync", slow_beside_the_bomb)
+    with pytest.raises(fmt.StoreFormatError, match="a decompression bomb"):
+        fmt.read_array(fmt.open_store_group(copied), fmt.LABELS)
+    assert bomb_refused.is_set()
+    assert sync(running_tasks()) == 0
+
+
 def test_a_blosc_records_chunk_declaring_2_gb_is_refused_before_it_is_allocated(digits, copied):
     header = fmt.read_header(fmt.open_store_group(copied))
     shard = copied / fmt.RECORDS / "c" / "0" / "0" / "0"

@@ -15,6 +15,7 @@ with one chunk per block.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import hashlib
@@ -29,6 +30,7 @@ import zarr
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, TransposeCodec, ZstdCodec
 from zarr.core.array import AsyncArray
+from zarr.core.sync import sync as zarr_sync
 
 from . import rng
 from .codecs import ParamLayout
@@ -621,10 +623,30 @@ def read_array(group: zarr.Group, name: str, selection: Any = slice(None), what:
     try:
         return np.asarray(array[selection])
     except Exception as error:  # zarr reports damage as ValueError, RuntimeError or struct/codec errors
+        _settle_sibling_reads()
         raise StoreFormatError(
             f"cannot read {what or 'data'} of array '{name}' ({type(error).__name__}: {error}): the store is "
             "damaged or truncated; re-download it, or run `reinforce verify` to find every damaged block"
         ) from error
+
+
+def _settle_sibling_reads(timeout: float = 10.0) -> None:
+    """Wait for the chunk reads that zarr started beside a chunk that failed.
+
+    zarr gathers the chunks of one call without cancelling the others when one raises, so they keep running on
+    its event loop after the error reached us; a process that then exits (``reinforce verify`` on a damaged
+    store) destroys them half-way and prints "Task was destroyed but it is pending!" with their tracebacks
+    under the clean error message.
+    """
+    async def settle() -> None:
+        pending = asyncio.all_tasks() - {asyncio.current_task()}
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    try:
+        zarr_sync(settle())
+    except Exception:  # the error being reported matters more than a tidy exit
+        pass
 
 
 def check_store(group: zarr.Group, header: StoreHeader, *, last_block: bool = True) -> None:
