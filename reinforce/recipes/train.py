@@ -58,13 +58,18 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def stores_mixed_records(train_set: Any) -> bool:
+    """Whether ``train_set`` serves a store whose preset mixed its records (MixUp/CutMix are then the store's)."""
+    return bool(getattr(train_set, "mixes", False))
+
+
 def uses_hard_labels(settings: dict[str, Any], train_set: Any) -> bool:
     """Whether the loss has a CE term on the hard labels: always without soft targets (no store, no online
     teachers); not with --kd-only, --kd-mode replace (adaptive), or a store of mixed records (their label is the
     teacher's target on the mixed image)."""
     if not (settings["store"] or settings["teachers"]):
         return True
-    return not (settings["kd_only"] or getattr(train_set, "mixes", False)
+    return not (settings["kd_only"] or stores_mixed_records(train_set)
                 or (settings["recipe"] == "adaptive" and settings["kd_mode"] == "replace"))
 
 
@@ -96,12 +101,11 @@ class Trainer:
         self.sampler = make_sampler(settings, len(train_set), world)
         self.schedule = self._make_schedule()
         self.ema = self._make_ema()
-        store_mixes = bool(getattr(train_set, "mixes", False))
         self.loss_fn = DistillationLoss(settings["alpha_kd"], settings["temperature"],
                                         use_ce=uses_hard_labels(settings, train_set))
         wants_mixing = settings["mixup"] > 0 or settings["cutmix"] > 0
         self.mixing = (SoftMixing(settings["mixup"], settings["cutmix"], num_classes)
-                       if wants_mixing and not store_mixes else None)
+                       if wants_mixing and not stores_mixed_records(train_set) else None)
         self._train_loader: torch.utils.data.DataLoader | None = None
         self._val_loader: torch.utils.data.DataLoader | None = None
         self.epoch = 0
@@ -505,7 +509,7 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
     report = _teacher_report(config, settings, train_set, val_set, world, ensemble, device)
     log(report.describe())
     kd_only = not uses_hard_labels(settings, train_set)
-    kd_only_flag = ("a store of mixed records" if getattr(train_set, "mixes", False) and not config.kd_only else
+    kd_only_flag = ("a store of mixed records" if stores_mixed_records(train_set) and not config.kd_only else
                     "--kd-mode replace" if settings["recipe"] == "adaptive" else "--kd-only")
     warnings, notes = [], []
     if reference is not None:  # a plain student's top-1 is known before training: say now what it implies
