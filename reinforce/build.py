@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .blocks import BlockProcessor, BlockRunner, BlockStats, LoadedBlock, SkippedSample, make_processor
 from .engine import make_engine
 from .plan import BuildConfig, BuildError, BuildPlan, resolve_plan
+from .progress import bar_options
 from .teachers import Ensemble, create_ensemble
 from .writer import StoreWriter, data_bytes, store_bytes, store_lock
 
@@ -178,7 +179,8 @@ def _build_locked(plan: BuildPlan, ensemble: Ensemble, source: ImageSource, prog
     skipped: list[SkippedSample] = []
     began = time.perf_counter()
     with make_engine(plan, writer, ensemble, source) as engine, tqdm(
-            total=total, unit="img", disable=not progress, desc="reinforce build", dynamic_ncols=True) as bar:
+            total=total, unit="img", disable=not progress, desc="reinforce build", dynamic_ncols=True,
+            **bar_options()) as bar:
         records_heard = shown = 0  # since the last finished block: records reported, whole images shown
 
         def records_done(records: int) -> None:
@@ -193,7 +195,7 @@ def _build_locked(plan: BuildPlan, ensemble: Ensemble, source: ImageSource, prog
             records_heard = shown = 0
             rate = bar.format_dict.get("rate") or 0.0
             bar.set_postfix_str(f"{rate * a:.1f} rec/s, block {stats.block} by {stats.worker}"
-                                + (f", {len(skipped)} skipped" if skipped else ""))
+                                + (f", {len(skipped)} skipped" if skipped else ""), refresh=False)
     seconds = time.perf_counter() - began
     by_index = {s.index: s for s in skipped}
     all_skipped = [by_index.get(s.index, s) for s in skipped_in_store(writer, source)]

@@ -33,6 +33,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, WrapperStore
 
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_destination, hash_files, sha256_file
+from .progress import bar_options
 
 PART_SUFFIX = ".part"
 T = TypeVar("T")
@@ -280,7 +281,7 @@ def download(url: str, dest: str | os.PathLike[str], options: DownloadOptions = 
     dest = Path(dest)
     transport = make_transport(url, options)
     with tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="reinforce download",
-              disable=not options.progress, dynamic_ncols=True) as bar:
+              disable=not options.progress, dynamic_ncols=True, **bar_options()) as bar:
         downloader = _Downloader(transport, dest, options, bar)
         raw = downloader.read_all(MANIFEST_NAME)
         manifest = Manifest.from_bytes(raw)

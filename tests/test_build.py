@@ -313,7 +313,7 @@ def _recording_bar(heard: list[float]):
         def update(self, n):
             heard.append(n)
 
-        def set_postfix_str(self, _):
+        def set_postfix_str(self, _, refresh=True):
             return None
 
     return Bar

@@ -151,7 +151,7 @@ def test_progress_counts_images_within_a_block(digits, teacher_weights, tmp_path
         def update(self, n):
             updates.append(("update", n))
 
-        def set_postfix_str(self, _):
+        def set_postfix_str(self, _, refresh=True):
             return None
 
     monkeypatch.setattr(reinforce.build, "tqdm", Bar)

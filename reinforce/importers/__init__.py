@@ -28,6 +28,7 @@ from reinforce_loaders.source import ImageSource, decode_image, fingerprint
 from tqdm import tqdm
 
 from .. import __version__
+from ..progress import bar_options
 from ..writer import BlockResult, StoreWriter
 
 
@@ -134,7 +135,8 @@ def convert(plan: ImportPlan, out: str | os.PathLike[str], *, workers: int = 1, 
         tasks.append(delayed(_convert_block)(header, block, paths[start:stop], labels[start:stop],
                                              plan.files[start:stop], plan.reader))
     samples = sum(header.block_range(b)[1] - header.block_range(b)[0] for b in pending)
-    with tqdm(total=samples, unit="file", disable=not progress, desc="reinforce import") as bar:
+    with tqdm(total=samples, unit="file", disable=not progress, desc="reinforce import",
+              **bar_options()) as bar:
         for block, result in Parallel(n_jobs=max(1, workers), return_as="generator_unordered")(tasks):
             writer.write_block(block, result)
             bar.update(len(result.labels))

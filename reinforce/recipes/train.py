@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..progress import bar_options
 from .config import TrainConfig, TrainError, resolve
 from .data import AugmentedSamples, EvalSamples, StoreSamples, check_classes, sample_seed
 from .distill import TeacherReport, baseline_top1, ensemble_probs, teacher_report
@@ -269,8 +270,8 @@ class Trainer:
                 self.step_in_epoch += 1
                 self.global_step += 1
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.3g}")
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.3g}", refresh=False)
+                    bar.update(1)  # draws the bar, postfix included, at most once per interval
                 if self.on_step is not None:
                     self.on_step(self, epoch, self.step_in_epoch)
         except KeyboardInterrupt:
@@ -290,7 +291,8 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False)
+        return tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
+                    **bar_options())
 
     def end_epoch(self) -> dict[str, Any]:
         epoch = self.epoch
