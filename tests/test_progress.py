@@ -11,8 +11,10 @@ import tqdm.std as tqdm_std
 from tqdm import tqdm
 
 from reinforce.build import run_build
+from reinforce.download import DownloadOptions, download
 from reinforce.plan import BuildConfig
 from reinforce.progress import LOG_INTERVAL_SECONDS, bar_options
+from reinforce.publish import publish
 from reinforce.recipes import TrainConfig, train
 
 
@@ -60,3 +62,11 @@ def test_reinforce_build_writes_few_bar_lines_into_a_log(digits, teacher_weights
     run_build(config, report=lambda line: None)
     bar_lines = capsys.readouterr().err.count("reinforce build")  # 12 micro-batches, a few seconds apart
     assert 1 <= bar_lines <= 3, bar_lines
+
+
+def test_reinforce_download_writes_few_bar_lines_into_a_log(store, digits, tmp_path, clock, capsys):
+    publish(store, str(tmp_path / "publication"), source=digits[0])
+    download(str(tmp_path / "publication"), tmp_path / "copy",
+             DownloadOptions(progress=True, workers=1, chunk_size=256))  # hundreds of chunks, seconds apart
+    bar_lines = capsys.readouterr().err.count("reinforce download")  # ~5 minutes of 263 chunks
+    assert 1 <= bar_lines <= 10, bar_lines
