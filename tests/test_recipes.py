@@ -83,6 +83,17 @@ def test_resume_with_a_changed_recipe_names_the_field(digits, store, tmp_path):
         train(_config(digits, store, tmp_path / "run", epochs=1), log=_quiet)
 
 
+def test_resume_with_another_number_of_processes_is_refused(digits, store, tmp_path):
+    train(_config(digits, store, tmp_path / "run", epochs=1), log=_quiet)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["world_size"] == 1
+    torch.save({**state, "world_size": 2}, checkpoint)  # as if written under torchrun --nproc-per-node 2
+    with pytest.raises(TrainError, match=r"written by a run of 2 process\(es\) and this run has 1.*"
+                                         r"--nproc-per-node 2"):
+        train(_config(digits, store, tmp_path / "run", epochs=1, resume=True), log=_quiet)
+
+
 def test_model_with_another_class_count_is_refused(digits, store, tmp_path):
     import timm
 
@@ -239,6 +250,22 @@ def test_multiscale_sampler_and_entropy_curriculum_train_from_the_store(digits, 
     for index in (0, 17, 44):
         entropies = [dataset.teacher_entropy(index, slot) for slot in range(dataset.header.num_augmentations)]
         assert data.slot_policy(index, 0) == min(range(len(entropies)), key=entropies.__getitem__)
+
+
+def test_multiscale_sampler_with_mixup_trains_on_even_batches(digits, tmp_path, monkeypatch):
+    from reinforce.recipes.train import Trainer
+
+    sizes = []
+    prepare = Trainer.prepare
+
+    def recording(self, batch, epoch, step):
+        sizes.append(len(batch[0]))
+        return prepare(self, batch, epoch, step)
+
+    monkeypatch.setattr(Trainer, "prepare", recording)
+    result = train(_config(digits, None, tmp_path / "run", recipe="plain", epochs=2, sampler="multiscale",
+                           mixup=0.4, image_size=32), log=_quiet)
+    assert result.epochs_run == 2 and sizes and all(size % 2 == 0 for size in sizes), sizes
 
 
 def test_results_do_not_depend_on_the_worker_count(digits, store, tmp_path):

@@ -40,6 +40,16 @@ def test_usi_loss_is_ce_plus_alpha_kl_by_hand():
     assert float(kd_kl(logits, teacher, 2.0)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_tempered_kl_leaves_the_classes_a_top_k_target_omits_at_zero():
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.0, 0.2]])
+    teacher = torch.tensor([[0.6, 0.4, 0.0, 0.0, 0.0, 0.0]])  # a top-2 record over 6 classes
+    soft_s = torch.log_softmax(logits[0] / 4, dim=-1).double().numpy()
+    soft_t = np.array([0.6, 0.4]) ** 0.25
+    soft_t /= soft_t.sum()  # only the stored classes carry mass at tau = 4
+    expected = 16 * float(np.sum(soft_t * (np.log(soft_t) - soft_s[:2])))
+    assert float(kd_kl(logits, teacher, 4.0)) == pytest.approx(expected, rel=1e-5)
+
+
 def test_soft_mixing_mixes_labels_and_soft_targets_with_one_weight():
     np.random.seed(0)
     mixing = SoftMixing(mixup_alpha=1.0, cutmix_alpha=0.0, num_classes=3)
@@ -68,15 +78,19 @@ def _lr_curve(losses, scores, **settings):
 
 
 def test_reduce_lr_on_plateau_v2_warmup_plateau_decay_and_early_stop():
-    losses = [5, 4, 3, 3, 3, 3, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9]
-    scores = [10, 20, 30, 40, 40, 40, 40, 40, 40, 40, 40, 40]
-    curve, bias = _lr_curve(losses, scores, max_epochs=12, warmup_epochs=2, patience=2, factor=0.1,
+    losses = [5, 4, 3, 3, 3, 3, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9]
+    scores = [10, 20, 30, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40]
+    curve, bias = _lr_curve(losses, scores, max_epochs=16, warmup_epochs=2, patience=2, factor=0.1,
                             min_lr_ratio=0.01)
     # warmup 0.5, 1; best loss 3 at epoch 2; epochs 3, 4, 5 without improvement (> patience 2) -> 0.1;
-    # the new plateau (2.9 from epoch 6) runs out after epoch 9 -> 0.01 = the floor; the score has not improved
-    # since epoch 3, so training stops after epoch 9.
-    assert curve == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1])
+    # the new plateau (2.9 from epoch 6) runs out after epoch 9 -> 0.01 = the floor. The score has not improved
+    # since epoch 3, but the patience counts epochs at the floor: 10 and 11, then training stops.
+    assert curve == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01])
     assert bias == pytest.approx([2 * lr for lr in curve])  # biases keep their x2 scale
+    # A better score at the floor (epoch 10) restarts the patience: epochs 11 and 12 without, then the stop.
+    scores[10] = 41
+    curve, _ = _lr_curve(losses, scores, max_epochs=16, warmup_epochs=2, patience=2, factor=0.1, min_lr_ratio=0.01)
+    assert curve == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01])
 
 
 def test_reduce_lr_on_plateau_v2_forces_a_decay_at_75_percent():
@@ -157,6 +171,21 @@ def test_variable_batch_sampler_trades_batch_size_for_resolution():
     seen = [p for plan in plans for batch in plan for p, _ in batch]
     assert len(seen) == len(set(seen))
     assert len({batch[0][1] for batch in plans[0]}) > 1
+
+
+def test_variable_batch_sampler_keeps_batches_even_for_mixing():
+    sampler = VariableBatchSampler(400, 8, 32, [16, 24, 32, 40, 48], seed=0, multiple_of=2)
+    batches = {batch[0][1]: len(batch) for batch in sampler}
+    assert batches == {16: 32, 24: 14, 32: 8, 40: 4, 48: 2}  # 8 x 32^2 / r^2 = 32, 14.2, 8, 5.1, 3.6, made even
+
+
+def test_mixing_with_an_odd_batch_size_is_refused_before_training():
+    from reinforce.recipes import TrainConfig
+    from reinforce.recipes.config import resolve
+
+    with pytest.raises(TrainError, match="--batch-size 7 is odd; pass 8"):
+        resolve(TrainConfig(train_source="x", val_source="y", model="resnet18", recipe="plain", out="o",
+                            batch_size=7, mixup=0.2))
 
 
 def test_entropy_curriculum_widens_from_the_easiest_records():

@@ -140,6 +140,9 @@ def check_settings(settings: dict[str, Any]) -> None:
         raise TrainError("--kd-only needs soft targets: pass --store or --teacher")
     if settings["epochs"] < 1 or settings["batch_size"] < 1:
         raise TrainError("--epochs and --batch-size must be at least 1")
+    if (settings["mixup"] > 0 or settings["cutmix"] > 0) and settings["batch_size"] % 2:
+        raise TrainError(f"--mixup/--cutmix mix each batch with itself reversed, which needs an even batch: "
+                         f"--batch-size {settings['batch_size']} is odd; pass {settings['batch_size'] + 1}")
     if settings.get("decode", "exact") != "exact" and not settings["store"]:
         raise TrainError("--decode fast changes how a store's JPEG sources are replayed: pass --store, or drop it")
     if settings["curriculum"] != "none" and not settings["store"]:

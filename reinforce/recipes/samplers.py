@@ -84,14 +84,16 @@ def multiscale_sizes(base: int, low: float = 0.5, high: float = 1.5) -> list[int
 
 class VariableBatchSampler(FixedBatchSampler):
     """Yields this rank's batches of ``(position, resolution)``: resolution ``r`` drawn per step from ``sizes``,
-    batch ``max(1, batch_size * base^2 // r^2)`` (paper 003, MSc-VBS). Each step takes the next
-    ``batch x world_size`` samples of the epoch's :class:`ReinforcedSampler` sequence, rank ``r`` the ``r``-th
-    ``batch`` of them."""
+    batch ``batch_size * base^2 // r^2`` rounded down to a multiple of ``multiple_of`` (at least one multiple;
+    2 under MixUp/CutMix, which pair a batch with itself reversed) (paper 003, MSc-VBS). Each step takes the
+    next ``batch x world_size`` samples of the epoch's :class:`ReinforcedSampler` sequence, rank ``r`` the
+    ``r``-th ``batch`` of them."""
 
     def __init__(self, num_samples: int, batch_size: int, base: int, sizes: Sequence[int], *, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, multiple_of: int = 1) -> None:
         self.base = base
         self.sizes = list(sizes)
+        self.multiple_of = int(multiple_of)
         self.start = 0
         super().__init__(num_samples, batch_size, seed=seed, rank=rank, world_size=world_size)
 
@@ -99,7 +101,8 @@ class VariableBatchSampler(FixedBatchSampler):
         self.start = step
 
     def batch_for(self, resolution: int) -> int:
-        return max(1, self.batch_size * self.base ** 2 // resolution ** 2)
+        batch = self.batch_size * self.base ** 2 // resolution ** 2
+        return max(self.multiple_of, batch // self.multiple_of * self.multiple_of)
 
     def _plan(self) -> list[tuple[int, int, int]]:
         """(first position in the permutation, resolution, per-rank batch) of every step of this epoch."""

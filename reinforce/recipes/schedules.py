@@ -29,7 +29,7 @@ class ReduceLROnPlateauV2:
     - forced decay: if no decay has happened once ``forced_decay_at`` (75 %) of ``max_epochs`` have passed, the
       LR is decayed anyway (a noisy training loss may never look like a plateau);
     - early stop: once the LR has reached its floor (``base_lr * min_lr_ratio``) and the validation score has not
-      improved for ``patience`` epochs, :attr:`should_stop` turns true.
+      improved for ``patience`` epochs trained at that floor, :attr:`should_stop` turns true.
 
     Call :meth:`step` once at the end of every epoch with that epoch's mean training loss and validation score
     (higher is better). The LR of each param group is ``lr * group.get("lr_scale", 1)``, so biases keep their
@@ -91,6 +91,8 @@ class ReduceLROnPlateauV2:
         decayed = self.lr * self.factor
         # Snap to the floor when within rounding of it (0.1 x 0.1 is not exactly 0.01 in floating point).
         self.lr = self.min_lr if decayed <= self.min_lr * (1 + 1e-9) else decayed
+        if self.lr <= self.min_lr:  # the early-stop patience counts epochs trained at the floor
+            self.score_bad_epochs = 0
         self.decays += 1
         self.loss_bad_epochs = 0
         self.best_loss = math.inf  # a new LR starts a new plateau search

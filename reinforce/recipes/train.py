@@ -365,12 +365,19 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "loss_sum": self.loss_sum, "loss_count": self.loss_count, "lr": self.lr,
             "best_top1": self.best_top1, "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
-            "torch_rng": torch.get_rng_state(),
+            "world_size": self.world.size, "torch_rng": torch.get_rng_state(),
             # dropout and drop-path on a GPU draw from its own generator
             **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_world = int(state.get("world_size", self.world.size))
+        if saved_world != self.world.size:
+            raise TrainError(
+                f"the checkpoint was written by a run of {saved_world} process(es) and this run has "
+                f"{self.world.size}: the sample order, the position within the epoch and the length of the LR "
+                f"schedule depend on the number of processes, so resume it with {saved_world} (torchrun "
+                f"--nproc-per-node {saved_world}), or start a new run in another --out")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -448,7 +455,9 @@ def make_sampler(settings: dict[str, Any], num_samples: int, world: World) -> Fi
     common = dict(seed=settings["seed"], rank=world.rank, world_size=world.size)
     if settings["sampler"] == "multiscale":
         base = settings["image_size"]
-        return VariableBatchSampler(num_samples, settings["batch_size"], base, multiscale_sizes(base), **common)
+        mixing = settings["mixup"] > 0 or settings["cutmix"] > 0
+        return VariableBatchSampler(num_samples, settings["batch_size"], base, multiscale_sizes(base),
+                                    multiple_of=2 if mixing else 1, **common)
     return FixedBatchSampler(num_samples, settings["batch_size"], **common)
 
 
