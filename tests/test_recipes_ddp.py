@@ -42,3 +42,23 @@ def test_two_process_ddp_splits_samples_and_keeps_ranks_in_step(digits, store, t
     assert last["fc.weight"].flatten()[:4].tolist() == ranks[0]["weights"]["fc.weight"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and torch.isfinite(torch.tensor(rows[-1]["train_loss"]))
+
+
+def test_two_process_ddp_adaptive_ranks_agree_on_the_estimated_lr(digits, store, tmp_path):
+    """The LR range test runs on every rank; each must choose the same LR (from the ranks' averaged losses),
+    or DDP would average gradients that each rank then applies at its own LR, drifting apart silently."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    pretrained = tmp_path / "test_resnet.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=1000).state_dict(), str(pretrained))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
+               str(digits[0]), str(store), str(digits[1]), str(out), str(pretrained)]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["lr"] == ranks[1]["lr"]  # before the fix: 0.289 on rank 0, 0.00143 on rank 1
+    assert ranks[0]["weights"] == ranks[1]["weights"]

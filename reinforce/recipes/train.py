@@ -221,15 +221,18 @@ class Trainer:
                 "raise --warmup-epochs")
 
     def train_step(self, batch: Any, lr: float) -> float:
-        """A step at a fixed ``lr`` (times each group's ``lr_scale``), for the LR range test."""
+        """A step at a fixed ``lr`` (times each group's ``lr_scale``), for the LR range test; its loss averaged over
+        the ranks, so that every rank's range test sees the same curve, stops at the same step and chooses the
+        same LR."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         x, labels, soft = self.prepare(batch, 0, self.global_step)
         self.global_step += 1
         try:
-            return self.optimize(x, labels, soft, f"range-test step {self.global_step}")
-        except TrainingDiverged:
+            loss = self.optimize(x, labels, soft, f"range-test step {self.global_step}")
+        except TrainingDiverged:  # raised on every rank together (_check_finite)
             return math.inf
+        return all_sum([loss], self.world)[0] / self.world.size
 
     def batches_forever(self, epoch: int = 0) -> Iterator[Any]:
         """Training batches of ``epoch``, ``epoch + 1``, ... without end."""
@@ -532,7 +535,10 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
         if advice:
             notes.append(advice)
             log(f"note: {advice}")
-    lr = _initial_lr(config, settings, world, train_set, val_set, student, num_classes, ensemble, log, run)
+    # Every rank must train at rank 0's LR: the estimate is made from the ranks' averaged losses, so they agree,
+    # but DDP averages gradients, not learning rates, and a disagreement would never show as an error.
+    lr = broadcast(_initial_lr(config, settings, world, train_set, val_set, student, num_classes, ensemble, log,
+                               run), world)
     trainer = Trainer(settings, world=world, device=device, train_set=train_set, val_set=val_set, student=student,
                       num_classes=num_classes, lr=lr, epochs=settings["epochs"], ensemble=ensemble, run=run,
                       log=log, on_step=on_step)
