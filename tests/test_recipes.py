@@ -75,6 +75,36 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(digits, store, tmp_pat
     assert resumed.best_top1 == whole.best_top1
 
 
+def test_ctrl_c_inside_a_step_checkpoints_after_that_step_and_resumes_exactly(digits, store, tmp_path,
+                                                                              monkeypatch):
+    import os
+    import signal
+
+    from reinforce.recipes.train import Trainer
+
+    extra = {"mixup": 0.4, "cutmix": 1.0}
+    whole = train(_config(digits, store, tmp_path / "whole", **extra), log=_quiet)
+    optimize, calls, lines = Trainer.optimize, [], []
+
+    def interrupted_inside(self, *args, **kwargs):
+        loss = optimize(self, *args, **kwargs)
+        calls.append(self.global_step)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after the update, before the LR and EMA steps
+        return loss
+
+    monkeypatch.setattr(Trainer, "optimize", interrupted_inside)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(digits, store, tmp_path / "parted", **extra), log=lines.append)
+    monkeypatch.setattr(Trainer, "optimize", optimize)
+    assert any("interrupted at epoch 0 step 3: checkpoint written" in line for line in lines), lines
+    train(_config(digits, store, tmp_path / "parted", resume=True, **extra), log=_quiet)
+    a, b = load_file(str(tmp_path / "whole" / "last.safetensors")), load_file(str(tmp_path / "parted" /
+                                                                                     "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.epochs_run == 2
+
+
 def test_resume_with_a_changed_recipe_names_the_field(digits, store, tmp_path):
     train(_config(digits, store, tmp_path / "run", epochs=1), log=_quiet)
     with pytest.raises(TrainError, match=r"alpha_kd was 5\.0, now 2\.0"):

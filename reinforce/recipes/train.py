@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -72,6 +74,56 @@ def uses_hard_labels(settings: dict[str, Any], train_set: Any) -> bool:
         return True
     return not (settings["kd_only"] or stores_mixed_records(train_set)
                 or (settings["recipe"] == "adaptive" and settings["kd_mode"] == "replace"))
+
+
+class StepBoundaryInterrupts:
+    """Ctrl-C (SIGINT) during a training step takes effect when the step has ended, so the checkpoint written on
+    an interrupt holds a whole number of steps and ``--resume`` continues exactly: the step's random draws,
+    optimizer update, LR step and EMA update are all in it or all out. Between steps it takes effect at once; a
+    second Ctrl-C inside a step stops at once (:attr:`mid_step`, and no checkpoint is written of that step).
+
+    Only in the main thread of a single-process run: under ``torchrun`` the ranks would have to agree on the
+    step to stop after, and a rank that had already left would leave the others waiting in DDP's all-reduce.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.in_step = False
+        self.requested = False
+        self.mid_step = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StepBoundaryInterrupts:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def step(self) -> StepBoundaryInterrupts._Step:
+        """Context of one step: an interrupt inside it is raised (as KeyboardInterrupt) at its end."""
+        return StepBoundaryInterrupts._Step(self)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.in_step and not self.requested:
+            self.requested = True
+            return
+        self.mid_step = self.in_step
+        raise KeyboardInterrupt
+
+    class _Step:
+        def __init__(self, owner: StepBoundaryInterrupts) -> None:
+            self.owner = owner
+
+        def __enter__(self) -> None:
+            self.owner.in_step = True
+
+        def __exit__(self, kind: type | None, *exc: object) -> None:
+            self.owner.in_step = False
+            if kind is None and self.owner.requested:
+                raise KeyboardInterrupt
 
 
 class Trainer:
@@ -259,8 +311,31 @@ class Trainer:
         began = time.perf_counter()
         seen = 0
         bar = self._progress(steps, start, epoch)
+        interrupts = StepBoundaryInterrupts(enabled=not self.world.distributed)
         try:
-            for batch in self.loader(epoch, start):
+            with interrupts:
+                self._train_steps(epoch, start, bar, interrupts)
+        except KeyboardInterrupt:
+            if self.run is not None and self.world.is_main:
+                if interrupts.mid_step:
+                    self.log(f"interrupted twice, inside epoch {epoch} step {self.step_in_epoch}: no checkpoint "
+                             "of that half-done step is written; --resume continues from the last one, "
+                             f"{self.run.file('checkpoint.pt')}")
+                else:
+                    self.save_checkpoint()
+                    self.log(f"interrupted at epoch {epoch} step {self.step_in_epoch}: checkpoint written to "
+                             f"{self.run.file('checkpoint.pt')}; continue with --resume")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        self.epoch_seconds = time.perf_counter() - began
+        self.epoch_images = sum(self._step_sizes)
+
+    def _train_steps(self, epoch: int, start: int, bar: Any, interrupts: StepBoundaryInterrupts) -> None:
+        self._step_sizes: list[int] = []
+        for batch in self.loader(epoch, start):
+            with interrupts.step():
                 x, labels, soft = self.prepare(batch, epoch, self.step_in_epoch)
                 loss = self.optimize(x, labels, soft, f"epoch {epoch} step {self.step_in_epoch}")
                 if self.settings["schedule"] == "onecycle":
@@ -269,25 +344,14 @@ class Trainer:
                     self.ema.update(self.model, step=self.global_step)
                 self.loss_sum += loss * len(labels)
                 self.loss_count += len(labels)
-                seen += len(labels)
+                self._step_sizes.append(len(labels))
                 self.step_in_epoch += 1
                 self.global_step += 1
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.3g}", refresh=False)
-                    bar.update(1)  # draws the bar, postfix included, at most once per interval
-                if self.on_step is not None:
-                    self.on_step(self, epoch, self.step_in_epoch)
-        except KeyboardInterrupt:
-            if self.run is not None and self.world.is_main:
-                self.save_checkpoint()
-                self.log(f"interrupted at epoch {epoch} step {self.step_in_epoch}: checkpoint written to "
-                         f"{self.run.file('checkpoint.pt')}; continue with --resume")
-            raise
-        finally:
             if bar is not None:
-                bar.close()
-        self.epoch_seconds = time.perf_counter() - began
-        self.epoch_images = seen
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.3g}", refresh=False)
+                bar.update(1)  # draws the bar, postfix included, at most once per interval
+            if self.on_step is not None:
+                self.on_step(self, epoch, self.step_in_epoch)
 
     def _progress(self, steps: int, start: int, epoch: int) -> Any:
         if not (self.settings["progress"] and self.world.is_main and self.run is not None):
