@@ -73,6 +73,25 @@ def test_state_saved_at_the_end_of_an_epoch_drops_and_repeats_nothing(digits, st
     assert list(resumed) == list(fresh) and sorted(fresh) == list(range(len(dataset)))
 
 
+@pytest.mark.parametrize("where", ["loader", "sampler"])
+def test_an_epoch_that_drop_last_cut_short_is_complete_once_its_last_batch_is_handed_out(digits, store, where):
+    """45 samples in batches of 4 with the DataLoader's drop_last (44 trained), or 2 ranks with the sampler's
+    (22 each): the state saved with the last batch, or after the loop, resumes at the next epoch."""
+    dataset = ReinforcedDataset(digits[0], store)
+    sampler = ReinforcedSampler(dataset, seed=1, rank=0, world_size=2 if where == "sampler" else 1,
+                                drop_last=where == "sampler", check_epochs=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler,
+                                         drop_last=where == "loader")
+    sampler.set_epoch(2)
+    saved = [sampler.state_dict() for _ in sampler.track(loader)]
+    assert saved[-2]["position"] < len(dataset) and saved[-1]["position"] == len(dataset)
+    assert sampler.state_dict()["position"] == len(dataset)
+    resumed = ReinforcedSampler(dataset, seed=1, rank=0, world_size=sampler.world_size, drop_last=sampler.drop_last,
+                                check_epochs=False)
+    resumed.load_state_dict(saved[-1])
+    assert resumed.resume_epoch == 3  # not an empty re-run of epoch 2
+
+
 def test_iterating_again_without_set_epoch_gives_a_whole_pass(digits, store):
     dataset = ReinforcedDataset(digits[0], store)
     sampler = ReinforcedSampler(dataset, seed=1)

@@ -126,10 +126,23 @@ class ReinforcedSampler(torch.utils.data.Sampler[int]):
 
     def track(self, batches: Iterable[Any]) -> Iterator[Any]:
         """Yield ``batches`` (a DataLoader over this sampler), counting each batch as consumed when it is handed
-        out, so that :meth:`state_dict` inside the loop body includes the batch being trained on."""
-        for batch in batches:
+        out, so that :meth:`state_dict` inside the loop body includes the batch being trained on. Handing out
+        the last batch (``len(batches)``, or the loop's end) completes the epoch even when ``drop_last`` (the
+        sampler's or the DataLoader's) left samples out, so :attr:`resume_epoch` is then the next epoch."""
+        try:
+            count = len(batches)  # type: ignore[arg-type]
+        except TypeError:  # an iterable without a length: the loop's end completes the epoch
+            count = None
+        for index, batch in enumerate(batches, 1):
             self._delivered += _batch_length(batch)
+            if index == count:
+                self._complete_epoch()
             yield batch
+        self._complete_epoch()
+
+    def _complete_epoch(self) -> None:
+        """Count this rank's share of the rest of the epoch as delivered (what drop_last left out included)."""
+        self._delivered = max(self._delivered, -(-(self.num_samples - self._start) // self.world_size))
 
     def state_dict(self, samples_consumed: int | None = None) -> dict[str, Any]:
         """JSON-able state. ``samples_consumed``: samples this rank has trained on in this iteration of the
