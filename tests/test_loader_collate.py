@@ -40,6 +40,17 @@ def test_collate_keeps_uint8_and_sparse_pairs(digits, store):
     torch.testing.assert_close(normalized, expected)
 
 
+def test_to_device_refuses_float_images_and_the_dataset_bad_settings_up_front(digits, store):
+    floats = ReinforcedDataset(digits[0], store)[0][0][None]  # the default transform: float32 in [0, 1]
+    with pytest.raises(TypeError, match="uint8 images .* got torch.float32: .*transform=torch.nn.Identity"):
+        to_device(floats, "cpu")
+    for resolution in (0, -4, 2.5):
+        with pytest.raises(ValueError, match=f"resolution must be a whole number .* got {resolution}"):
+            ReinforcedDataset(digits[0], store, resolution=resolution)
+    with pytest.raises(ValueError, match="remaining_mass must be one of 'renormalize', 'spread', got 'uniform'"):
+        ReinforcedDataset(digits[0], store, remaining_mass="uniform")
+
+
 def test_soft_target_mixup_mixes_targets_like_pixels():
     images = torch.arange(4, dtype=torch.uint8).mul(60).view(4, 1, 1, 1).expand(4, 3, 20, 20).contiguous()
     targets = torch.softmax(torch.randn(4, 7, generator=torch.Generator().manual_seed(0)), -1)

@@ -47,7 +47,10 @@ def soft_target_collate(samples: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
 def to_device(images: torch.Tensor, device: str | torch.device, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD, channels_last: bool = False) -> torch.Tensor:
     """uint8 ``[N, C, H, W]`` (pinned, ideally) to normalized float32 on ``device``: copied as uint8, converted
-    there."""
+    there. Raises ``TypeError`` for other dtypes (float images in [0, 1] would come out nearly constant)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"to_device takes uint8 images (0-255), got {images.dtype}: build the dataset with "
+                        "transform=torch.nn.Identity() to get them, or normalize float images yourself")
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)

@@ -105,6 +105,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         _check_choice("decode", decode, ("exact", "fast"))
         _check_choice("transform_policy", transform_policy, ("refuse", "ignore"))
         _check_choice("output", output, ("replayed", "crops"))
+        _check_choice("remaining_mass", remaining_mass, ("renormalize", "spread"))
+        if resolution is not None and (isinstance(resolution, bool) or int(resolution) != resolution
+                                       or resolution < 1):
+            raise ValueError(f"resolution must be a whole number of pixels of at least 1, got {resolution!r}")
         self._store_ref = str(store) if isinstance(store, os.PathLike) else store
         self._storage_options = storage_options
         group = fmt.open_store_group(self._store_ref, storage_options=storage_options)
