@@ -34,6 +34,14 @@ def test_dense_and_sparse_targets(digits, store):
     assert torch.allclose(spread[others], torch.full((7,), (1 - probs.sum().item()) / 7))
 
 
+def test_dense_target_of_a_record_whose_probabilities_all_rounded_to_zero_is_its_k_classes_equally():
+    indices, probs = torch.tensor([[4, 1, 7], [2, 0, 1]]), torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.3, 0.0]])
+    target = dense_target(indices, probs, 10)
+    assert torch.allclose(target[0], torch.zeros(10).index_fill_(0, indices[0], 1 / 3))
+    assert torch.allclose(target[1, [2, 0, 1]], torch.tensor([0.625, 0.375, 0.0]))
+    assert torch.allclose(target.sum(-1), torch.ones(2))
+
+
 def test_dense_target_spread_when_k_is_all_classes():
     target = dense_target(torch.tensor([2, 0, 1]), torch.tensor([0.5, 0.3, 0.2]), 3, "spread")
     assert torch.allclose(target, torch.tensor([0.3, 0.2, 0.5]))
