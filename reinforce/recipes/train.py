@@ -99,8 +99,8 @@ class StepBoundaryInterrupts:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self._previous)
+        if self.enabled:  # None: a handler not installed from Python; Python's own is the closest
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
 
     def step(self) -> StepBoundaryInterrupts._Step:
         """Context of one step: an interrupt inside it is raised (as KeyboardInterrupt) at its end."""
@@ -309,7 +309,6 @@ class Trainer:
         epoch, start = self.epoch, self.step_in_epoch
         steps = self.steps_in_epoch(epoch)
         began = time.perf_counter()
-        seen = 0
         bar = self._progress(steps, start, epoch)
         interrupts = StepBoundaryInterrupts(enabled=not self.world.distributed)
         try:
