@@ -15,6 +15,7 @@ fsspec.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import random
 import shutil
@@ -378,7 +379,10 @@ def cached_store(url: str, cache_dir: str | os.PathLike[str], storage_options: d
 
     Pass it as the ``store`` of :class:`~reinforce_loaders.ReinforcedDataset`: an epoch then fetches only what no
     earlier epoch or run fetched. Only the root ``zarr.json`` is fetched at every opening; if it changed (the
-    store was re-published), the cache is emptied first.
+    store was re-published), the cache is emptied first. Each URL has its own folder in ``cache_dir`` (named by
+    a hash of the URL), so stores sharing one ``cache_dir`` (a train and a val store) never serve each other's
+    objects.
     """
     remote = FsspecStore.from_url(url, storage_options=storage_options, read_only=True)
-    return RangeCacheStore(remote, cache_dir)
+    folder = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return RangeCacheStore(remote, Path(cache_dir) / folder)

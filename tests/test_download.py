@@ -7,6 +7,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from range_server import RangeServer, _Handler
@@ -330,3 +332,22 @@ def test_local_cache_fetches_each_remote_range_once(publication, digits, tmp_pat
         again = ReinforcedDataset(digits[0], cached_store(url, tmp_path / "cache"), target="sparse")
         assert [r.path for r in server.log[before:]] == [f"/{store_dir}/zarr.json"]
         assert _epoch_bytes(again, server, 0)[0] == 0
+
+
+def test_stores_sharing_a_cache_directory_never_serve_each_others_objects(store, tmp_path):
+    """A train and a val store streamed through one cache_dir: each URL has its own folder (the cache used to
+    key objects by their path in the store alone, so the second store read the first one's chunks)."""
+    import zarr
+    from reinforce_loaders import format as fmt
+
+    served = tmp_path / "served"
+    shutil.copytree(store, served / "a.zarr")
+    shutil.copytree(store, served / "b.zarr")  # same root metadata, other labels
+    labels = zarr.open_group(str(served / "b.zarr"), mode="r+")[fmt.LABELS]
+    original = labels[:]
+    labels[:] = (original + 1) % 10
+    with RangeServer(served) as server:
+        groups = {name: zarr.open_group(store=cached_store(f"{server.url}/{name}.zarr", tmp_path / "cache"),
+                                        mode="r") for name in ("b", "a")}
+        b_first, a_after = groups["b"][fmt.LABELS][:], groups["a"][fmt.LABELS][:]
+    assert np.array_equal(a_after, original) and np.array_equal(b_first, (original + 1) % 10)
