@@ -228,7 +228,7 @@ def publish(store: str | os.PathLike[str], dest: str, *, source: str | os.PathLi
             info: CardInfo = CardInfo(), grid: bool = True, storage_options: dict[str, Any] | None = None,
             ) -> PublishSummary:
     """Publish a complete local store to ``dest`` (see the module docstring); returns what was written."""
-    store = Path(store)
+    store = Path(store).resolve()  # through a symlink or ".", the files must sit under the store's own name
     group = fmt.open_store_group(store)
     header = fmt.read_header(group)
     verify_store(store)
@@ -252,6 +252,13 @@ def publish(store: str | os.PathLike[str], dest: str, *, source: str | os.PathLi
                             tool=f"reinforce {__version__}",
                             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
         _stage(staging / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1))
+        # A manifest in DEST vouches for a complete publication: an earlier one goes before any file is
+        # replaced, so an upload that fails half way leaves no manifest describing files that have changed.
+        try:
+            if fs.exists(f"{root}/{MANIFEST_NAME}"):
+                fs.rm(f"{root}/{MANIFEST_NAME}")
+        except OSError as error:
+            raise PublishError(f"cannot remove the earlier {MANIFEST_NAME} from {root}: {error}") from error
         _upload(fs, root, uploads + [(path, path.name) for path in extra])
         _upload(fs, root, [(staging / MANIFEST_NAME, MANIFEST_NAME)])
     return PublishSummary(dest=dest, files=len(entries) + 1, bytes=manifest.total_bytes, manifest=manifest)

@@ -178,6 +178,34 @@ def test_publish_refuses_an_incomplete_store(store, tmp_path):
     assert not (tmp_path / "dest" / MANIFEST_NAME).exists() and not (tmp_path / "dest2" / MANIFEST_NAME).exists()
 
 
+def test_a_re_publish_that_fails_half_way_leaves_no_manifest_of_the_old_files(store, tmp_path, monkeypatch):
+    import reinforce.publish
+
+    dest = tmp_path / "dest"
+    publish(store, str(dest), grid=False)
+    assert (dest / MANIFEST_NAME).is_file()
+
+    def failing(fs, root, files):
+        raise PublishError("copying failed (a dropped connection)")
+
+    monkeypatch.setattr(reinforce.publish, "_upload", failing)
+    with pytest.raises(PublishError, match="dropped connection"):
+        publish(store, str(dest), grid=False, info=CardInfo(pretty_name="a new card"))
+    assert not (dest / MANIFEST_NAME).exists()  # no manifest vouching for files that were being replaced
+
+
+def test_a_store_published_through_a_symlink_or_as_dot_keeps_its_own_name(store, tmp_path, monkeypatch):
+    link = tmp_path / "latest.zarr"
+    link.symlink_to(store, target_is_directory=True)
+    monkeypatch.chdir(store)
+    for given, dest in ((link, tmp_path / "via-link"), (Path("."), tmp_path / "via-dot")):
+        manifest = publish(given, str(dest), grid=False).manifest
+        assert manifest.store == store.name
+        assert all(entry.path.startswith(store.name + "/") for entry in manifest.files
+                   if entry.path not in (CARD_NAME, CROISSANT_NAME))
+        assert (dest / store.name / "zarr.json").is_file()
+
+
 def test_publish_and_download_from_the_command_line(store, digits, tmp_path, capsys):
     dest = tmp_path / "pub"
     assert main(["publish", str(store), str(dest), "--data", str(digits[0]), "--no-grid"]) == 0
