@@ -14,6 +14,7 @@ fsspec.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -43,6 +44,18 @@ T = TypeVar("T")
 class DownloadError(ReinforceError):
     """A download could not complete: a file kept failing, a server answered 4xx, or a file is not what the
     manifest says."""
+
+
+def _missing_message(what: str, path: str) -> str:
+    if path == MANIFEST_NAME:  # usually a wrong URL, not a damaged publication
+        return (f"{what}: no publication there. Pass the publication's root (the folder holding {MANIFEST_NAME}, "
+                "not the .zarr store inside it) and check the URL; a publication being written has no manifest "
+                "until its last step")
+    return f"{what}: the publication is incomplete; ask its owner to publish again"
+
+
+class _Abandoned(Exception):
+    """A fetch ended early because the download as a whole is being abandoned."""
 
 
 class RetryableError(Exception):
@@ -111,8 +124,7 @@ class HttpTransport:
             raise RetryableError(f"{url}: server answered {status}")
         if status == 404:
             response.close()
-            raise DownloadError(f"{url} is not on the server (404): the publication is incomplete; ask its owner "
-                                "to publish again")
+            raise DownloadError(_missing_message(f"{url} is not on the server (404)", path))
         if status not in (200, 206):
             response.close()
             raise DownloadError(f"{url}: server answered {status}")
@@ -154,7 +166,7 @@ class FsspecTransport:
             handle = self.fs.open(location, "rb", block_size=self.options.chunk_size)
             handle.seek(offset)
         except FileNotFoundError:
-            raise DownloadError(f"{location} does not exist: the publication is incomplete") from None
+            raise DownloadError(_missing_message(f"{location} does not exist", path)) from None
         except (OSError, TimeoutError) as error:
             raise RetryableError(f"{location}: {error}") from None
         return offset, self._chunks(handle, location)
@@ -193,6 +205,8 @@ class _Downloader:
     retries: int = 0
     bytes_fetched: int = 0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set when the download is abandoned (Ctrl-C, an error elsewhere): fetches end at their next chunk."""
 
     def with_retries(self, what: str, action: Callable[[], T]) -> T:
         """``action()``, retried on :class:`RetryableError` with exponential backoff and jitter."""
@@ -247,6 +261,8 @@ class _Downloader:
             handle.truncate()
             written = start
             for chunk in chunks:
+                if self.stop.is_set():  # what was written stays in the .part for the next run
+                    raise _Abandoned
                 written += len(chunk)
                 if written > entry.size:
                     raise DownloadError(f"{entry.path}: the server sends more than the manifest's {entry.size} "
@@ -281,13 +297,16 @@ def download(url: str, dest: str | os.PathLike[str], options: DownloadOptions = 
     url = url.removesuffix("/" + MANIFEST_NAME).rstrip("/")
     dest = Path(dest)
     transport = make_transport(url, options)
-    with tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="reinforce download",
-              disable=not options.progress, dynamic_ncols=True, **bar_options()) as bar:
+    with contextlib.ExitStack() as stack, tqdm(
+            total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="reinforce download",
+            disable=not options.progress, dynamic_ncols=True, **bar_options()) as bar:
         downloader = _Downloader(transport, dest, options, bar)
         raw = downloader.read_all(MANIFEST_NAME)
         manifest = Manifest.from_bytes(raw)
-        check_destination(dest, manifest.files + [FileEntry(MANIFEST_NAME, len(raw), "0" * 64)])
+        check_destination(dest, manifest.files + [FileEntry(MANIFEST_NAME, len(raw), "0" * 64)],
+                          companions=(PART_SUFFIX,))
         dest.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(_destination_lock(dest))
         done = _in_place(dest, manifest.files)
         pending = [entry for entry, ok in zip(manifest.files, done) if not ok]
         for entry in pending:
@@ -299,8 +318,14 @@ def download(url: str, dest: str | os.PathLike[str], options: DownloadOptions = 
         # Largest files first, so the last worker does not start a big file when the others are done.
         pending.sort(key=lambda entry: -entry.size)
         with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-            for future in [pool.submit(downloader.fetch, entry) for entry in pending]:
-                future.result()
+            futures = [pool.submit(downloader.fetch, entry) for entry in pending]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:  # Ctrl-C or a file that failed: stop the rest now, not after every file
+                downloader.stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     staged = dest / (MANIFEST_NAME + PART_SUFFIX)
     staged.write_bytes(raw)
     os.replace(staged, dest / MANIFEST_NAME)
@@ -329,6 +354,26 @@ def _range_name(byte_range: ByteRequest | None) -> str:
     if isinstance(byte_range, SuffixByteRequest):
         return f"-{byte_range.suffix}"
     raise TypeError(f"unknown byte range {byte_range!r}")
+
+
+@contextlib.contextmanager
+def _destination_lock(dest: Path) -> Iterator[None]:
+    """Hold an exclusive lock on downloading into ``dest`` (a file beside it, ``.<name>.download.lock``): two
+    downloads into one DEST (every rank of a job at start-up, a second run while the first goes on) would write
+    the same ``.part`` files and rename them from under each other."""
+    import fcntl
+
+    path = dest.parent / f".{dest.name}.download.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DownloadError(f"another download into {dest} is running (it holds {path}): wait for it to end, "
+                                "or download into another directory") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still held: a later download creates and locks a new one
 
 
 class RangeCacheStore(WrapperStore[Store]):

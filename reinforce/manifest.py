@@ -90,16 +90,21 @@ def safe_relative_path(path: Any) -> PurePosixPath:
     return pure
 
 
-def check_destination(dest: Path, entries: Iterable[FileEntry]) -> None:
-    """Refuse (before anything is written) an entry that would land outside ``dest`` or go through a symlink."""
+def check_destination(dest: Path, entries: Iterable[FileEntry], companions: Sequence[str] = ()) -> None:
+    """Refuse (before anything is written) an entry that would land outside ``dest`` or go through a symlink;
+    ``companions`` are suffixes of files written beside an entry (a download's ``.part``), checked too."""
     root = dest.resolve()
     for entry in entries:
         relative = safe_relative_path(entry.path)
         target = dest.joinpath(*relative.parts)
-        for depth in range(1, len(relative.parts) + 1):
-            component = dest.joinpath(*relative.parts[:depth])
+        beside = [target.with_name(target.name + suffix) for suffix in companions]
+        for component in [dest.joinpath(*relative.parts[:depth]) for depth in range(1, len(relative.parts) + 1)]:
             if component.is_symlink():
                 raise ManifestError(f"manifest entry {entry.path!r}: {component} is a symlink in the destination; "
+                                    "refused (remove it or download to an empty directory)")
+        for companion in beside:
+            if companion.is_symlink():
+                raise ManifestError(f"manifest entry {entry.path!r}: {companion} is a symlink in the destination; "
                                     "refused (remove it or download to an empty directory)")
         if not target.resolve().is_relative_to(root):
             raise ManifestError(f"manifest entry {entry.path!r} resolves outside {dest}: refused")

@@ -351,3 +351,53 @@ def test_stores_sharing_a_cache_directory_never_serve_each_others_objects(store,
                                         mode="r") for name in ("b", "a")}
         b_first, a_after = groups["b"][fmt.LABELS][:], groups["a"][fmt.LABELS][:]
     assert np.array_equal(a_after, original) and np.array_equal(b_first, (original + 1) % 10)
+
+
+def test_an_interrupted_download_stops_fetching_at_once(publication, tmp_path, monkeypatch):
+    """Ctrl-C (or a failed file) used to wait for every queued file to be fetched before it took effect."""
+    import reinforce.download
+
+    fetch, fetched = reinforce.download._Downloader.fetch, []
+
+    def interrupted(self, entry):
+        fetched.append(entry.path)
+        if len(fetched) == 2:
+            raise KeyboardInterrupt
+        return fetch(self, entry)
+
+    monkeypatch.setattr(reinforce.download._Downloader, "fetch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        download(str(publication), tmp_path / "copy", dataclasses.replace(FAST, workers=1))
+    assert len(manifest_of(publication).files) > 10 and len(fetched) <= 3  # the one worker's next file at most
+
+
+def test_a_part_file_linked_outside_dest_is_refused_and_the_target_left_alone(publication, tmp_path):
+    dest, outside = tmp_path / "copy", tmp_path / "outside.txt"
+    outside.write_bytes(b"precious data\n")
+    path = dest / largest_store_file(publication)
+    path.parent.mkdir(parents=True)
+    path.with_name(path.name + ".part").symlink_to(outside)
+    with pytest.raises(ManifestError, match=r"\.part is a symlink in the destination; refused"):
+        download(str(publication), dest, FAST)
+    assert outside.read_bytes() == b"precious data\n"
+
+
+def test_a_second_download_into_the_same_dest_is_refused_while_the_first_runs(publication, tmp_path):
+    import fcntl
+
+    dest = tmp_path / "copy"
+    with open(tmp_path / ".copy.download.lock", "a") as held:  # as a first download holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DownloadError, match="another download into .*copy is running"):
+            download(str(publication), dest, FAST)
+    download(str(publication), dest, FAST)  # once it has ended
+    assert_same_files(publication, dest)
+    assert not (tmp_path / ".copy.download.lock").exists()
+
+
+def test_a_url_without_a_manifest_says_to_pass_the_publication_root(publication, tmp_path):
+    store_dir = manifest_of(publication).store
+    with pytest.raises(DownloadError, match=r"no publication there. Pass the publication's root .*not the \.zarr"):
+        download(str(publication / store_dir), tmp_path / "a", FAST)
+    with RangeServer(publication) as server, pytest.raises(DownloadError, match=r"\(404\): no publication there"):
+        download(f"{server.url}/{store_dir}", tmp_path / "b", FAST)
