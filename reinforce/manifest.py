@@ -97,14 +97,11 @@ def check_destination(dest: Path, entries: Iterable[FileEntry], companions: Sequ
     for entry in entries:
         relative = safe_relative_path(entry.path)
         target = dest.joinpath(*relative.parts)
-        beside = [target.with_name(target.name + suffix) for suffix in companions]
-        for component in [dest.joinpath(*relative.parts[:depth]) for depth in range(1, len(relative.parts) + 1)]:
-            if component.is_symlink():
-                raise ManifestError(f"manifest entry {entry.path!r}: {component} is a symlink in the destination; "
-                                    "refused (remove it or download to an empty directory)")
-        for companion in beside:
-            if companion.is_symlink():
-                raise ManifestError(f"manifest entry {entry.path!r}: {companion} is a symlink in the destination; "
+        written = [dest.joinpath(*relative.parts[:depth]) for depth in range(1, len(relative.parts) + 1)]
+        written += [target.with_name(target.name + suffix) for suffix in companions]
+        for path in written:
+            if path.is_symlink():
+                raise ManifestError(f"manifest entry {entry.path!r}: {path} is a symlink in the destination; "
                                     "refused (remove it or download to an empty directory)")
         if not target.resolve().is_relative_to(root):
             raise ManifestError(f"manifest entry {entry.path!r} resolves outside {dest}: refused")

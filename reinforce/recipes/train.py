@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -102,9 +103,16 @@ class StepBoundaryInterrupts:
         if self.enabled:  # None: a handler not installed from Python; Python's own is the closest
             signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
 
-    def step(self) -> StepBoundaryInterrupts._Step:
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
         """Context of one step: an interrupt inside it is raised (as KeyboardInterrupt) at its end."""
-        return StepBoundaryInterrupts._Step(self)
+        self.in_step = True
+        try:
+            yield
+        finally:
+            self.in_step = False
+        if self.requested:
+            raise KeyboardInterrupt
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.in_step and not self.requested:
@@ -112,18 +120,6 @@ class StepBoundaryInterrupts:
             return
         self.mid_step = self.in_step
         raise KeyboardInterrupt
-
-    class _Step:
-        def __init__(self, owner: StepBoundaryInterrupts) -> None:
-            self.owner = owner
-
-        def __enter__(self) -> None:
-            self.owner.in_step = True
-
-        def __exit__(self, kind: type | None, *exc: object) -> None:
-            self.owner.in_step = False
-            if kind is None and self.owner.requested:
-                raise KeyboardInterrupt
 
 
 class Trainer:
@@ -313,7 +309,7 @@ class Trainer:
         interrupts = StepBoundaryInterrupts(enabled=not self.world.distributed)
         try:
             with interrupts:
-                self._train_steps(epoch, start, bar, interrupts)
+                images = self._train_steps(epoch, start, bar, interrupts)
         except KeyboardInterrupt:
             if self.run is not None and self.world.is_main:
                 if interrupts.mid_step:
@@ -329,10 +325,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self.epoch_seconds = time.perf_counter() - began
-        self.epoch_images = sum(self._step_sizes)
+        self.epoch_images = images
 
-    def _train_steps(self, epoch: int, start: int, bar: Any, interrupts: StepBoundaryInterrupts) -> None:
-        self._step_sizes: list[int] = []
+    def _train_steps(self, epoch: int, start: int, bar: Any, interrupts: StepBoundaryInterrupts) -> int:
+        """The steps of ``epoch`` from step ``start``; returns the images trained on."""
+        images = 0
         for batch in self.loader(epoch, start):
             with interrupts.step():
                 x, labels, soft = self.prepare(batch, epoch, self.step_in_epoch)
@@ -343,7 +340,7 @@ class Trainer:
                     self.ema.update(self.model, step=self.global_step)
                 self.loss_sum += loss * len(labels)
                 self.loss_count += len(labels)
-                self._step_sizes.append(len(labels))
+                images += len(labels)
                 self.step_in_epoch += 1
                 self.global_step += 1
             if bar is not None:
@@ -351,6 +348,7 @@ class Trainer:
                 bar.update(1)  # draws the bar, postfix included, at most once per interval
             if self.on_step is not None:
                 self.on_step(self, epoch, self.step_in_epoch)
+        return images
 
     def _progress(self, steps: int, start: int, epoch: int) -> Any:
         if not (self.settings["progress"] and self.world.is_main and self.run is not None):
