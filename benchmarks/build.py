@@ -33,8 +33,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from reinforce.build import BuildConfig, make_processor, resolve_plan, run_build
-from reinforce.plan import resolve_precision
-from reinforce.teachers import Ensemble, create_ensemble
+from reinforce.build.plan import resolve_precision
+from reinforce.build.teachers import Ensemble, create_ensemble
 
 
 def make_images(root: Path, count: int, seed: int) -> Path:

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from loader import IMAGENET_SAMPLES, OUTPUT, imagenet_memory, make_jpegs, torchvision_baseline
-from reinforce.writer import BlockResult, StoreWriter
+from reinforce.build.writer import BlockResult, StoreWriter
 from reinforce_loaders import ImageSource, ReinforcedDataset, make_pipeline
 from reinforce_loaders import format as fmt
 from reinforce_loaders.source import decode_image, fingerprint
@@ -134,7 +134,7 @@ def nearby_classes(labels: np.ndarray) -> np.ndarray:
 
 def synthetic_block(header: fmt.StoreHeader, block: int, labels: np.ndarray, sizes: np.ndarray,
                     fingerprints: np.ndarray) -> BlockResult:
-    """One block as a build makes it: parameters sampled and encoded by the pipeline (``reinforce.blocks``),
+    """One block as a build makes it: parameters sampled and encoded by the pipeline (``reinforce.build.blocks``),
     and a synthetic teacher: 10 distinct classes near the label per record, descending probabilities."""
     start, stop = header.block_range(block)
     n, generator = stop - start, np.random.default_rng(block)

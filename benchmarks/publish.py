@@ -39,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from range_server import RangeServer  # noqa: E402
 
-from reinforce.download import DownloadOptions, cached_store, download  # noqa: E402
+from reinforce.share.download import DownloadOptions, cached_store, download  # noqa: E402
 from reinforce.importers import convert  # noqa: E402
 from reinforce.importers import ml_dr  # noqa: E402
-from reinforce.manifest import MANIFEST_NAME, Manifest  # noqa: E402
-from reinforce.publish import publish  # noqa: E402
-from reinforce.report import verify_store  # noqa: E402
-from reinforce.writer import BlockResult, StoreWriter  # noqa: E402
+from reinforce.share.manifest import MANIFEST_NAME, Manifest  # noqa: E402
+from reinforce.share.publish import publish  # noqa: E402
+from reinforce.tools.verify import verify_store  # noqa: E402
+from reinforce.build.writer import BlockResult, StoreWriter  # noqa: E402
 from reinforce_loaders import AugmentPipeline  # noqa: E402
 from reinforce_loaders import format as fmt  # noqa: E402
 from reinforce_loaders.rng import slot_for_epoch  # noqa: E402

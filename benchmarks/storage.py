@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from range_server import RangeServer  # noqa: E402
 
-from reinforce.writer import BlockResult, StoreWriter, store_bytes  # noqa: E402
+from reinforce.build.writer import BlockResult, StoreWriter, store_bytes  # noqa: E402
 from reinforce_loaders import format as fmt  # noqa: E402
 from reinforce_loaders import make_pipeline, rng  # noqa: E402
 from reinforce_loaders.codecs import FRACTION_255  # noqa: E402

@@ -10,7 +10,7 @@ from reinforce_loaders.augment import PRESETS
 from reinforce_loaders.errors import ReinforceError
 
 from . import __version__
-from .publishing_cli import PUBLISHING_COMMANDS, add_publishing_parsers, run_publishing_command
+from .share.cli import PUBLISHING_COMMANDS, add_publishing_parsers, run_publishing_command
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_build_parser(commands: argparse._SubParsersAction) -> None:
-    """The ``build`` command; its defaults are :class:`~reinforce.plan.BuildConfig`'s (declared once, there)."""
-    from .plan import BAD_IMAGE_POLICIES, MAX_IMAGE_SIZE, PRECISIONS, TEACHER_CLASSES, config_defaults
+    """The ``build`` command; its defaults are :class:`~reinforce.build.plan.BuildConfig`'s (declared once, there)."""
+    from .build.plan import BAD_IMAGE_POLICIES, MAX_IMAGE_SIZE, PRECISIONS, TEACHER_CLASSES, config_defaults
 
     build = commands.add_parser("build", help="reinforce an image dataset into a store")
     build.add_argument("source", help="ImageFolder-layout directory: SOURCE/CLASS/IMAGE")
@@ -156,18 +156,19 @@ def _run(args: argparse.Namespace) -> int:
         run_build(BuildConfig.from_mapping(vars(args)), progress=not args.no_progress, report=print)
         return 0
     if args.command == "inspect":
-        from .report import describe_store
+        from .tools.inspect import describe_store
 
         print(describe_store(args.store))
         if args.grid:
-            from .grid import replay_grid
+            from .tools.grid import replay_grid
 
             if not args.data:
                 raise ReinforceError("inspect --grid replays records from the source images: pass --data SOURCE")
             print(f"wrote {replay_grid(args.store, args.data, args.grid)}")
         return 0
     if args.command == "verify":
-        from .report import VerificationError, verify_store
+        from .errors import VerificationError
+        from .tools.verify import verify_store
 
         try:
             for line in verify_store(args.store, args.data, quick=args.quick):

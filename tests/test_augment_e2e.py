@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reinforce.cli import main
-from reinforce.teachers import create_ensemble
+from reinforce.build.teachers import create_ensemble
 from reinforce_loaders import ReinforcedDataset, make_pipeline
 from reinforce_loaders.augment import PRESETS
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from reinforce.report import verify_store
+from reinforce.tools.verify import verify_store
 from reinforce_loaders import ReinforcedDataset, make_pipeline
 import pytest
 import torch
@@ -20,9 +20,9 @@ from reinforce_loaders import format as fmt
 from reinforce_loaders import rng
 from reinforce_loaders.errors import SourceError, StoreFormatError
 
-import reinforce.build
+import reinforce.build.run
 from reinforce.build import BuildConfig, BuildError, run_build
-from reinforce.teachers import Ensemble, TeacherMember, create_ensemble
+from reinforce.build.teachers import Ensemble, TeacherMember, create_ensemble
 
 from conftest import IMAGE_SIZE
 
@@ -277,7 +277,7 @@ def test_sigkill_of_the_driver_then_resume_gives_identical_arrays(digits, teache
 
 
 def test_reinforce_loaders_and_cli_do_not_import_ray():
-    code = ("import sys, reinforce_loaders, reinforce.cli, reinforce.build, reinforce.engine, reinforce.report; "
+    code = ("import sys, reinforce_loaders, reinforce.cli, reinforce.build.run, reinforce.build.engine, reinforce.tools.verify; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "loaders")])}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
@@ -285,13 +285,13 @@ def test_reinforce_loaders_and_cli_do_not_import_ray():
 
 def test_ray_workers_report_progress_within_a_block(ray_session, digits, teacher_weights, tmp_path, monkeypatch):
     """One block on one worker: the driver hears of its records while it runs, not only when it ends."""
-    import reinforce.engine
+    import reinforce.build.engine
 
-    monkeypatch.setattr(reinforce.engine, "PROGRESS_SECONDS", 0.01)
+    monkeypatch.setattr(reinforce.build.engine, "PROGRESS_SECONDS", 0.01)
     heard = []
     config = BuildConfig(source=str(digits[0]), out=str(tmp_path / "s.zarr"), teachers=teacher_weights,
                          **{**SETTINGS, "block_size": 64, "workers": 1})
-    monkeypatch.setattr(reinforce.build, "tqdm", _recording_bar(heard))
+    monkeypatch.setattr(reinforce.build.run, "tqdm", _recording_bar(heard))
     run_build(config, progress=False)
     steps = [n for n in heard if n]
     assert sum(steps) == pytest.approx(45) and max(steps) < 45, steps
@@ -322,7 +322,7 @@ def _recording_bar(heard: list[float]):
 def test_teacher_member_leaves_a_float_input_alone():
     import torch
 
-    from reinforce.teachers import TeacherMember
+    from reinforce.build.teachers import TeacherMember
 
     member = TeacherMember("id", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2)),
                            input_size=4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -335,7 +335,7 @@ def test_teacher_member_leaves_a_float_input_alone():
 def test_val_records_the_teachers_held_out_accuracy_for_every_user_of_the_store(digits, teacher_weights, reference,
                                                                                 tmp_path, capsys):
     from reinforce.cli import main
-    from reinforce.publish import CARD_NAME, publish
+    from reinforce.share.publish import CARD_NAME, publish
     from reinforce.recipes.data import EvalSamples
     from reinforce.recipes.distill import held_out_top1, teacher_report
 

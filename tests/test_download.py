@@ -21,10 +21,10 @@ import torch
 from range_server import RangeServer, _Handler
 from reinforce_loaders import ReinforcedDataset
 
-from reinforce.download import DownloadError, DownloadOptions, cached_store, download
-from reinforce.manifest import MANIFEST_NAME, Manifest, ManifestError
-from reinforce.publish import publish
-from reinforce.report import verify_store
+from reinforce.share.download import DownloadError, DownloadOptions, cached_store, download
+from reinforce.share.manifest import MANIFEST_NAME, Manifest, ManifestError
+from reinforce.share.publish import publish
+from reinforce.tools.verify import verify_store
 
 FAST = DownloadOptions(progress=False, backoff=0.01, chunk_size=128)
 
@@ -355,9 +355,9 @@ def test_stores_sharing_a_cache_directory_never_serve_each_others_objects(store,
 
 def test_an_interrupted_download_stops_fetching_at_once(publication, tmp_path, monkeypatch):
     """Ctrl-C (or a failed file) used to wait for every queued file to be fetched before it took effect."""
-    import reinforce.download
+    import reinforce.share.download
 
-    fetch, fetched = reinforce.download._Downloader.fetch, []
+    fetch, fetched = reinforce.share.download._Downloader.fetch, []
 
     def interrupted(self, entry):
         fetched.append(entry.path)
@@ -365,7 +365,7 @@ def test_an_interrupted_download_stops_fetching_at_once(publication, tmp_path, m
             raise KeyboardInterrupt
         return fetch(self, entry)
 
-    monkeypatch.setattr(reinforce.download._Downloader, "fetch", interrupted)
+    monkeypatch.setattr(reinforce.share.download._Downloader, "fetch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         download(str(publication), tmp_path / "copy", dataclasses.replace(FAST, workers=1))
     assert len(manifest_of(publication).files) > 10 and len(fetched) <= 3  # the one worker's next file at most

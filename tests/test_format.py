@@ -12,7 +12,7 @@ import pytest
 import torch
 from range_server import RangeServer
 
-from reinforce.writer import BlockResult, StoreWriter
+from reinforce.build.writer import BlockResult, StoreWriter
 from reinforce_loaders import ReinforcedDataset, make_pipeline
 from reinforce_loaders import format as fmt
 from reinforce_loaders import rng

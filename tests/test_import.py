@@ -15,7 +15,7 @@ from reinforce.cli import main
 from reinforce.importers import ImportFailure, convert
 from reinforce.importers import ml_dr
 from reinforce.importers.safe_unpickle import UntrustedPickleError, load_pickle
-from reinforce.report import verify_store
+from reinforce.tools.verify import verify_store
 from reinforce_loaders import ReinforcedDataset
 from reinforce_loaders import format as fmt
 from reinforce_loaders.source import ImageSource

@@ -17,9 +17,9 @@ from reinforce_loaders import format as fmt
 from conftest import IMAGE_SIZE
 from reinforce.build import BuildConfig, run_build
 from reinforce.cli import build_parser, main
-from reinforce.plan import DEFAULT_IMAGE_SIZE, config_defaults, resolve_plan
-from reinforce.teachers import TeacherError, create_ensemble, state_dict_sha256
-from reinforce.writer import BlockSink, StoreWriter
+from reinforce.build.plan import DEFAULT_IMAGE_SIZE, config_defaults, resolve_plan
+from reinforce.build.teachers import TeacherError, create_ensemble, state_dict_sha256
+from reinforce.build.writer import BlockSink, StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,8 @@ def test_cli_defaults_are_the_config_defaults():
 
 
 def test_engine_and_build_modules_do_not_import_each_other():
-    code = ("import sys, reinforce.engine; assert 'reinforce.build' not in sys.modules, 'engine imports build'; "
-            "import reinforce.blocks, reinforce.plan; assert 'reinforce.build' not in sys.modules")
+    code = ("import sys, reinforce.build.engine; assert 'reinforce.build.run' not in sys.modules, 'engine imports build'; "
+            "import reinforce.build.blocks, reinforce.build.plan; assert 'reinforce.build.run' not in sys.modules")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "loaders")])}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
 
@@ -132,7 +132,7 @@ def test_json_augmentation_size_is_used_and_a_conflicting_image_size_refused(dig
 
 def test_progress_counts_images_within_a_block(digits, teacher_weights, tmp_path, monkeypatch):
     """One block of 45 images: the bar moves with every micro-batch instead of sitting at 0 until the end."""
-    import reinforce.build
+    import reinforce.build.run
 
     updates = []
 
@@ -154,7 +154,7 @@ def test_progress_counts_images_within_a_block(digits, teacher_weights, tmp_path
         def set_postfix_str(self, _, refresh=True):
             return None
 
-    monkeypatch.setattr(reinforce.build, "tqdm", Bar)
+    monkeypatch.setattr(reinforce.build.run, "tqdm", Bar)
     run_build(BuildConfig(source=str(digits[0]), out=str(tmp_path / "s.zarr"), teachers=teacher_weights,
                           image_size=IMAGE_SIZE, num_augmentations=4, top_k=3, batch_size=16, block_size=64,
                           cpu_threads=1), report=lambda line: None)

@@ -11,10 +11,10 @@ import tqdm.std as tqdm_std
 from tqdm import tqdm
 
 from reinforce.build import run_build
-from reinforce.download import DownloadOptions, download
-from reinforce.plan import BuildConfig
+from reinforce.share.download import DownloadOptions, download
+from reinforce.build.plan import BuildConfig
 from reinforce.progress import LOG_INTERVAL_SECONDS, bar_options
-from reinforce.publish import publish
+from reinforce.share.publish import publish
 from reinforce.recipes import TrainConfig, train
 
 

@@ -11,10 +11,11 @@ import yaml
 from PIL import Image
 
 from reinforce.cli import main
-from reinforce.manifest import (MANIFEST_NAME, SOURCE_MANIFEST_NAME, Manifest, ManifestError, settings_sha256,
+from reinforce.share.manifest import (MANIFEST_NAME, SOURCE_MANIFEST_NAME, Manifest, ManifestError, settings_sha256,
                                 sha256_file)
-from reinforce.publish import CARD_NAME, CROISSANT_NAME, GRID_NAME, CardInfo, PublishError, publish
-from reinforce.report import VerificationError, verify_store
+from reinforce.share.publish import CARD_NAME, CROISSANT_NAME, GRID_NAME, CardInfo, PublishError, publish
+from reinforce.errors import VerificationError
+from reinforce.tools.verify import verify_store
 from reinforce_loaders import format as fmt
 
 
@@ -179,7 +180,7 @@ def test_publish_refuses_an_incomplete_store(store, tmp_path):
 
 
 def test_a_re_publish_that_fails_half_way_leaves_no_manifest_of_the_old_files(store, tmp_path, monkeypatch):
-    import reinforce.publish
+    import reinforce.share.publish
 
     dest = tmp_path / "dest"
     publish(store, str(dest), grid=False)
@@ -188,7 +189,7 @@ def test_a_re_publish_that_fails_half_way_leaves_no_manifest_of_the_old_files(st
     def failing(fs, root, files):
         raise PublishError("copying failed (a dropped connection)")
 
-    monkeypatch.setattr(reinforce.publish, "_upload", failing)
+    monkeypatch.setattr(reinforce.share.publish, "_upload", failing)
     with pytest.raises(PublishError, match="dropped connection"):
         publish(store, str(dest), grid=False, info=CardInfo(pretty_name="a new card"))
     assert not (dest / MANIFEST_NAME).exists()  # no manifest vouching for files that were being replaced

@@ -220,7 +220,7 @@ def test_online_teacher_sees_the_students_pixels_and_leaves_them_alone(digits, t
 
     monkeypatch.setattr(Trainer, "prepare", checking)
     import reinforce.recipes.distill as distill
-    import reinforce.teachers as teachers_module
+    import reinforce.build.teachers as teachers_module
 
     builds = []
     create = teachers_module.create_ensemble
@@ -245,7 +245,7 @@ def test_online_teacher_sees_the_students_pixels_and_leaves_them_alone(digits, t
 
 def test_ensemble_probs_equal_each_members_own_on_uint8_and_leave_float_input_alone(teacher_weights):
     from reinforce.recipes.distill import ensemble_probs
-    from reinforce.teachers import create_ensemble
+    from reinforce.build.teachers import create_ensemble
 
     ensemble = create_ensemble([teacher_weights[0], teacher_weights[0]])
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)

@@ -16,7 +16,7 @@ from reinforce.recipes.lr_finder import range_test, tpe_search
 from reinforce.recipes.sam import SAM, frozen_norm_statistics
 from reinforce.recipes.samplers import EntropyCurriculum, FixedBatchSampler, VariableBatchSampler, multiscale_sizes
 from reinforce.recipes.schedules import ReduceLROnPlateauV2
-from reinforce.teachers import create_ensemble
+from reinforce.build.teachers import create_ensemble
 from reinforce_loaders.samplers import ReinforcedSampler
 
 

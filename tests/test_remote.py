@@ -11,7 +11,9 @@ from range_server import RangeServer
 from reinforce_loaders import ReinforcedDataset
 from zarr.storage import FsspecStore
 
-from reinforce.report import VerificationError, describe_store, verify_store
+from reinforce.errors import VerificationError
+from reinforce.tools.inspect import describe_store
+from reinforce.tools.verify import verify_store
 
 RANGE_WARNING = "ignores HTTP Range requests"
 

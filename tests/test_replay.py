@@ -12,7 +12,7 @@ import zarr
 from conformance import make_vectors as mv
 from conftest import RecordingTeacher, build_store
 from reinforce.build import BuildConfig, run_build
-from reinforce.teachers import Ensemble, TeacherMember
+from reinforce.build.teachers import Ensemble, TeacherMember
 from reinforce_loaders import ReinforcedDataset
 from reinforce_loaders import format as fmt
 

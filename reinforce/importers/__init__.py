@@ -3,7 +3,7 @@
 Each importer (:mod:`.ml_dr`, :mod:`.fkd`) turns one released file per source sample into that sample's
 records: augmentation parameters of this project's ops, top-k class indices and probabilities. The shared driver
 here decodes the source images (for sizes and fingerprints), converts blocks of samples in parallel processes
-(joblib) and writes them with :class:`~reinforce.writer.StoreWriter`, so an interrupted import resumes where it
+(joblib) and writes them with :class:`~reinforce.build.writer.StoreWriter`, so an interrupted import resumes where it
 stopped and the result does not depend on the number of workers.
 """
 
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..progress import bar_options
-from ..writer import BlockResult, StoreWriter
+from ..build.writer import BlockResult, StoreWriter
 
 
 class ImportFailure(ReinforceError):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from reinforce_loaders import format as fmt
 
-from ..teachers import Ensemble, create_ensemble, parse_teacher_spec
+from ..build.teachers import Ensemble, create_ensemble, parse_teacher_spec
 from .config import TrainError
 
 CLEAR_MARGIN = 5.0

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..teachers import IMAGENET_MEAN, IMAGENET_STD, load_state_dict, parse_teacher_spec
+from ..build.teachers import IMAGENET_MEAN, IMAGENET_STD, load_state_dict, parse_teacher_spec
 from .config import TrainError
 
 

@@ -578,7 +578,7 @@ def _train(config: TrainConfig, world: World, model: torch.nn.Module | None, log
             settings["epochs"], settings["seed"])
     ensemble = None
     if config.teachers:
-        from ..teachers import create_ensemble
+        from ..build.teachers import create_ensemble
 
         ensemble = create_ensemble(config.teachers)
     report = _teacher_report(config, settings, train_set, val_set, world, ensemble, device)

@@ -115,7 +115,7 @@ def write_source(root: Path) -> Path:
 def build_case(name: str, source: Path, workdir: Path) -> Path:
     """Build the store of case ``name`` (a preset, or ``rrc/roi_align``) under ``workdir``; returns its path."""
     from reinforce.build import BuildConfig, run_build
-    from reinforce.teachers import Ensemble, TeacherMember
+    from reinforce.build.teachers import Ensemble, TeacherMember
 
     augment = name
     if name == "rrc/roi_align":

@@ -35,7 +35,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, WrapperStore
 
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_destination, hash_files, sha256_file
-from .progress import bar_options
+from ..progress import bar_options
 
 PART_SUFFIX = ".part"
 T = TypeVar("T")
@@ -332,7 +332,7 @@ def download(url: str, dest: str | os.PathLike[str], options: DownloadOptions = 
     store = dest / manifest.store
     verified: list[str] = []
     if options.verify:
-        from .report import verify_store
+        from ..tools.verify import verify_store
 
         verified = verify_store(store)
     return DownloadSummary(dest=dest, store=store, files=len(manifest.files), fetched=len(pending),

@@ -206,7 +206,7 @@ def write_source_manifest(root: str | os.PathLike[str], header: fmt.StoreHeader,
     Refuses a source whose count or labels differ from the store's (it is not the source the store was built
     from). Files are hashed in parallel.
     """
-    from .report import VerificationError
+    from ..errors import VerificationError
 
     source = ImageSource.from_folder(root)
     if len(source) != header.num_samples:
@@ -260,7 +260,7 @@ def check_source(root: str | os.PathLike[str], rows: list[dict[str, Any]], finge
     ``fingerprints`` are the store's: a manifest that is not this store's is refused. Raises
     ``VerificationError`` naming the first differing file.
     """
-    from .report import VerificationError
+    from ..errors import VerificationError
 
     if len(rows) != len(fingerprints):
         raise VerificationError(f"the source manifest lists {len(rows)} samples, the store holds {len(fingerprints)}: "

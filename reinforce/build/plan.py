@@ -26,7 +26,7 @@ from reinforce_loaders.augment import PRESETS, AugmentPipeline, make_pipeline
 from reinforce_loaders.errors import AugmentationError, ReinforceError
 from reinforce_loaders.source import ImageSource
 
-from . import __version__
+from .. import __version__
 from .teachers import Ensemble
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]

@@ -1,10 +1,10 @@
 """The build driver: source images -> augmented records -> ensemble top-k -> store blocks.
 
-:func:`run_build` resolves a :class:`~reinforce.plan.BuildPlan` from the settings, the source and the
+:func:`run_build` resolves a :class:`~reinforce.build.plan.BuildPlan` from the settings, the source and the
 teachers, creates or resumes the store (the driver alone does), runs every pending block on the engine the
-settings choose (:mod:`reinforce.engine`: in this process, or on Ray workers that write their blocks through
-a :class:`~reinforce.writer.BlockSink`), and finalizes the store once every block is done. One block's work
-is :class:`~reinforce.blocks.BlockRunner`.
+settings choose (:mod:`reinforce.build.engine`: in this process, or on Ray workers that write their blocks through
+a :class:`~reinforce.build.writer.BlockSink`), and finalizes the store once every block is done. One block's work
+is :class:`~reinforce.build.blocks.BlockRunner`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .blocks import BlockProcessor, BlockRunner, BlockStats, LoadedBlock, SkippedSample, make_processor
 from .engine import make_engine
 from .plan import BuildConfig, BuildError, BuildPlan, resolve_plan
-from .progress import bar_options
+from ..progress import bar_options
 from .teachers import Ensemble, create_ensemble
 from .writer import StoreWriter, data_bytes, store_bytes, store_lock
 
@@ -103,7 +103,7 @@ evaluation (resize the short side to size / 0.875, crop size), timm's default ``
 def open_val_set(config: BuildConfig, source: ImageSource, ensemble: Ensemble) -> Any:
     """``--val``'s images at the teachers' largest input size, refused up front (before any block is built) when
     its class folders are not the source's or the teachers predict another label space."""
-    from .recipes.data import EvalSamples, check_classes
+    from ..recipes.data import EvalSamples, check_classes
 
     num_classes = len(source.classes) if source.classes is not None else None
     if config.teacher_classes == "all" and ensemble.num_classes != num_classes:
@@ -123,7 +123,7 @@ def open_val_set(config: BuildConfig, source: ImageSource, ensemble: Ensemble) -
 def held_out_accuracy(ensemble: Ensemble, val_set: Any, device: str, val_source: str) -> dict[str, Any]:
     """The ensemble's top-1 on ``val_set`` (fp32, on ``device``): the header's ``provenance.teacher_accuracy``
     and what it was measured on (``teacher_accuracy_on``)."""
-    from .recipes.distill import held_out_top1
+    from ..recipes.distill import held_out_top1
 
     ensemble.to(device)
     loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(4, os.cpu_count() or 1))

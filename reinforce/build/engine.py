@@ -1,8 +1,8 @@
 """Engines that run a build's pending blocks: in this process, or on Ray actors.
 
-Both run the one block routine, :class:`~reinforce.blocks.BlockRunner`: a worker decodes, computes and writes
-its block through a :class:`~reinforce.writer.BlockSink` and marks it done; the driver alone creates, resumes
-and finalizes the store, hands out block numbers and collects :class:`~reinforce.blocks.BlockStats`. Ray is
+Both run the one block routine, :class:`~reinforce.build.blocks.BlockRunner`: a worker decodes, computes and writes
+its block through a :class:`~reinforce.build.writer.BlockSink` and marks it done; the driver alone creates, resumes
+and finalizes the store, hands out block numbers and collects :class:`~reinforce.build.blocks.BlockStats`. Ray is
 imported only when a Ray engine is asked for.
 
 * :class:`InProcessEngine` (no ``--workers``, no ``--ray-address``): no cluster, nothing to configure; blocks
@@ -92,7 +92,7 @@ class InProcessEngine:
 
 
 class BlockWorker:
-    """A Ray actor holding one :class:`~reinforce.blocks.BlockRunner` (teachers loaded once, on its device)
+    """A Ray actor holding one :class:`~reinforce.build.blocks.BlockRunner` (teachers loaded once, on its device)
     and a sink into the store the driver created."""
 
     def __init__(self, plan: BuildPlan, ensemble: Ensemble, name: str) -> None:

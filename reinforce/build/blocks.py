@@ -1,8 +1,8 @@
 """One block of a build: decode and sample on the CPU, run the teachers on the device, write the block.
 
-:class:`BlockProcessor` turns a block of samples into a :class:`~reinforce.writer.BlockResult` and is plain
+:class:`BlockProcessor` turns a block of samples into a :class:`~reinforce.build.writer.BlockResult` and is plain
 Python, usable by any scheduler; :class:`BlockRunner` is the one block routine every engine runs (load, device
-part under a lock, write to a :class:`~reinforce.writer.BlockSink`).
+part under a lock, write to a :class:`~reinforce.build.writer.BlockSink`).
 
 The bytes of a block do not depend on where or when it is computed: records are sampled from keyed RNG
 streams, each block is cut into the same micro-batches (``batch_size`` records, in (sample, slot) order)

@@ -88,7 +88,7 @@ def run_publishing_command(args: argparse.Namespace) -> int:
               f"{summary.retries} retries) in {summary.seconds:.1f} s" + (", verified" if summary.verified else ""))
         return 0
     if args.command == "import":
-        from .importers import run_import
+        from ..importers import run_import
 
         summary = run_import(args)
         print(summary)

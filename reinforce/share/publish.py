@@ -28,10 +28,10 @@ from fsspec.implementations.local import LocalFileSystem
 from reinforce_loaders import format as fmt
 from reinforce_loaders.errors import ReinforceError
 
-from . import __version__
+from .. import __version__
 from .manifest import (MANIFEST_NAME, SOURCE_MANIFEST_NAME, FileEntry, Manifest, croissant_metadata, hash_files,
                        store_identity, write_source_manifest)
-from .report import verify_store
+from ..tools.verify import verify_store
 
 GRID_NAME = "replays.png"
 CARD_NAME = "README.md"
@@ -218,7 +218,7 @@ def _stage_source_files(store: Path, group: Any, header: fmt.StoreHeader, source
     write_source_manifest(source, header, labels, fingerprints, staging / SOURCE_MANIFEST_NAME)
     staged = [staging / SOURCE_MANIFEST_NAME]
     if grid:
-        from .grid import replay_grid
+        from ..tools.grid import replay_grid
 
         staged.append(replay_grid(store, source, staging / GRID_NAME))
     return staged

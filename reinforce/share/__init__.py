@@ -1,0 +1,2 @@
+"""Sharing stores: ``reinforce publish`` (:mod:`.publish`), ``reinforce download`` (:mod:`.download`), the
+manifest both trust (:mod:`.manifest`), and their command lines (:mod:`.cli`)."""
