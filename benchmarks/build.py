@@ -96,9 +96,10 @@ def run_pipeline(config: BuildConfig, ensemble: Ensemble) -> tuple[float, float]
 
 def prepare_forward_only(config: BuildConfig, ensemble: Ensemble, num_images: int):
     """(b): a function timing the ensemble alone on the very micro-batches of (a), already on the device."""
-    from reinforce_loaders.source import open_source
+    from reinforce.build.plan import open_build_source
 
-    source = open_source(config.source)
+    config.validate()
+    source = open_build_source(config)
     processor = make_processor(resolve_plan(config, source, ensemble), ensemble, source)
     batches = []
     for start in range(0, num_images, config.block_size):

@@ -23,9 +23,9 @@ import torch
 from reinforce_loaders import format as fmt
 from reinforce_loaders import rng
 from reinforce_loaders.errors import SourceError
-from reinforce_loaders.source import ImageSource, fingerprint, open_source, set_max_image_pixels
+from reinforce_loaders.source import ImageSource, fingerprint
 
-from .plan import BuildError, BuildPlan
+from .plan import BuildError, BuildPlan, open_build_source
 from .teachers import Ensemble
 from .writer import BlockResult, BlockSink
 
@@ -90,14 +90,12 @@ class BlockProcessor:
         torch.set_num_threads(plan.cpu_threads)  # process-wide: CPU results depend on it
         config = plan.config
         self.plan = plan
-        set_max_image_pixels(config.max_image_pixels)  # also in Ray workers, other processes
-        self.source = open_source(source if source is not None else config.source,
-                                  allow_empty_classes=config.allow_empty_classes)
+        self.source = source if source is not None else open_build_source(config)  # a Ray worker lists it itself
         self.pipeline = plan.pipeline()
         self.device = torch.device(config.device)
         self.ensemble = prepare_ensemble(ensemble, self.device, channels_last=config.channels_last,
                                          compile=config.compile)
-        self.param_codec = plan.header.layout.params
+        self.param_layout = plan.header.layout.params
         self._pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
 
     def close(self) -> None:
@@ -146,8 +144,8 @@ class BlockProcessor:
             num_samples=len(self.source), partner_size=partner_size, partner_pool=pool)
         # Encoded once, here; the teacher sees them decoded, as the student will replay them. (A skipped sample's
         # zeros become whatever the encoding stores for them; its (0, 0) size flags it.)
-        columns = self.param_codec.encode(params, sizes[:, :1], sizes[:, 1:])
-        return self.param_codec.decode(columns, sizes[:, :1], sizes[:, 1:]), columns
+        columns = self.param_layout.encode(params, sizes[:, :1], sizes[:, 1:])
+        return self.param_layout.decode(columns, sizes[:, :1], sizes[:, 1:]), columns
 
     def _load_partner(self, index: int) -> torch.Tensor | None:
         """A mixing partner's image; None if it cannot be read and bad images are skipped."""

@@ -24,7 +24,7 @@ import zarr
 from reinforce_loaders import format as fmt
 from reinforce_loaders.augment import PRESETS, AugmentPipeline, make_pipeline
 from reinforce_loaders.errors import AugmentationError, ReinforceError
-from reinforce_loaders.source import ImageSource
+from reinforce_loaders.source import ImageSource, open_source, set_max_image_pixels
 
 from .. import __version__
 from .teachers import Ensemble
@@ -180,9 +180,16 @@ class BuildPlan:
         return AugmentPipeline.from_config(self.header.augmentation)
 
 
+def open_build_source(config: BuildConfig) -> ImageSource:
+    """The build's source images, listed once, with Pillow's pixel limit set to the build's (process-wide: a Ray
+    worker, another process, calls this itself)."""
+    set_max_image_pixels(config.max_image_pixels)
+    return open_source(config.source, allow_empty_classes=config.allow_empty_classes)
+
+
 def resolve_plan(config: BuildConfig, source: ImageSource, ensemble: Ensemble) -> BuildPlan:
-    """Validate ``config`` against ``source`` and ``ensemble`` and resolve it into a :class:`BuildPlan`."""
-    config.validate()
+    """Resolve a validated ``config`` (:meth:`BuildConfig.validate`, which :func:`~reinforce.build.run.run_build`
+    runs first of all) against ``source`` and ``ensemble`` into a :class:`BuildPlan`."""
     image_size = resolve_image_size(config)
     pipeline = make_pipeline(config.augment, image_size)
     num_classes = ensemble.num_classes

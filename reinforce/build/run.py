@@ -21,12 +21,12 @@ import torch
 import zarr
 from reinforce_loaders import format as fmt
 from reinforce_loaders.errors import ReinforceError
-from reinforce_loaders.source import ImageSource, fingerprint, open_source, set_max_image_pixels
+from reinforce_loaders.source import ImageSource, fingerprint
 from tqdm.auto import tqdm
 
 from .blocks import BlockProcessor, BlockRunner, BlockStats, LoadedBlock, SkippedSample, make_processor
 from .engine import make_engine
-from .plan import BuildConfig, BuildError, BuildPlan, resolve_plan
+from .plan import BuildConfig, BuildError, BuildPlan, open_build_source, resolve_plan
 from ..progress import bar_options
 from .teachers import Ensemble, create_ensemble
 from .writer import StoreWriter, data_bytes, store_bytes, store_lock
@@ -149,9 +149,8 @@ def run_build(config: BuildConfig, ensemble: Ensemble | None = None, progress: b
     ``progress`` shows a bar counting images; the summary goes to ``report`` (default: printed when
     ``progress`` is on) and is returned.
     """
-    config.validate()
-    set_max_image_pixels(config.max_image_pixels)
-    source = open_source(config.source, allow_empty_classes=config.allow_empty_classes)
+    config.validate()  # before the source is listed and the teachers loaded, which may take minutes
+    source = open_build_source(config)
     if ensemble is None:
         ensemble = make_ensemble(config)
     plan = resolve_plan(config, source, ensemble)

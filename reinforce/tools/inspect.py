@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import math
 import os
 from typing import Any
 
 import zarr
 from reinforce_loaders import format as fmt
+from zarr.core.sync import sync
 
 
 def describe_store(store: str | os.PathLike[str]) -> str:
@@ -15,7 +19,7 @@ def describe_store(store: str | os.PathLike[str]) -> str:
     header = fmt.read_header(group, require_complete=False)
     fmt.check_store(group, header, last_block=header.complete)
     records = header.num_samples * header.num_augmentations
-    columns = header.record_columns
+    columns = header.layout.columns
     lines = [
         f"store            {store}",
         f"format           {header.format_name} {header.format_version}"
@@ -33,7 +37,7 @@ def describe_store(store: str | os.PathLike[str]) -> str:
             for t in header.teachers) + _teacher_accuracy_text(header),
         f"built            {header.provenance.get('created', '?')} by {header.provenance.get('tool', '?')}"
         f" on {header.provenance.get('device', '?')}",
-        f"record row       {header.record_width} x {header.dtype}: "
+        f"record row       {header.layout.width} x {header.dtype}: "
         + ", ".join(f"{name} [{cols.start}:{cols.stop})" for name, cols in columns.items()),
         "param encodings  " + ", ".join(_encoding_text(item) for item in header.param_encodings or []),
         "",

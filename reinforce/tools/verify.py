@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import math
 import os
 from typing import Any
 
 import numpy as np
-import zarr
 from reinforce_loaders import format as fmt
 from reinforce_loaders.augment import AugmentPipeline
+from reinforce_loaders.codecs import ParamLayout
+from reinforce_loaders.errors import ReinforceError
 from reinforce_loaders.source import fingerprint, open_source
-from zarr.core.sync import sync
 
 from ..errors import VerificationError
 
@@ -35,7 +32,7 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, qu
     except fmt.IncompleteStoreError as error:
         raise VerificationError(str(error)) from None
     passed = [f"header: {header.format_name} {header.format_version}, complete"]
-    n, a, w = header.num_samples, header.num_augmentations, header.record_width
+    n, a, w = header.num_samples, header.num_augmentations, header.layout.width
     pipeline = AugmentPipeline.from_config(header.augmentation)
     if len(header.param_encodings or []) != pipeline.num_params:
         raise VerificationError(f"header has {len(header.param_encodings or [])} param encodings for a pipeline "
@@ -80,7 +77,7 @@ def verify_store(store: str | os.PathLike[str], source: Any | None = None, *, qu
         vocabulary = _read(group, fmt.CLASS_VOCABULARY).astype(np.int64)
         _check_vocabulary(header, vocabulary, skipped)
         passed.append(f"class vocabulary: {n} rows of {header.class_vocabulary_size} distinct valid classes")
-    codec = header.param_codec
+    codec = header.layout.params
     for block in range(header.num_blocks):
         start, stop = header.block_range(block)
         rows = _read(group, fmt.RECORDS, slice(start, stop), what=f"block {block} (samples [{start}, {stop}))")
@@ -160,9 +157,9 @@ def _check_vocabulary(header: fmt.StoreHeader, vocabulary: np.ndarray, skipped: 
                                 f"(entries must be distinct classes < {header.num_classes}, then {fill} padding)")
 
 
-def _check_records(header: fmt.StoreHeader, codec: fmt.ParamCodec, rows: np.ndarray, samples: np.ndarray,
+def _check_records(header: fmt.StoreHeader, codec: ParamLayout, rows: np.ndarray, samples: np.ndarray,
                    sizes: np.ndarray, vocabulary: np.ndarray | None = None) -> None:
-    columns = header.record_columns
+    columns = header.layout.columns
     fill = header.fill_value
     where = f"samples [{samples[0]}, {samples[-1] + 1})" if len(samples) else "no samples"
     missing = (rows[..., 0] == fill)
