@@ -10,11 +10,12 @@ stopped and the result does not depend on the number of workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,25 @@ from ..build.writer import BlockResult, StoreWriter
 
 class ImportFailure(ReinforceError):
     """A released file cannot be converted: missing, malformed, or using something this importer cannot map."""
+
+
+UNEXPECTED_CONTENT = (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RuntimeError,
+                      ArithmeticError, MemoryError)
+"""What Python raises when an importer meets content of another shape than a release's (a string where a number
+belongs, a list one item short, a structure too large for memory): each becomes an :class:`ImportFailure`."""
+
+
+@contextlib.contextmanager
+def released_content(file: str) -> Iterator[None]:
+    """Turn an error of unexpected content while reading ``file`` into an :class:`ImportFailure` naming it."""
+    try:
+        yield
+    except ReinforceError:
+        raise
+    except UNEXPECTED_CONTENT as error:
+        detail = str(error).splitlines()[0][:160] if str(error) else ""
+        raise ImportFailure(f"{file} does not hold what a release file holds ({type(error).__name__}"
+                            f"{': ' + detail if detail else ''}): the file is damaged or of another kind") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +115,17 @@ def completed_entropy(probs: np.ndarray, num_classes: int) -> np.ndarray:
 def _convert_block(header: fmt.StoreHeader, block: int, paths: Sequence[str], labels: Sequence[int],
                    files: Sequence[str], reader: SampleReader) -> tuple[int, BlockResult]:
     start, _ = header.block_range(block)
-    codec = header.param_codec
+    codec = header.layout.params
     columns: dict[str, list[Any]] = {"sizes": [], "fingerprints": [], "params": [], "indices": [], "probs": []}
     for offset, (path, file) in enumerate(zip(paths, files)):
         image = decode_image(path)
         height, width = int(image.shape[1]), int(image.shape[2])
-        records = reader(file, start + offset, height, width)
+        with released_content(file):
+            records = reader(file, start + offset, height, width)
+            finite = np.isfinite(np.asarray(records.params, dtype=np.float64)).all() and np.isfinite(
+                np.asarray(records.probs, dtype=np.float64)).all()
+        if not finite:
+            raise ImportFailure(f"{file} holds a parameter or probability that is not a finite number")
         if records.params.shape[0] != header.num_augmentations or records.indices.shape != (
                 header.num_augmentations, header.top_k):
             raise ImportFailure(f"{file} holds {records.params.shape[0]} records of top-{records.indices.shape[-1]}, "
@@ -135,11 +160,18 @@ def convert(plan: ImportPlan, out: str | os.PathLike[str], *, workers: int = 1, 
         tasks.append(delayed(_convert_block)(header, block, paths[start:stop], labels[start:stop],
                                              plan.files[start:stop], plan.reader))
     samples = sum(header.block_range(b)[1] - header.block_range(b)[0] for b in pending)
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
     with tqdm(total=samples, unit="file", disable=not progress, desc="reinforce import",
               **bar_options()) as bar:
-        for block, result in Parallel(n_jobs=max(1, workers), return_as="generator_unordered")(tasks):
-            writer.write_block(block, result)
-            bar.update(len(result.labels))
+        try:
+            for block, result in Parallel(n_jobs=max(1, workers), return_as="generator_unordered")(tasks):
+                writer.write_block(block, result)
+                bar.update(len(result.labels))
+        except TerminatedWorkerError as error:  # a worker killed (out of memory, a signal) mid-block
+            cause = str(error).split("The exit codes of the workers are", 1)[-1].strip(" .{}\n")[:80]
+            raise ImportFailure(f"a conversion process died ({cause or 'no exit code'}); the blocks written are "
+                                "kept: run the same command again with --workers 1 to find the file") from None
     writer.finalize()
     seconds = time.perf_counter() - began
     return ImportSummary(out=str(out), samples=header.num_samples, blocks_written=len(pending), seconds=seconds,
@@ -184,12 +216,17 @@ def exact_encodings(pipeline: AugmentPipeline) -> list[dict[str, Any]]:
 
 def released_files(root: Path, suffix: str, count: int, key: Callable[[Path], int | None]) -> list[str]:
     """The released file of each of ``count`` samples under ``root`` (``key`` maps a file to its sample index);
-    refuses missing or duplicated samples, naming the first."""
+    refuses missing or duplicated samples, naming the first, and a file for a sample the source does not have
+    (the release was made from another, larger dataset, whose images would not be these)."""
     found: dict[int, str] = {}
-    for path in root.rglob(f"*{suffix}"):
+    for path in sorted(root.rglob(f"*{suffix}")):
         index = key(path)
         if index is None:
             continue
+        if index >= count:
+            raise ImportFailure(f"{path} is the file of sample {index}, but the source has {count} images: the "
+                                f"release was made from another dataset of at least {index + 1} images; pass the "
+                                "--data it was made from")
         if index in found:
             raise ImportFailure(f"two files for sample {index}: {found[index]} and {path}")
         found[index] = str(path)
@@ -212,4 +249,4 @@ def run_import(args: argparse.Namespace) -> ImportSummary:
 
 
 __all__ = ["ImportFailure", "ImportPlan", "ImportSummary", "SampleRecords", "completed_entropy", "convert",
-           "exact_encodings", "import_header", "released_files", "run_import", "sort_topk"]
+           "exact_encodings", "import_header", "released_content", "released_files", "run_import", "sort_topk"]

@@ -26,7 +26,7 @@ import torch
 from reinforce_loaders.augment import AugmentPipeline, HorizontalFlip, RandomResizedCrop
 from reinforce_loaders.source import ImageSource
 
-from . import ImportFailure, ImportPlan, SampleRecords, import_header, sort_topk
+from . import ImportFailure, ImportPlan, SampleRecords, import_header, released_content, sort_topk
 from .safe_unpickle import load_pickle
 
 WHAT = "FKD soft-label files (.tar)"
@@ -90,7 +90,8 @@ def read_sample(file: str, index: int, height: int, width: int, *, num_classes: 
 
 
 def fkd_files(root: Path, source: ImageSource, data: str | os.PathLike[str]) -> list[str]:
-    """The release file of each source image: ``root/CLASS/STEM.tar`` (or ``root/CLASS/NAME.tar``)."""
+    """The release file of each source image: ``root/CLASS/STEM.tar`` (or ``root/CLASS/NAME.tar``); refuses a
+    release with files for images the source does not have (made from another, larger dataset)."""
     files = []
     for index in range(len(source)):
         relative = Path(os.path.relpath(source.name_of(index), data))
@@ -100,6 +101,11 @@ def fkd_files(root: Path, source: ImageSource, data: str | os.PathLike[str]) -> 
             raise ImportFailure(f"no FKD file for source image {relative} (looked for {candidates[0]}); finish "
                                 "downloading the release, then run the same command again")
         files.append(found)
+    extra = sorted(set(map(str, root.rglob("*.tar"))) - set(files))
+    if extra:
+        raise ImportFailure(f"{extra[0]} is the file of no source image: the release has "
+                            f"{len(files) + len(extra)} files, the source {len(source)} images; it was made from "
+                            "another dataset: pass the --data it was made from")
     return files
 
 
@@ -108,7 +114,8 @@ def plan_import(root: Path, data: str | os.PathLike[str], *, trust_pickle: bool,
     """Everything :func:`~reinforce.importers.convert` needs to import the FKD release in ``root``."""
     source = ImageSource.from_folder(data)
     files = fkd_files(root, source, data)
-    coords, _, labels, _ = crops_of(load_pickle(files[0], trust_pickle=trust_pickle, what=WHAT), files[0])
+    with released_content(files[0]):
+        coords, _, labels, _ = crops_of(load_pickle(files[0], trust_pickle=trust_pickle, what=WHAT), files[0])
     pipeline = AugmentPipeline([RandomResizedCrop(), HorizontalFlip(0.5)], image_size)
     header = import_header(source, pipeline, records=len(coords), top_k=labels.shape[1] // 2,
                            num_classes=num_classes, block_size=block_size, teacher="FKD soft-label teacher",

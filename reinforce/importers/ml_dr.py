@@ -40,7 +40,7 @@ from reinforce_loaders.augment import AugmentPipeline, HorizontalFlip, RandAugme
 from reinforce_loaders.augment.color import OP_IDS, OP_NAMES
 from reinforce_loaders.source import ImageSource
 
-from . import ImportFailure, ImportPlan, SampleRecords, import_header, released_files, sort_topk
+from . import ImportFailure, ImportPlan, SampleRecords, import_header, released_content, released_files, sort_topk
 from .safe_unpickle import load_pickle
 
 WHAT = "apple/ml-dr files ({index}.pth.tar, config.pth.tar)"
@@ -237,15 +237,18 @@ def _first_record_shape(file: str, config: MlDrConfig, trust_pickle: bool) -> tu
 def plan_import(root: Path, data: str | os.PathLike[str], *, trust_pickle: bool, image_size: int = 224,
                 num_classes: int | None = None, block_size: int | None = None) -> ImportPlan:
     """Everything :func:`~reinforce.importers.convert` needs to import the ml-dr release in ``root``."""
-    config = parse_config(load_pickle(root / CONFIG_NAME, trust_pickle=trust_pickle, what=WHAT))
+    with released_content(str(root / CONFIG_NAME)):
+        config = parse_config(load_pickle(root / CONFIG_NAME, trust_pickle=trust_pickle, what=WHAT))
+        size = int(config.arguments["random_resized_crop"].get("size", image_size))
     source = ImageSource.from_folder(data)
     files = released_files(root, ".pth.tar", len(source), _sample_index)
-    records, top_k, num_ops = _first_record_shape(files[0], config, trust_pickle)
+    with released_content(files[0]):
+        records, top_k, num_ops = _first_record_shape(files[0], config, trust_pickle)
     if config.records_per_image not in (None, records) or config.top_k not in (None, top_k):
         raise ImportFailure(f"{files[0]} holds {records} records of top-{top_k}; {CONFIG_NAME} says "
                             f"{config.records_per_image} of top-{config.top_k}")
-    size = int(config.arguments["random_resized_crop"].get("size", image_size))
-    pipeline = make_pipeline(config, size, num_ops or 2)
+    with released_content(str(root / CONFIG_NAME)):
+        pipeline = make_pipeline(config, size, num_ops or 2)
     header = import_header(source, pipeline, records=records, top_k=top_k, num_classes=num_classes,
                            block_size=block_size, teacher="apple/ml-dr teacher ensemble",
                            provenance={"imported_from": "apple/ml-dr", "import_source": str(root),
