@@ -240,3 +240,61 @@ def test_spec_worked_examples_hold():
     vocabulary = fmt.class_vocabulary(indices[None], 4, header.fill_value)[0]
     assert vocabulary.tolist() == [2, 5, 9, 1]
     assert fmt.encode_indices(header, indices, vocabulary).tolist() == [[1, 0, 2], [0, 1, 11], [0, 2, 1], [0, 3, 7]]
+
+
+# -- replay: the spec's pixel arithmetic, read by a stranger ------------------------------------------------
+
+def _replay_sources() -> list[np.ndarray]:
+    """Noise sources of several shapes (one 1 x 1, one thin) and a smooth gradient, uint8 [3, H, W]."""
+    generator = np.random.default_rng(11)
+    shapes = [(37, 53), (64, 64), (90, 41), (1, 1), (3, 120), (130, 97)]
+    out = [generator.integers(0, 256, (3, *shape), dtype=np.uint8) for shape in shapes]
+    y, x = np.mgrid[0:70, 0:80]
+    out.append(np.stack([x * 3, y * 3, (x + y) * 2]).clip(0, 255).astype(np.uint8))
+    return out
+
+
+def _replay_records(pipeline, sources, slots, seed):
+    shapes = [source.shape[1:] for source in sources]
+    params = np.concatenate([pipeline.sample_slots(seed, i, slots, *shapes[i], num_samples=len(sources),
+                                                   partner_size=lambda p: shapes[p]) for i in range(len(sources))])
+    sizes = np.array([shapes[i] for i in range(len(sources)) for _ in range(slots)])
+    params = pipeline.param_layout.quantize(params, sizes[:, 0], sizes[:, 1])
+    owners = [i for i in range(len(sources)) for _ in range(slots)]
+    partners = pipeline.partner_indices(params)
+    return owners, params, partners
+
+
+REPLAY_CONFIGS = {**SPEC_CONFIGS, "custom-d": [
+    {"name": "random_resized_crop", "resample": "roi_align"}, {"name": "horizontal_flip"},
+    {"name": "rand_augment", "num_ops": 4, "magnitude": 20, "num_magnitude_bins": 31, "magnitude_std": 9.0},
+    {"name": "random_erasing", "p": 1.0, "value": 77}]}
+
+
+@pytest.mark.parametrize("name", sorted(REPLAY_CONFIGS))
+def test_spec_replay_reproduces_the_pipeline(name):
+    """Section 4.5's replay, written independently from its text (integer numpy, dense filter matrices, per-op
+    functions), gives every record's pixels bit for bit: crops of sources of many shapes at two sides, every
+    op after the crop, MixUp / CutMix with the partner's own crop."""
+    from conformance import spec_reference as ref
+    from reinforce_loaders.augment import AugmentPipeline, make_pipeline
+
+    config = REPLAY_CONFIGS[name]
+    pipeline = make_pipeline(name, 40) if config is None else AugmentPipeline.from_config({"size": 40, "ops": config})
+    ops = pipeline.config()["ops"]
+    sources = _replay_sources()
+    owners, params, partners = _replay_records(pipeline, sources, slots=6, seed=5)
+    tensors = [torch.from_numpy(source) for source in sources]
+    for size in (40, 23):
+        got = pipeline.apply_batch([tensors[i] for i in owners], params, size,
+                                   None if partners is None else [tensors[p] if p >= 0 else None for p in partners])
+        for r, owner in enumerate(owners):
+            partner = None if partners is None or partners[r] < 0 else sources[partners[r]]
+            expected = ref.replay(ops, params[r].tolist(), size, sources[owner], partner)
+            differs = got[r].numpy() != expected
+            assert not differs.any(), (name, size, r, params[r].tolist(), int(differs.sum()),
+                                       int(np.abs(got[r].numpy().astype(int) - expected).max()))
+    if name == "custom-d":  # the test covers every RandAugment op, signed bins of both signs included
+        columns = [k for k, param in enumerate(pipeline.param_names) if param.startswith("rand_augment.op")]
+        assert set(params[:, columns].ravel().tolist()) == set(range(14))
+        assert (params[:, [k + 1 for k in columns]] < 0).any()

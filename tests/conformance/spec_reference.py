@@ -267,3 +267,265 @@ def decode_params(encodings: Sequence[dict[str, Any]], columns: Sequence[int], h
             out.append(float(max(1, g) if entry.get("start") else g))
             position += 1
     return out
+
+
+# -- section 4.5: replay, integer and fixed-point pixel arithmetic -------------------------------------------
+# Images are numpy uint8 [3, height, width]; every function returns a new image. Integer arithmetic is Python's
+# or numpy int64 (exact); binary64 steps are Python floats, evaluated in the order the spec writes them.
+
+FIX = 65536  # 2^16
+
+
+def fix(v: float) -> int:
+    return math.floor(v * FIX + 0.5)
+
+
+def round16(acc: np.ndarray) -> np.ndarray:
+    return np.clip((acc + FIX // 2) >> 16, 0, 255).astype(np.uint8)
+
+
+def _axis_antialias(n: int, size: int) -> np.ndarray:
+    """Dense int64 [size, n] weights of the antialias filter along one axis of a box of n pixels."""
+    out = np.zeros((size, n), dtype=np.int64)
+    scale = n / size
+    spread = max(scale, 1.0)
+    for i in range(size):
+        center = (i + 0.5) * scale
+        lo, hi = max(int(center - spread + 0.5), 0), min(int(center + spread + 0.5), n)
+        raw = [max(0.0, 1.0 - abs((x - center + 0.5) / spread)) for x in range(lo, hi)]
+        total = 0.0
+        for value in raw:
+            total += value
+        for x, value in zip(range(lo, hi), raw):
+            out[i, x] = math.floor(value / total * 16384 + 0.5)
+    return out
+
+
+def _axis_roi_align(start: int, n: int, limit: int, size: int) -> np.ndarray:
+    """Dense int64 [size, limit] weights of the roi_align filter along one axis (source indices absolute)."""
+    grid = -(-n // size)
+    bin_size = n / size
+    out = np.zeros((size, limit), dtype=np.int64)
+    for i in range(size):
+        acc: dict[int, float] = {}
+        for g in range(grid):
+            y = (start - 0.5) + i * bin_size + (g + 0.5) * bin_size / grid
+            if y < -1 or y > limit:
+                continue
+            y = max(y, 0.0)
+            y0 = math.floor(y)
+            if y0 >= limit - 1:
+                y0 = y1 = limit - 1
+                y = float(y0)
+            else:
+                y1 = y0 + 1
+            ly = y - y0
+            acc[y0] = acc.get(y0, 0.0) + (1 - ly) / grid
+            acc[y1] = acc.get(y1, 0.0) + ly / grid
+        for index, value in acc.items():
+            out[i, index] = math.floor(value * 16384 + 0.5)
+    return out
+
+
+def crop(image: np.ndarray, box: Sequence[int], size: int, resample: str) -> np.ndarray:
+    _, height, width = image.shape
+    top, left = min(int(box[0]), height - 1), min(int(box[1]), width - 1)
+    h, w = min(max(int(box[2]), 1), height - top), min(max(int(box[3]), 1), width - left)
+    if resample == "antialias":
+        wy = np.zeros((size, height), dtype=np.int64)
+        wx = np.zeros((size, width), dtype=np.int64)
+        wy[:, top:top + h] = _axis_antialias(h, size)
+        wx[:, left:left + w] = _axis_antialias(w, size)
+    else:
+        wy, wx = _axis_roi_align(top, h, height, size), _axis_roi_align(left, w, width, size)
+    pixels = image.astype(np.int64)
+    acc = wy @ (pixels @ wx.T)  # int64: exact
+    return np.clip((acc + 2**27) >> 28, 0, 255).astype(np.uint8)
+
+
+def inverse_matrix(center, angle, translate, shear) -> list[float]:
+    r, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
+    a = math.cos(r - sy) / math.cos(sy)
+    b = -(a * math.tan(sx) + math.sin(r))
+    c = math.sin(r - sy) / math.cos(sy)
+    d = math.cos(r) - c * math.tan(sx)
+    m = [d, -b, 0.0, -c, a, 0.0]
+    cx, cy = center
+    tx, ty = translate
+    m[2] = m[2] + cx - m[0] * (cx + tx) - m[1] * (cy + ty)
+    m[5] = m[5] + cy - m[3] * (cx + tx) - m[4] * (cy + ty)
+    return m
+
+
+def warp(image: np.ndarray, m: list[float]) -> np.ndarray:
+    _, height, width = image.shape
+    xo, yo = 0.5 - width / 2, 0.5 - height / 2
+    a, b, c = fix(m[0]), fix(m[1]), fix(m[0] * xo + m[1] * yo + m[2] + (width / 2 - 0.5))
+    d, e, f = fix(m[3]), fix(m[4]), fix(m[3] * xo + m[4] * yo + m[5] + (height / 2 - 0.5))
+    y, x = np.mgrid[0:height, 0:width].astype(np.int64)
+    sx = (a * x + b * y + c + FIX // 2) >> 16
+    sy = (d * x + e * y + f + FIX // 2) >> 16
+    inside = (sx >= 0) & (sx < width) & (sy >= 0) & (sy < height)
+    out = image[:, np.clip(sy, 0, height - 1), np.clip(sx, 0, width - 1)]
+    return np.where(inside[None], out, 0).astype(np.uint8)
+
+
+def grey_levels(image: np.ndarray) -> np.ndarray:
+    r, g, b = image.astype(np.int64)
+    return (19595 * r + 38470 * g + 7471 * b + 32768) >> 16
+
+
+def ra_op(image: np.ndarray, op: int, b: int, bins: int) -> np.ndarray:
+    """The RandAugment op table of 4.5.3 at signed bin b of Bn = bins."""
+    _, height, width = image.shape
+    f = abs(b) / (bins - 1)
+    s = -1.0 if b < 0 else 1.0
+    x = image.astype(np.int64)
+    if op == 0:
+        return image.copy()
+    if op in (1, 2):
+        shear = math.degrees(math.atan((s * f) * 0.3))
+        return warp(image, inverse_matrix((-width / 2, -height / 2), 0.0, (0.0, 0.0),
+                                          (shear, 0.0) if op == 1 else (0.0, shear)))
+    if op == 3:
+        return warp(image, inverse_matrix((0.0, 0.0), 0.0, (float(trunc((s * f) * (150 / 331 * width))), 0.0),
+                                          (0.0, 0.0)))
+    if op == 4:
+        return warp(image, inverse_matrix((0.0, 0.0), 0.0, (0.0, float(trunc((s * f) * (150 / 331 * height)))),
+                                          (0.0, 0.0)))
+    if op == 5:
+        return warp(image, inverse_matrix((0.0, 0.0), -((s * f) * 30), (0.0, 0.0), (0.0, 0.0)))
+    if 6 <= op <= 9:
+        weight = fix(1 + (s * f) * 0.9)
+        if op == 6:
+            degenerate = np.zeros_like(x)
+        elif op == 7:
+            degenerate = np.broadcast_to(grey_levels(image), x.shape)
+        elif op == 8:
+            total, count = int(grey_levels(image).sum()), height * width
+            degenerate = np.full_like(x, (2 * total + count) // (2 * count))
+        else:
+            degenerate = x.copy()
+            if height > 2 and width > 2:
+                kernel = [[1, 1, 1], [1, 5, 1], [1, 1, 1]]
+                acc = sum(kernel[dy][dx] * x[:, dy:height - 2 + dy, dx:width - 2 + dx]
+                          for dy in range(3) for dx in range(3))
+                degenerate[:, 1:-1, 1:-1] = (acc + 6) // 13
+        return round16(x * weight + degenerate * (FIX - weight))
+    if op == 10:
+        k = min(max(rint(8 - abs(b) / ((bins - 1) / 4)), 0), 8)
+        return (x & ((255 << (8 - k)) & 255)).astype(np.uint8)
+    if op == 11:
+        threshold = float(np.float32((1 - f) * 255))
+        return np.where(x >= threshold, 255 - x, x).astype(np.uint8)
+    out = x.copy()
+    for c in range(3):
+        channel = x[c]
+        if op == 12:
+            lo, hi = int(channel.min()), int(channel.max())
+            if hi > lo:
+                out[c] = (channel - lo) * 255 // (hi - lo)
+        else:
+            hist = np.bincount(channel.ravel(), minlength=256)
+            c_max = int(hist[int(channel.max())])
+            step = (channel.size - c_max) // 255
+            if step:
+                cum = np.cumsum(hist)
+                lut = np.array([0] + [min((int(cum[v - 1]) + step // 2) // step, 255) for v in range(1, 256)])
+                out[c] = lut[channel]
+    return out.astype(np.uint8)
+
+
+def output_box(box: Sequence[float], size: int) -> tuple[int, int, int, int]:
+    top, left, h, w = box
+    return (math.floor(top * size + 0.5), math.floor(left * size + 0.5),
+            min(math.floor((top + h) * size + 0.5), size), min(math.floor((left + w) * size + 0.5), size))
+
+
+def param_count(op: dict) -> int:
+    name = op["name"]
+    if name in ("random_resized_crop", "random_crop", "random_erasing"):
+        return 4
+    if name == "center_crop":
+        return 0
+    if name == "horizontal_flip":
+        return 1
+    if name == "rand_augment":
+        return 2 * op.get("num_ops", 2)
+    if name == "augmix":
+        width = op.get("width", 3)
+        return width + 1 + 6 * width
+    return 7
+
+
+def apply_op(op: dict, image: np.ndarray, p: list[float], size: int) -> np.ndarray:
+    """An op after the crop (not a mixer) with its parameters p."""
+    name = op["name"]
+    if name == "horizontal_flip":
+        return image[:, :, ::-1].copy() if p[0] == 1 else image
+    if name == "rand_augment":
+        for i in range(op.get("num_ops", 2)):
+            image = ra_op(image, int(p[2 * i]), int(p[2 * i + 1]), op.get("num_magnitude_bins", 31))
+        return image
+    if name == "augmix":
+        width = op.get("width", 3)
+        acc = image.astype(np.int64) * fix(p[0])
+        for c in range(width):
+            chain = image
+            for d in range(3):
+                op_id, b = int(p[width + 1 + 6 * c + 2 * d]), int(p[width + 2 + 6 * c + 2 * d])
+                if op_id:
+                    chain = ra_op(chain, op_id, b, 10)
+            acc = acc + chain.astype(np.int64) * fix(p[1 + c])
+        return round16(acc)
+    if name == "random_erasing":
+        value = op.get("value", 0)
+        fill = np.array(value if isinstance(value, list) else [value] * 3, dtype=np.uint8)
+        top, left, bottom, right = output_box(p, size)
+        out = image.copy()
+        out[:, top:bottom, left:right] = fill[:, None, None]
+        return out
+    raise AssertionError(name)
+
+
+def replay(ops: Sequence[dict], p: Sequence[float], size: int, image: np.ndarray,
+           partner: np.ndarray | None) -> np.ndarray:
+    """Replay of one record (section 4.5, steps 2-4) from its decoded parameters p."""
+    p = list(p)
+    counts = [param_count(op) for op in ops]
+    mixer = next((k for k, op in enumerate(ops) if op["name"] in MIXERS), None)
+
+    def through(source: np.ndarray, stop: int, params: list[float]) -> np.ndarray:
+        first = ops[0]
+        box = params[:4]
+        if first["name"] == "center_crop":
+            _, height, width = source.shape
+            side = max(1, rint(first.get("crop_fraction", 0.875) * min(height, width)))
+            box = [(height - side) // 2, (width - side) // 2, side, side]
+        out = crop(source, box, size, first.get("resample", "antialias"))
+        at = counts[0]
+        for op in ops[1:stop]:
+            out = apply_op(op, out, params[at:at + param_count(op)], size)
+            at += param_count(op)
+        return out
+
+    stop = len(ops) if mixer is None else mixer
+    out = through(image, stop, p)
+    if mixer is None:
+        return out
+    own_at = sum(counts[:mixer])
+    own = p[own_at:own_at + 7]
+    if own[0] >= 0:
+        partner_image = through(partner, mixer, p[own_at + 7:])
+        if own[1] == 1:
+            weight = fix(own[2])
+            out = round16(out.astype(np.int64) * weight + partner_image.astype(np.int64) * (FIX - weight))
+        else:
+            top, left, bottom, right = output_box(own[3:7], size)
+            out = out.copy()
+            out[:, top:bottom, left:right] = partner_image[:, top:bottom, left:right]
+    at = own_at + 7 + sum(counts[:mixer])
+    for op in ops[mixer + 1:]:
+        out = apply_op(op, out, p[at:at + param_count(op)], size)
+        at += param_count(op)
+    return out

@@ -156,15 +156,35 @@ def check_range(op: str, name: str, values: Sequence[float], low: float = 0.0, h
     return lo, hi
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Round a float batch to uint8, saturating."""
-    return images.round().clamp_(0, 255).to(torch.uint8)
+FRACTION_BITS = 16
+ONE = 1 << FRACTION_BITS
+"""Fixed-point unit of blend and mixing weights (format_spec.md 4.5, "Replay arithmetic")."""
 
 
-def blend(images: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``factor * images + (1 - factor) * degenerate`` per sample (``factor`` is ``[N]``), rounded to uint8."""
-    f = factor.to(torch.float32).view(-1, 1, 1, 1)
-    return to_uint8(images.to(torch.float32) * f + degenerate.to(torch.float32) * (1.0 - f))
+def fixed(values: torch.Tensor) -> torch.Tensor:
+    """Weights in ``[0, 2]`` (binary64) to int32 fixed point: ``floor(v * 2^16 + 1/2)``.
+
+    ``v * 2^16`` is exact in binary64 and adding 1/2 is exact below 2^52, so every device gives the same
+    integers.
+    """
+    return torch.floor(values.to(torch.float64) * ONE + 0.5).to(torch.int32)
+
+
+def fixed_host(value: float) -> int:
+    """:func:`fixed` of one host value (the same rule in Python)."""
+    return math.floor(float(value) * ONE + 0.5)
+
+
+def round_fixed(accumulated: torch.Tensor) -> torch.Tensor:
+    """uint8 of an integer sum in units of ``2^-16``: ``clip(floor(acc / 2^16 + 1/2), 0, 255)``."""
+    return ((accumulated + ONE // 2) >> FRACTION_BITS).clamp_(0, 255).to(torch.uint8)
+
+
+def blend(images: torch.Tensor, degenerate: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``images * F + degenerate * (1 - F)`` per record in fixed point: ``weights`` is int32 ``[N]`` (``F`` as
+    :func:`fixed`), ``degenerate`` an integer tensor that broadcasts to ``images``; rounded by :func:`round_fixed`."""
+    w = weights.to(torch.int32).view(-1, 1, 1, 1)
+    return round_fixed(images.to(torch.int32) * w + degenerate.to(torch.int32) * (ONE - w))
 
 
 def beta_batch(u: np.ndarray, alpha: float) -> np.ndarray:

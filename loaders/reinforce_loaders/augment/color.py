@@ -1,25 +1,26 @@
 """RandAugment and AugMix on uint8 batches with a different op and magnitude per record.
 
-The op set and magnitude tables are torchvision's (``transforms.v2.RandAugment``); each op is written once
-for a batch with per-record magnitudes (affine ops as one ``grid_sample`` with per-record matrices, colour ops
-as per-record blends), and the per-record loop of torchvision is replaced by grouping records by op id.
+The op set and magnitude tables are torchvision's (``transforms.v2.RandAugment``); the pixel arithmetic is
+integer or fixed point (format_spec.md 4.5.3), so every device replays the same bytes. Everything that depends
+on an op's magnitude (affine coefficients in 16.16 fixed point, blend weights, posterize masks, solarize
+thresholds) is tabulated once on the host per magnitude bin and gathered on the device; records are sorted by
+op id once per step (one host sync for the group sizes), and each op runs once on its contiguous group.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
-from torchvision.transforms.v2 import functional as F
-from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
 from ..codecs import FRACTION_255, Codec, IntCodec
 from ..errors import AugmentationError
-from .base import AugmentOp, SampleContext, as_int, blend, check_probability, libm, normal_batch, to_uint8
+from .base import (FRACTION_BITS, ONE, AugmentOp, SampleContext, as_int, blend, check_probability, fixed,
+                   fixed_host, libm, normal_batch, round_fixed)
 
 # Op ids, stored as parameters: never renumber, only append.
 OP_NAMES = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
@@ -30,103 +31,242 @@ NO_MAGNITUDE = frozenset({"identity", "autocontrast", "equalize"})
 OP_IDS = {name: index for index, name in enumerate(OP_NAMES)}
 _SIGNED_IDS = np.array(sorted(OP_IDS[name] for name in SIGNED))
 _NO_MAGNITUDE_IDS = np.array(sorted(OP_IDS[name] for name in NO_MAGNITUDE))
+GEOMETRIC = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+GREY_WEIGHTS = (19595, 38470, 7471)
+"""Grey level ``(19595 R + 38470 G + 7471 B + 2^15) >> 16``: ITU-R 601 luma in 16-bit fixed point (sums to 2^16)."""
 
 
-def _affine(images: torch.Tensor, matrices: list[list[float]]) -> torch.Tensor:
-    """Nearest-neighbour affine warp of ``[N, C, H, W]`` uint8 images with per-record inverse matrices
-    (torchvision's convention: pixel coordinates relative to the image centre), filling with 0."""
-    n, _, height, width = images.shape
-    theta = torch.tensor(matrices, dtype=torch.float32, device=images.device).view(n, 2, 3)
-    xs = torch.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, width, device=images.device)
-    ys = torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, height, device=images.device)
-    base = torch.stack([xs.expand(height, width), ys[:, None].expand(height, width),
-                        torch.ones(height, width, device=images.device)], dim=-1)
-    # Same order of float operations as torchvision's affine, so ties of the nearest lookup round alike.
-    rescaled = theta.transpose(1, 2) / torch.tensor([0.5 * width, 0.5 * height], device=images.device)
-    grid = base.view(1, height * width, 3).expand(n, -1, -1).bmm(rescaled).view(n, height, width, 2)
-    warped = nnf.grid_sample(images.to(torch.float32), grid, mode="nearest", padding_mode="zeros",
-                             align_corners=False)
-    return warped.round_().to(torch.uint8)
+# -- host tables: everything a magnitude bin decides, computed once per (bins, side) ------------------------
+
+def _signed_fraction(bin_: int, num_bins: int) -> tuple[float, float]:
+    """``(f, s)`` of a signed bin: ``f = |b| / (Bn - 1)`` and the sign ``s`` (binary64)."""
+    return abs(bin_) / max(num_bins - 1, 1), (-1.0 if bin_ < 0 else 1.0)
 
 
-def _magnitude(op: str, fraction: float, sign: float, size: int) -> float:
-    """torchvision's RandAugment magnitude of ``op`` at ``fraction`` of its range, signed."""
-    top = {"shear_x": 0.3, "shear_y": 0.3, "translate_x": 150.0 / 331.0 * size, "translate_y": 150.0 / 331.0 * size,
-           "rotate": 30.0}.get(op, 0.9)
-    return sign * fraction * top
+def inverse_affine(center: tuple[float, float], angle: float, translate: tuple[float, float],
+                   shear: tuple[float, float]) -> list[float]:
+    """The inverse affine matrix ``(m0, ..., m5)`` (scale 1) of format_spec.md 4.5.3, torchvision's convention:
+    it maps output coordinates relative to the image centre to input coordinates; angles in degrees."""
+    rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
+    cx, cy = center
+    tx, ty = translate
+    a = math.cos(rot - sy) / math.cos(sy)
+    b = -(a * math.tan(sx) + math.sin(rot))
+    c = math.sin(rot - sy) / math.cos(sy)
+    d = math.cos(rot) - c * math.tan(sx)
+    m = [d, -b, 0.0, -c, a, 0.0]
+    m[2] = m[2] + cx - m[0] * (cx + tx) - m[1] * (cy + ty)
+    m[5] = m[5] + cy - m[3] * (cx + tx) - m[4] * (cy + ty)
+    return m
 
 
-def _geometric(images: torch.Tensor, op: str, fractions: list[float], signs: list[float]) -> torch.Tensor:
-    height, width = images.shape[-2:]
-    matrices = []
-    for fraction, sign in zip(fractions, signs):
-        value = _magnitude(op, fraction, sign, width if op != "translate_y" else height)
-        corner = [-0.5 * width, -0.5 * height]
-        if op == "shear_x":
-            m = _get_inverse_affine_matrix(corner, 0.0, [0.0, 0.0], 1.0, [math.degrees(math.atan(value)), 0.0])
-        elif op == "shear_y":
-            m = _get_inverse_affine_matrix(corner, 0.0, [0.0, 0.0], 1.0, [0.0, math.degrees(math.atan(value))])
-        elif op == "translate_x":
-            m = _get_inverse_affine_matrix([0.0, 0.0], 0.0, [float(int(value)), 0.0], 1.0, [0.0, 0.0])
-        elif op == "translate_y":
-            m = _get_inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, float(int(value))], 1.0, [0.0, 0.0])
-        else:  # rotate: counter-clockwise by ``value`` degrees about the centre, as F.rotate
-            m = _get_inverse_affine_matrix([0.0, 0.0], -value, [0.0, 0.0], 1.0, [0.0, 0.0])
-        matrices.append(m)
-    return _affine(images, matrices)
+def _geometric_matrix(op: str, bin_: int, num_bins: int, height: int, width: int) -> list[float]:
+    fraction, sign = _signed_fraction(bin_, num_bins)
+    value = sign * fraction
+    corner = (-0.5 * width, -0.5 * height)
+    if op == "shear_x":
+        return inverse_affine(corner, 0.0, (0.0, 0.0), (math.degrees(math.atan(value * 0.3)), 0.0))
+    if op == "shear_y":
+        return inverse_affine(corner, 0.0, (0.0, 0.0), (0.0, math.degrees(math.atan(value * 0.3))))
+    if op == "translate_x":
+        return inverse_affine((0.0, 0.0), 0.0, (float(int(value * (150.0 / 331.0 * width))), 0.0), (0.0, 0.0))
+    if op == "translate_y":
+        return inverse_affine((0.0, 0.0), 0.0, (0.0, float(int(value * (150.0 / 331.0 * height)))), (0.0, 0.0))
+    return inverse_affine((0.0, 0.0), -(value * 30.0), (0.0, 0.0), (0.0, 0.0))  # rotate counter-clockwise
+
+
+def affine_coefficients(matrix: list[float], height: int, width: int) -> tuple[int, ...]:
+    """16.16 fixed-point ``(A, B, C, D, E, F)`` of an inverse matrix at ``height`` x ``width``: output pixel
+    (row ``y``, column ``x``) reads source column ``(A x + B y + C + 2^15) >> 16`` and row
+    ``(D x + E y + F + 2^15) >> 16`` (format_spec.md 4.5.3)."""
+    m0, m1, m2, m3, m4, m5 = matrix
+    x0, y0 = 0.5 - width / 2, 0.5 - height / 2
+    c = m0 * x0 + m1 * y0 + m2 + (width / 2 - 0.5)
+    f = m3 * x0 + m4 * y0 + m5 + (height / 2 - 0.5)
+    return tuple(fixed_host(v) for v in (m0, m1, c, m3, m4, f))
+
+
+@functools.lru_cache(maxsize=64)
+def _affine_table(num_bins: int, height: int, width: int) -> np.ndarray:
+    """int64 ``[5, 2 Bn - 1, 6]``: the coefficients of every geometric op (ids 1-5) at every signed bin."""
+    bins = range(-(num_bins - 1), num_bins)
+    return np.array([[affine_coefficients(_geometric_matrix(op, b, num_bins, height, width), height, width)
+                      for b in bins] for op in GEOMETRIC], dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _bin_table(num_bins: int) -> np.ndarray:
+    """int64 ``[3, 2 Bn - 1]`` per signed bin: the blend weight ``fixed(1 + (s f) 0.9)``, the posterize mask and
+    the solarize threshold ``ceil(float32((1 - f) 255))``."""
+    rows = []
+    for b in range(-(num_bins - 1), num_bins):
+        fraction, sign = _signed_fraction(b, num_bins)
+        bits = min(max(round(8.0 - abs(b) / ((num_bins - 1) / 4.0)), 0), 8)
+        threshold = math.ceil(float(np.float32((1.0 - fraction) * 255.0)))
+        rows.append((fixed_host(1.0 + sign * fraction * 0.9), (255 << (8 - bits)) & 255, threshold))
+    return np.array(rows, dtype=np.int64).T.copy()
+
+
+_DEVICE_TABLES: dict[tuple[str, tuple[int, ...], str], torch.Tensor] = {}
+
+
+def _on_device(name: str, table: Callable[..., np.ndarray], key: tuple[int, ...], device: torch.device,
+               ) -> torch.Tensor:
+    """A host table, copied once to ``device``."""
+    cache_key = (name, key, str(device))
+    if cache_key not in _DEVICE_TABLES:
+        if len(_DEVICE_TABLES) > 256:
+            _DEVICE_TABLES.clear()
+        _DEVICE_TABLES[cache_key] = torch.from_numpy(table(*key)).to(device)
+    return _DEVICE_TABLES[cache_key]
+
+
+# -- the ops, on a group of records -------------------------------------------------------------------------
+
+def affine(images: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour affine warp of uint8 ``[n, C, H, W]`` by int64 ``[n, 6]`` 16.16 coefficients (see
+    :func:`affine_coefficients`), filling with 0 where the source pixel lies outside the image."""
+    n, channels, height, width = images.shape
+    device = images.device
+    xs = torch.arange(width, device=device, dtype=torch.int64).view(1, 1, width)
+    ys = torch.arange(height, device=device, dtype=torch.int64).view(1, height, 1)
+    k = coefficients.view(n, 6, 1, 1)
+    half = ONE // 2
+    columns = (k[:, 0] * xs + k[:, 1] * ys + k[:, 2] + half) >> FRACTION_BITS
+    rows = (k[:, 3] * xs + k[:, 4] * ys + k[:, 5] + half) >> FRACTION_BITS
+    inside = (columns >= 0) & (columns < width) & (rows >= 0) & (rows < height)
+    index = (rows.clamp(0, height - 1) * width + columns.clamp(0, width - 1)).view(n, 1, height * width)
+    warped = images.reshape(n, channels, height * width).gather(2, index.expand(n, channels, height * width))
+    return torch.where(inside.view(n, 1, height, width), warped.view(n, channels, height, width),
+                       torch.zeros((), dtype=torch.uint8, device=device))
+
+
+def grey(images: torch.Tensor) -> torch.Tensor:
+    """int32 ``[n, 1, H, W]`` grey level of RGB uint8 ``[n, 3, H, W]`` (:data:`GREY_WEIGHTS`)."""
+    x = images.to(torch.int32)
+    r, g, b = GREY_WEIGHTS
+    return (x[:, 0:1] * r + x[:, 1:2] * g + x[:, 2:3] * b + ONE // 2) >> FRACTION_BITS
+
+
+def mean_grey(images: torch.Tensor) -> torch.Tensor:
+    """int32 ``[n, 1, 1, 1]``: the grey levels' mean per image, rounded half up (``(2 sum + p) // (2 p)``)."""
+    pixels = images.shape[-1] * images.shape[-2]
+    total = grey(images).to(torch.int64).sum(dim=(-3, -2, -1), keepdim=True)
+    return ((2 * total + pixels) // (2 * pixels)).to(torch.int32)
+
+
+def smooth(images: torch.Tensor) -> torch.Tensor:
+    """int32 ``[n, C, H, W]``: pixels off the one-pixel border replaced by their 3 x 3 neighbourhood weighted
+    ``[[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13``, rounded to nearest (``(s + 6) // 13``; 13 is odd, no ties)."""
+    x = images.to(torch.int32)
+    height, width = x.shape[-2:]
+    if height <= 2 or width <= 2:
+        return x
+    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = (box + 4 * x[..., 1:-1, 1:-1] + 6) // 13
+    return out
+
+
+def autocontrast(images: torch.Tensor) -> torch.Tensor:
+    """Per image and channel, ``(x - lo) * 255 // (hi - lo)`` with ``lo``, ``hi`` its extremes; unchanged
+    where ``hi = lo``."""
+    x = images.to(torch.int32)
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    span = hi - lo
+    stretched = torch.div((x - lo) * 255, span.clamp(min=1), rounding_mode="floor")
+    return torch.where(span > 0, stretched, x).to(torch.uint8)
+
+
+def equalize(images: torch.Tensor) -> torch.Tensor:
+    """PIL's / torchvision's histogram equalization per image and channel, in integers (format_spec.md 4.5.3)."""
+    n, channels, height, width = images.shape
+    flat = images.reshape(n * channels, height * width).to(torch.int64)
+    counts = torch.zeros((n * channels, 256), dtype=torch.int64, device=images.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat))
+    cumulative = counts.cumsum(1)
+    present = torch.arange(256, device=images.device).expand_as(counts).masked_fill(counts == 0, -1)
+    top_count = counts.gather(1, present.amax(1, keepdim=True))
+    step = (height * width - top_count) // 255
+    before = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], dim=1)
+    lut = ((before + step // 2) // step.clamp(min=1)).clamp(max=255)
+    lut = torch.where(step > 0, lut, torch.arange(256, device=images.device))
+    return lut.gather(1, flat).to(torch.uint8).view(n, channels, height, width)
+
+
+def _bins(magnitudes: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Table rows of signed magnitude bins: int64 ``b + Bn - 1``."""
+    return torch.round(magnitudes).to(torch.int64).clamp(-(num_bins - 1), num_bins - 1) + (num_bins - 1)
 
 
 def apply_op(images: torch.Tensor, op_id: int, magnitudes: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """Apply op ``op_id`` to every record of a uint8 ``[n, C, S, S]`` batch; ``magnitudes[r]`` is record r's
+    """Apply op ``op_id`` to every record of a uint8 ``[n, C, H, W]`` batch; ``magnitudes[r]`` is record r's
     signed magnitude bin in ``[-(num_bins - 1), num_bins - 1]``."""
     op = OP_NAMES[op_id]
-    fraction = magnitudes.abs() / max(num_bins - 1, 1)
-    sign = torch.where(magnitudes < 0, -1.0, 1.0).to(magnitudes.dtype)
     if op == "identity":
         return images
-    if op in ("shear_x", "shear_y", "translate_x", "translate_y", "rotate"):
-        return _geometric(images, op, fraction.tolist(), sign.tolist())
-    if op in ("brightness", "color", "contrast", "sharpness"):
-        factor = 1.0 + sign * fraction * 0.9
-        return blend(images, _degenerate(images, op), factor)
-    if op == "posterize":
-        bits = torch.round(8.0 - magnitudes.abs() / ((num_bins - 1) / 4.0)).to(torch.int64).clamp(0, 8)
-        mask = ((255 << (8 - bits)) & 255).to(torch.uint8).view(-1, 1, 1, 1)
-        return images & mask
-    if op == "solarize":
-        threshold = ((1.0 - fraction) * 255.0).to(torch.float32).view(-1, 1, 1, 1)
-        return torch.where(images.to(torch.float32) >= threshold, 255 - images, images)
+    rows = _bins(magnitudes.to(images.device), num_bins)
+    if op in GEOMETRIC:
+        table = _on_device("affine", _affine_table, (num_bins, *images.shape[-2:]), images.device)
+        return affine(images, table[GEOMETRIC.index(op)].index_select(0, rows))
+    if op in ("brightness", "color", "contrast", "sharpness", "posterize", "solarize"):
+        per_bin = _on_device("bins", _bin_table, (num_bins,), images.device)
+        if op == "posterize":
+            return images & per_bin[1].index_select(0, rows).to(torch.uint8).view(-1, 1, 1, 1)
+        if op == "solarize":
+            threshold = per_bin[2].index_select(0, rows).view(-1, 1, 1, 1)
+            return torch.where(images.to(torch.int64) >= threshold, 255 - images, images)
+        return blend(images, _degenerate(images, op), per_bin[0].index_select(0, rows))
     if op == "autocontrast":
-        return F.autocontrast(images)
+        return autocontrast(images)
     if op == "equalize":
-        return F.equalize(images)
+        return equalize(images)
     raise AssertionError(op)
 
 
 def _degenerate(images: torch.Tensor, op: str) -> torch.Tensor:
     if op == "brightness":
-        return torch.zeros((), dtype=torch.float32, device=images.device)
+        return torch.zeros((), dtype=torch.int32, device=images.device)
     if op == "color":
-        return F.rgb_to_grayscale(images, num_output_channels=3)
+        return grey(images)
     if op == "contrast":
-        gray = F.rgb_to_grayscale(images.to(torch.float32)).floor_()
-        return gray.mean(dim=(-3, -2, -1), keepdim=True)
-    return F.adjust_sharpness(images, 0.0)
+        return mean_grey(images)
+    return smooth(images)
 
 
 def apply_grouped(images: torch.Tensor, op_ids: torch.Tensor, magnitudes: torch.Tensor, num_bins: int,
                   ) -> torch.Tensor:
-    """Apply op ``op_ids[r]`` with magnitude ``magnitudes[r]`` to record r, one call per distinct op id."""
+    """Apply op ``op_ids[r]`` with magnitude ``magnitudes[r]`` to record r.
+
+    Records are sorted by op id on the device; the group sizes are the one host sync. The geometric ops
+    (ids 1-5) are one warp over their group, every other op one call over its group.
+    """
+    ids = torch.round(op_ids).to(torch.int64)
+    counts = (ids.view(1, -1) == torch.arange(len(OP_NAMES), device=ids.device).view(-1, 1)).sum(1).tolist()
+    if sum(counts) != len(ids):
+        bad = ids[(ids < 0) | (ids >= len(OP_NAMES))][0]
+        raise AugmentationError(f"augmentation op id {int(bad)} is not one of 0..{len(OP_NAMES) - 1}: "
+                                "the stored parameters are damaged or from a newer version")
+    if counts[0] == len(ids):
+        return images
+    order = torch.argsort(ids, stable=True)
     out = images.clone()
-    ids = op_ids.round().to(torch.int64)
-    for op_id in torch.unique(ids).tolist():
-        if op_id == 0:
-            continue
-        if not 0 < op_id < len(OP_NAMES):
-            raise AugmentationError(f"augmentation op id {op_id} is not one of 0..{len(OP_NAMES) - 1}: "
-                                    "the stored parameters are damaged or from a newer version")
-        rows = torch.nonzero(ids == op_id).flatten()
-        out[rows] = apply_op(images[rows], op_id, magnitudes[rows], num_bins)
+    bounds = np.cumsum([0, *counts]).tolist()
+    geometric = (bounds[1], bounds[6])
+    if geometric[1] > geometric[0]:
+        rows = order[geometric[0]:geometric[1]]
+        table = _on_device("affine", _affine_table, (num_bins, *images.shape[-2:]), images.device)
+        flat = table.view(-1, 6)
+        index = (ids.index_select(0, rows) - 1) * (2 * num_bins - 1) + _bins(magnitudes.index_select(0, rows),
+                                                                           num_bins)
+        out.index_copy_(0, rows, affine(images.index_select(0, rows), flat.index_select(0, index)))
+    for op_id in range(6, len(OP_NAMES)):
+        if counts[op_id]:
+            rows = order[bounds[op_id]:bounds[op_id + 1]]
+            out.index_copy_(0, rows, apply_op(images.index_select(0, rows), op_id, magnitudes.index_select(0, rows),
+                                              num_bins))
     return out
 
 
@@ -266,15 +406,16 @@ class AugMix(AugmentOp):
         return np.concatenate([keep[:, None], chains, steps.reshape(len(u), -1)], axis=1)
 
     def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        mix = images.to(torch.float32) * params[:, 0].to(torch.float32).view(-1, 1, 1, 1)
+        weights = fixed(params[:, :self.width + 1]).view(-1, self.width + 1, 1, 1, 1)
+        mix = images.to(torch.int32) * weights[:, 0]
         first = self.width + 1
         for c in range(self.width):
             chain = images
             for d in range(3):
                 column = first + 2 * (3 * c + d)
                 chain = apply_grouped(chain, params[:, column], params[:, column + 1], self._NUM_BINS)
-            mix += chain.to(torch.float32) * params[:, 1 + c].to(torch.float32).view(-1, 1, 1, 1)
-        return to_uint8(mix)
+            mix += chain.to(torch.int32) * weights[:, 1 + c]
+        return round_fixed(mix)
 
     def _kwargs(self) -> dict[str, Any]:
         return {"severity": self.severity, "width": self.width, "depth": self.depth, "alpha": self.alpha}

@@ -1,26 +1,25 @@
 """Crops (the source ops) and flips.
 
-By default (``resample="antialias"``) a crop takes whole source pixels and resizes each record with
-torchvision's antialiased bilinear ``resized_crop`` (its fast uint8 path on the CPU): the student's loader
-then costs about what a standard torchvision loader costs, and the build loops over records for the crop.
+A crop resamples a box of whole source pixels to the output side with a separable filter whose integer weights
+are computed on the host (format_spec.md 4.5.1), like Pillow's fixed-point resampler: a horizontal pass over
+the rows the vertical pass reads, rounded to 0..255, then a vertical pass, each an exact integer sum. So every
+device replays the same bytes. ``resample`` chooses the filter:
 
-``resample="roi_align"`` resamples the box with :func:`torchvision.ops.roi_align` (``aligned=True``, adaptive
-sampling grid): each output pixel averages ``ceil(box / size)`` x ``ceil(box / size)`` bilinear samples of its
-bin, i.e. an area filter when shrinking and bilinear interpolation when enlarging. ``roi_align`` takes a
-different box per record, so many crops of many images resize in one call on any device (a faster build on a
-GPU), at about twice the student's per-sample cost on the CPU.
+* ``"antialias"`` (default): PIL's BILINEAR, a triangle filter whose support grows with the downscale factor;
+* ``"roi_align"``: the weights of :func:`torchvision.ops.roi_align` (``aligned=True``, adaptive sampling grid),
+  i.e. each output pixel averages ``ceil(box / size)`` bilinear samples per axis of its bin: an area filter
+  when shrinking, bilinear interpolation when enlarging.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import roi_align
-from torchvision.transforms.v2 import functional as F
 
 from ..codecs import FLAG, Codec, IntCodec, relative
 from ..errors import AugmentationError
@@ -30,61 +29,134 @@ _MAX_TRIES = 10
 
 
 RESAMPLERS = ("roi_align", "antialias")
+WEIGHT_BITS = 14
+"""Resampling weights are integers in units of ``2^-14`` (each pass sums at most 255 x (2^14 + taps))."""
+
+
+def _quantize(weights: np.ndarray) -> np.ndarray:
+    """int32 ``floor(v * 2^14 + 1/2)`` of binary64 weights ``v`` (``v * 2^14`` is exact)."""
+    return np.floor(weights * float(1 << WEIGHT_BITS) + 0.5).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=4096)
+def antialias_taps(extent: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 ``[size, K]`` source offsets into the box, int32 ``[size, K]`` weights) of PIL's BILINEAR filter
+    from a box side of ``extent`` pixels to ``size`` (format_spec.md 4.5.1), binary64 as written there."""
+    scale = extent / size
+    spread = max(scale, 1.0)
+    support = spread  # the triangle's radius, 1, times the spread
+    centers = (np.arange(size) + 0.5) * scale
+    first = np.maximum(np.trunc(centers - support + 0.5), 0).astype(np.int64)
+    last = np.minimum(np.trunc(centers + support + 0.5), extent).astype(np.int64)
+    taps = int((last - first).max())
+    weights = np.zeros((size, taps))
+    for k in range(taps):
+        t = (first + k - centers + 0.5) / spread
+        weights[:, k] = np.where(first + k < last, np.maximum(0.0, 1.0 - np.abs(t)), 0.0)
+    total = np.zeros(size)
+    for k in range(taps):  # left to right
+        total = total + weights[:, k]
+    normalized = weights / np.where(total == 0.0, 1.0, total)[:, None]
+    offsets = np.minimum(first[:, None] + np.arange(taps), extent - 1)
+    return offsets, _quantize(normalized)
+
+
+@functools.lru_cache(maxsize=4096)
+def roi_align_taps(start: int, extent: int, limit: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 ``[size, K]`` source indices, int32 ``[size, K]`` weights) of roi_align along one axis: the box
+    ``[start, start + extent)`` of an axis of ``limit`` pixels to ``size`` bins (format_spec.md 4.5.1)."""
+    grid = -(-extent // size)
+    bin_size = extent / size
+    weights: dict[tuple[int, int], float] = {}
+    for i in range(size):
+        for g in range(grid):
+            y = (start - 0.5) + i * bin_size + (g + 0.5) * bin_size / grid
+            if y < -1.0 or y > limit:
+                continue
+            y = max(y, 0.0)
+            low = math.floor(y)
+            if low >= limit - 1:
+                low = high = limit - 1
+                y = float(low)
+            else:
+                high = low + 1
+            upper = y - low
+            weights[i, low] = weights.get((i, low), 0.0) + (1.0 - upper) / grid
+            weights[i, high] = weights.get((i, high), 0.0) + upper / grid
+    taps = max([sum(1 for (row, _) in weights if row == i) for i in range(size)] + [1])
+    index = np.zeros((size, taps), dtype=np.int64)
+    values = np.zeros((size, taps))
+    filled = [0] * size
+    for (i, source), weight in sorted(weights.items()):
+        index[i, filled[i]], values[i, filled[i]] = source, weight
+        filled[i] += 1
+    return index, _quantize(values)
+
+
+def _box_taps(box: Sequence[int], shape: Sequence[int], size: int, resample: str,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Absolute source (rows, row weights, columns, column weights) of a clamped box."""
+    top, left, height, width = box
+    if resample == "antialias":
+        rows, row_weights = antialias_taps(height, size)
+        columns, column_weights = antialias_taps(width, size)
+        return rows + top, row_weights, columns + left, column_weights
+    rows, row_weights = roi_align_taps(top, height, shape[0], size)
+    columns, column_weights = roi_align_taps(left, width, shape[1], size)
+    return rows, row_weights, columns, column_weights
+
+
+def clamp_box(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    """The box ``(top, left, height, width)`` rounded to whole pixels and clipped to the image."""
+    top, left = min(int(round(box[0])), height - 1), min(int(round(box[1])), width - 1)
+    h, w = min(max(int(round(box[2])), 1), height - top), min(max(int(round(box[3])), 1), width - left)
+    return max(top, 0), max(left, 0), h, w
+
+
+def _pass(values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
+    """One exact resampling pass along ``dim`` of integer ``values``: ``sum_k weights[i, k] * values[index[i, k]]``
+    in ``values``' dtype, taps added one at a time (memory stays small)."""
+    accumulated = None
+    shape = [-1] + [1] * (values.ndim - 1 - dim)
+    for k in range(index.shape[1]):
+        term = values.index_select(dim, index[:, k]) * weights[:, k].view(*shape)
+        accumulated = term if accumulated is None else accumulated.add_(term)
+    assert accumulated is not None
+    return accumulated
+
+
+def resample_box(image: torch.Tensor, box: Sequence[float], size: int, resample: str = "antialias",
+                 ) -> torch.Tensor:
+    """The source box ``(top, left, height, width)`` of uint8 ``[C, H, W]`` ``image`` (clamped by
+    :func:`clamp_box`) resampled to uint8 ``[C, size, size]`` with integer weights (format_spec.md 4.5.1): a
+    horizontal pass in int32 (at most 255 x (2^14 + taps)), a vertical pass in int64, rounded once:
+    ``clip((acc + 2^27) >> 28, 0, 255)``."""
+    height, width = image.shape[-2:]
+    top, left, h, w = clamp_box(box, height, width)
+    if resample == "antialias" and h == size and w == size:
+        return image[:, top:top + h, left:left + w].clone()
+    rows, row_weights, columns, column_weights = _box_taps((top, left, h, w), (height, width), size, resample)
+    first, last = int(rows.min()), int(rows.max()) + 1
+    device = image.device
+    band = image[:, first:last].to(torch.int32)
+    horizontal = _pass(band, torch.from_numpy(columns).to(device), torch.from_numpy(column_weights).to(device), 2)
+    vertical = _pass(horizontal.to(torch.int64), torch.from_numpy(rows - first).to(device),
+                     torch.from_numpy(row_weights.astype(np.int64)).to(device), 1)
+    return ((vertical + (1 << (2 * WEIGHT_BITS - 1))) >> (2 * WEIGHT_BITS)).clamp_(0, 255).to(torch.uint8)
+
+
+def resized_crop(image: torch.Tensor, box: Sequence[float], size: int) -> torch.Tensor:
+    """The ``antialias`` resample of the source box ``(top, left, height, width)`` of ``image``
+    (:func:`resample_box`)."""
+    return resample_box(image, box, size, "antialias")
 
 
 def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, resample: str = "antialias",
                 ) -> torch.Tensor:
     """Resample box ``boxes[r]`` = ``(top, left, height, width)`` (source pixels of ``images[r]``) of each uint8
-    ``[C, H, W]`` image to uint8 ``[N, C, size, size]``.
-
-    Records that share an image tensor (the build passes the same tensor for every slot of a sample) are
-    resampled from one float copy of it, and images of one shape share one ``roi_align`` call.
-    """
-    if resample == "antialias":
-        return _resized_crops(images, boxes, size)
-    device = images[0].device
-    channels = images[0].shape[0]
-    out = torch.empty((len(images), channels, size, size), dtype=torch.uint8, device=device)
-    unique: dict[int, int] = {}
-    sources: list[torch.Tensor] = []
-    owner = []
-    for image in images:
-        key = id(image)
-        if key not in unique:
-            unique[key] = len(sources)
-            sources.append(image)
-        owner.append(unique[key])
-    owner_t = torch.tensor(owner, dtype=torch.int64)
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for position, image in enumerate(sources):
-        by_shape.setdefault(tuple(image.shape[-2:]), []).append(position)
-    boxes = boxes.to(torch.float64)
-    for members in by_shape.values():
-        batch = torch.stack([sources[m] for m in members]).to(torch.float32)
-        local = torch.full((len(sources),), -1, dtype=torch.int64)
-        local[torch.tensor(members)] = torch.arange(len(members))
-        records = torch.nonzero(local[owner_t] >= 0).flatten()
-        b = boxes[records.to(boxes.device)]
-        rois = torch.stack([local[owner_t[records]].to(boxes.device, torch.float64),
-                            b[:, 1], b[:, 0], b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], dim=1).to(torch.float32)
-        resized = roi_align(batch, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1,
-                            aligned=True)
-        out[records.to(device)] = resized.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-def _resized_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Per record: whole-pixel crop of the box, antialiased bilinear resize (torchvision) to ``size``."""
-    return torch.stack([resized_crop(image, box, size) for image, box in zip(images, boxes.tolist())])
-
-
-def resized_crop(image: torch.Tensor, box: Sequence[float], size: int) -> torch.Tensor:
-    """The source box ``(top, left, height, width)`` of ``image``, rounded to whole pixels and clipped to the
-    image, resized to ``size`` x ``size`` with torchvision's antialiased bilinear filter."""
-    height, width = image.shape[-2:]
-    top, left = min(int(round(box[0])), height - 1), min(int(round(box[1])), width - 1)
-    h, w = min(max(int(round(box[2])), 1), height - top), min(max(int(round(box[3])), 1), width - left)
-    return F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    ``[C, H, W]`` image to uint8 ``[N, C, size, size]`` (:func:`resample_box`, one record at a time: the taps
+    are host integers, so the boxes come to the host once)."""
+    return torch.stack([resample_box(image, box, size, resample) for image, box in zip(images, boxes.tolist())])
 
 
 def _check_resample(op: str, resample: str) -> str:
@@ -255,12 +327,8 @@ class HorizontalFlip(AugmentOp):
         return (u[:, :1] < self.p).astype(np.float64)
 
     def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        rows = torch.nonzero(params[:, 0] >= 0.5).flatten()
-        if not len(rows):
-            return images
-        out = images.clone()
-        out[rows] = images[rows].flip(-1)
-        return out
+        flip = (params[:, 0] >= 0.5).view(-1, 1, 1, 1)
+        return torch.where(flip, images.flip(-1), images)
 
     def _kwargs(self) -> dict[str, Any]:
         return {"p": self.p}

@@ -11,8 +11,8 @@ import torch
 
 from ..codecs import FRACTION_255, Codec, IntCodec
 from ..errors import AugmentationError
-from .base import (AugmentOp, Mixer, SampleContext, as_int, beta_batch, box_mask, check_probability, check_range,
-                   libm, to_uint8)
+from .base import (ONE, AugmentOp, Mixer, SampleContext, as_int, beta_batch, box_mask, check_probability,
+                   check_range, fixed, libm, round_fixed)
 
 _MAX_TRIES = 10
 
@@ -146,18 +146,13 @@ class Mix(Mixer):
         return self.sample_batch(np.asarray(u, dtype=np.float64)[None], context)[0]
 
     def apply_mixed(self, images: torch.Tensor, partners: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Mix uint8 ``images[r]`` with ``partners[r]`` by ``params[r]`` (every record here is mixed)."""
-        mode = params[:, 1].round()
-        out = images.clone()
-        rows = torch.nonzero(mode == MIXUP).flatten()
-        if len(rows):
-            lam = params[rows, 2].to(torch.float32).view(-1, 1, 1, 1)
-            out[rows] = to_uint8(images[rows].to(torch.float32) * lam + partners[rows].to(torch.float32) * (1.0 - lam))
-        rows = torch.nonzero(mode == CUTMIX).flatten()
-        if len(rows):
-            cut = box_mask(params[rows, 3:7], images.shape[-1])
-            out[rows] = torch.where(cut, partners[rows], images[rows])
-        return out
+        """Mix uint8 ``images[r]`` with ``partners[r]`` by ``params[r]`` (every record here is mixed): MixUp in
+        fixed point (weight ``fixed(lam)``), CutMix by the output box; no host sync."""
+        mode = torch.round(params[:, 1]).view(-1, 1, 1, 1)
+        weight = fixed(params[:, 2]).view(-1, 1, 1, 1)
+        blended = round_fixed(images.to(torch.int32) * weight + partners.to(torch.int32) * (ONE - weight))
+        cut = box_mask(params[:, 3:7], images.shape[-1]) & (mode == CUTMIX)
+        return torch.where(mode == MIXUP, blended, torch.where(cut, partners, images))
 
     def _kwargs(self) -> dict[str, Any]:
         return {"mixup_alpha": self.mixup_alpha, "cutmix_alpha": self.cutmix_alpha, "p": self.p,

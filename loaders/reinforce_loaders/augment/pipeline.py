@@ -26,6 +26,13 @@ OPS: dict[str, type[AugmentOp]] = {op.name: op for op in (
     RandomResizedCrop, RandomCrop, CenterCrop, HorizontalFlip, RandAugment, AugMix, RandomErasing, Mix, MixUp, CutMix,
 )}
 
+ARITHMETIC_VERSION = 2
+"""Version of the replay's pixel arithmetic, stored as ``augmentation.arithmetic`` in the header.
+
+1 (absent from the header; reinforce-loaders 0.1.0): float32 blends, torchvision's resamplers and float
+affine grids, whose bytes depend on the device. 2: integer and fixed-point arithmetic, the same bytes on every
+device (format_spec.md 4.5). A store is replayed only with the arithmetic it was built with."""
+
 CPU_CHUNK = 8
 """Records per chunk of the ops after the crop on the CPU (results do not depend on it)."""
 
@@ -284,13 +291,20 @@ class AugmentPipeline:
     # -- configs ----------------------------------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
-        return {"size": self.size, "ops": [op.config() for op in self.ops], "param_names": self.param_names}
+        return {"size": self.size, "ops": [op.config() for op in self.ops], "param_names": self.param_names,
+                "arithmetic": ARITHMETIC_VERSION}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], size: int | None = None) -> AugmentPipeline:
-        """Pipeline of a :meth:`config` dict (``size`` overrides the stored one)."""
+        """Pipeline of a :meth:`config` dict (``size`` overrides the stored one).
+
+        A store header's config (it has ``param_names``) must carry this version's ``arithmetic``
+        (:data:`ARITHMETIC_VERSION`): a store built with other pixel arithmetic is refused, never replayed with
+        different pixels. A hand-written config (no ``param_names``) without ``arithmetic`` gets this version's.
+        """
         if not isinstance(config, dict) or not isinstance(config.get("ops"), list):
             raise AugmentationError(f"an augmentation config is an object with a list 'ops', got {config!r:.200}")
+        check_arithmetic(config)
         ops = []
         for op_config in config["ops"]:
             if not isinstance(op_config, dict) or "name" not in op_config:
@@ -314,6 +328,25 @@ class AugmentPipeline:
                 f"{pipeline.param_names}: upgrade reinforce-loaders"
             )
         return pipeline
+
+
+def check_arithmetic(config: dict[str, Any]) -> None:
+    """Refuse an augmentation config whose pixel arithmetic is not :data:`ARITHMETIC_VERSION` (see
+    :meth:`AugmentPipeline.from_config`)."""
+    default = ARITHMETIC_VERSION if "param_names" not in config else 1
+    version = config.get("arithmetic", default)
+    if version == ARITHMETIC_VERSION and not isinstance(version, bool):
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version == 1:
+        raise AugmentationError(
+            "this store was built with augmentation arithmetic 1 (reinforce-loaders 0.1.0: float blends and "
+            "resamplers whose pixels depend on the device), and this reinforce-loaders replays arithmetic "
+            f"{ARITHMETIC_VERSION} (exact integer ops, format_spec.md 4.5): its records would replay other "
+            "pixels than the teachers labelled. Rebuild the store with this version, or replay it with "
+            "reinforce-loaders 0.1.0")
+    raise AugmentationError(
+        f"this store's augmentation arithmetic is {str(version)[:40]!r}; this reinforce-loaders replays "
+        f"arithmetic {ARITHMETIC_VERSION} only: upgrade reinforce-loaders, or rebuild the store with this version")
 
 
 def _ra() -> RandAugment:
