@@ -5,10 +5,15 @@ per source as in a build), in one run:
 
 * speed: ``apply_batch`` over all records at once vs ``apply`` record by record (median of repeats; ratio);
 * fidelity: mean and max absolute difference between the two, on the uint8 scale (bounds: 1 and 8);
+* ops after the crop (``--after-crop``): every preset's flip, RandAugment, AugMix, erasing and mixing replayed
+  batched on crops already at the output size (as ``replay_crops`` does), in CPU ms per sample, optionally side
+  by side with an earlier reinforce_loaders (``--baseline DIR``: a folder holding a copy of the package renamed
+  ``reinforce_loaders_old``, e.g. ``git archive HEAD~1 loaders/reinforce_loaders``), in one run, interleaved;
 * loader: ``ReinforcedDataset`` throughput on stores built with and without a mixing preset, i.e. the cost of
   decoding and augmenting the MixUp / CutMix partner (``--loader-images 0`` skips it).
 
-Usage: ``python benchmarks/augment.py [--device cuda] [--records-per-image 32] [--size 224]``
+Usage: ``python benchmarks/augment.py [--device cuda] [--records-per-image 32] [--size 224]``;
+``python benchmarks/augment.py --after-crop [--baseline DIR] [--batch 64] [--device cuda]``
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import torch
 from sklearn.datasets import load_sample_images
 
 from reinforce_loaders import ReinforcedDataset
-from reinforce_loaders import format as fmt
 from reinforce_loaders.augment import (PRESETS, AugmentPipeline, AugMix, CutMix, HorizontalFlip, MixUp, RandAugment,
                                        RandomCrop, RandomErasing, RandomResizedCrop, make_pipeline)
 
@@ -62,7 +68,7 @@ def make_records(pipeline: AugmentPipeline, images: list[torch.Tensor], per_imag
         pipeline.sample_slots(0, i, per_image, *shapes[i], num_samples=len(images), partner_size=lambda p: shapes[p])
         for i in range(len(images))])
     sizes = np.array([shapes[i] for i in range(len(images)) for _ in range(per_image)])
-    params = fmt.ParamCodec.for_pipeline(pipeline).quantize(params, sizes[:, 0], sizes[:, 1])  # as stored
+    params = pipeline.param_layout.quantize(params, sizes[:, 0], sizes[:, 1])  # as stored
     per_record = [i for i in range(len(images)) for _ in range(per_image)]
     partners = pipeline.partner_indices(params)
     return per_record, params, partners
@@ -102,6 +108,53 @@ def compare(pipeline: AugmentPipeline, images: list[torch.Tensor], per_image: in
     return {"records": len(indices), "batched_ms": 1e3 * t_batch, "per_image_ms": 1e3 * t_single,
             "speedup": t_single / t_batch, "mean_abs_diff": difference.mean().item(),
             "max_abs_diff": difference.max().item()}
+
+
+def after_crop(images: list[torch.Tensor], size: int, batch: int, device: str, repeats: int,
+               baseline: str | None) -> dict[str, dict[str, float]]:
+    """ms per sample of the ops after the crop of each preset with such ops, on ``batch`` records whose crops
+    (own and partner) are already at ``size`` x ``size`` on ``device``: this version and, with ``baseline``, the
+    earlier package, interleaved; CPU process time on the CPU, wall time (synchronized) on a device."""
+    import sys
+
+    pipelines: dict[str, Any] = {"now": make_pipeline}
+    if baseline:
+        sys.path.insert(0, baseline)
+        from reinforce_loaders_old.augment import make_pipeline as old_make_pipeline
+
+        pipelines["baseline"] = old_make_pipeline
+    out: dict[str, dict[str, float]] = {}
+    for preset in ("rrc+mix", "rrc+ra/re", "rrc+m*+r*", "rrc+augmix"):
+        pipeline = make_pipeline(preset, size)
+        indices, params, partners = make_records(pipeline, images, -(-batch // len(images)))
+        indices, params = indices[:batch], params[:batch].copy()
+        partners = None if partners is None else partners[:batch]
+        own = slice(*pipeline._own[0])
+        crops = pipeline.ops[0].apply_sources([images[i] for i in indices], torch.from_numpy(params[:, own]), size)
+        params[:, own] = (0, 0, size, size)
+        partner_crops = None
+        if partners is not None:
+            mixed = [r for r in range(batch) if partners[r] >= 0]
+            theirs = slice(*pipeline._partner[0])
+            cropped = pipeline.ops[0].apply_sources([images[partners[r]] for r in mixed],
+                                                    torch.from_numpy(params[mixed, theirs]), size)
+            params[mixed, theirs] = (0, 0, size, size)
+            partner_crops = [None] * batch
+            for r, crop in zip(mixed, cropped.to(device)):
+                partner_crops[r] = crop
+        crops_on = list(crops.to(device))
+        made = {name: make(preset, size) for name, make in pipelines.items()}
+        clock = time.process_time if device == "cpu" else time.perf_counter
+        seconds: dict[str, list[float]] = {name: [] for name in made}
+        for _ in range(repeats + 1):  # the first round warms up (tables, allocator) and is not counted
+            for name, replay in made.items():
+                began = clock()
+                replay.apply_batch(crops_on, params, size, partner_crops)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                seconds[name].append(clock() - began)
+        out[preset] = {name: 1e3 * statistics.median(values[1:]) / batch for name, values in seconds.items()}
+    return out
 
 
 def loader_overhead(images: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -166,12 +219,24 @@ def main() -> None:
     parser.add_argument("--loader-images", type=int, default=64, help="0 skips the loader measurement")
     parser.add_argument("--only", nargs="*", help="presets / ops to run (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared box)")
+    parser.add_argument("--after-crop", action="store_true", help="only the ops after the crop, batched")
+    parser.add_argument("--baseline", help="folder holding an earlier package as reinforce_loaders_old")
+    parser.add_argument("--batch", type=int, default=64, help="records per batch with --after-crop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"# {platform.platform()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}")
     images = source_images(args.images)
+    if args.after_crop:
+        print(f"# ops after the crop, batch {args.batch}, output {args.size}, ms per sample, median of "
+              f"{args.repeats} interleaved runs ({'CPU time' if args.device == 'cpu' else 'wall time'})")
+        for preset, result in after_crop(images, args.size, args.batch, args.device, args.repeats,
+                                         args.baseline).items():
+            ratio = f"  now/baseline {result['now'] / result['baseline']:.2f}" if "baseline" in result else ""
+            print(f"{preset:12s} " + "  ".join(f"{name} {value:.3f}" for name, value in result.items()) + ratio,
+                  flush=True)
+        return
     print(f"# {args.images} sources, {args.records_per_image} records each, output {args.size}, "
           f"median of {args.repeats}")
     print(f"{'pipeline':24s} {'records':>7s} {'batched ms':>10s} {'per-image ms':>12s} {'speedup':>7s} "

@@ -308,3 +308,24 @@ def test_custom_pipeline_batched_equals_one_at_a_time(images):
     """Every op at once, with non-default arguments: the batch equals the records replayed one by one."""
     pipeline = AugmentPipeline(CUSTOM, 44)
     assert_identical(*batched_and_single(pipeline, *records(pipeline, images, slots=10, seed=9)), "custom")
+
+
+@pytest.mark.parametrize("preset", ["rrc+m*+r*", "custom"])
+def test_device_path_without_host_syncs_equals_the_cpu_path(images, preset, monkeypatch):
+    """Off the CPU, flip and the mixers compute every record and select with torch.where (no host sync); that
+    path, forced here on the CPU, gives the bytes of the CPU's row-selecting path."""
+    from reinforce_loaders.augment import geometric, mixing
+
+    pipeline = AugmentPipeline(CUSTOM, 40) if preset == "custom" else make_pipeline(preset, 40)
+    per_record, params, partners = records(pipeline, images, slots=8, seed=4)
+    cpu = pipeline.apply_batch(per_record, params, None, partners)
+    calls = []
+
+    def device_like(mask):
+        calls.append(len(mask))
+        return None
+
+    monkeypatch.setattr(geometric, "selected_rows", device_like)
+    monkeypatch.setattr(mixing, "selected_rows", device_like)
+    assert_identical(pipeline.apply_batch(per_record, params, None, partners), cpu, preset)
+    assert calls  # the device path ran

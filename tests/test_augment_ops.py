@@ -300,3 +300,24 @@ def test_mix_partner_is_uniform_over_the_pool_without_the_sample_itself():
             u[1] = (t + 0.5) / len(others)
             drawn.append(int(mix.sample_mix(u, sample, 100, pool)[0]))
         assert drawn == others  # each candidate once over an even grid of draws
+
+
+def test_stores_of_another_arithmetic_are_refused_naming_both_versions():
+    """A store header's augmentation (it has param_names) without ``arithmetic`` was built with arithmetic 1
+    (float, device-dependent pixels): refused, saying what to do; an unknown version is refused; this version's
+    config and a hand-written config without the member are accepted."""
+    from reinforce_loaders.augment.pipeline import ARITHMETIC_VERSION
+
+    config = make_pipeline("rrc+ra/re", 32).config()
+    assert config["arithmetic"] == ARITHMETIC_VERSION == 2
+    assert AugmentPipeline.from_config(config).config() == config
+    old = {key: value for key, value in config.items() if key != "arithmetic"}
+    with pytest.raises(AugmentationError) as raised:
+        AugmentPipeline.from_config(old)
+    message = str(raised.value)
+    assert "arithmetic 1" in message and "arithmetic 2" in message and "Rebuild" in message and "0.1.0" in message
+    for version in (3, "2", True, None):
+        with pytest.raises(AugmentationError, match="arithmetic"):
+            AugmentPipeline.from_config({**config, "arithmetic": version})
+    hand_written = {"size": 32, "ops": config["ops"]}
+    assert AugmentPipeline.from_config(hand_written).config() == config

@@ -182,9 +182,20 @@ def round_fixed(accumulated: torch.Tensor) -> torch.Tensor:
 
 def blend(images: torch.Tensor, degenerate: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``images * F + degenerate * (1 - F)`` per record in fixed point: ``weights`` is int32 ``[N]`` (``F`` as
-    :func:`fixed`), ``degenerate`` an integer tensor that broadcasts to ``images``; rounded by :func:`round_fixed`."""
+    :func:`fixed`), ``degenerate`` an integer tensor that broadcasts to ``images``; rounded by :func:`round_fixed`.
+
+    Computed as ``D + (((x - D) F + 2^15) >> 16)``, which equals ``(x F + D (2^16 - F) + 2^15) >> 16`` exactly
+    (``D 2^16`` is a multiple of ``2^16``), with fewer passes over the pixels.
+    """
     w = weights.to(torch.int32).view(-1, 1, 1, 1)
-    return round_fixed(images.to(torch.int32) * w + degenerate.to(torch.int32) * (ONE - w))
+    d = degenerate.to(torch.int32)
+    return (((images.to(torch.int32) - d) * w + ONE // 2) >> FRACTION_BITS).add_(d).clamp_(0, 255).to(torch.uint8)
+
+
+def selected_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the true entries of a ``[N]`` mask on the CPU (where a host sync costs nothing), or None on
+    other devices: ops then compute every record and select with ``torch.where``, with no host sync."""
+    return torch.nonzero(mask).flatten() if mask.device.type == "cpu" else None
 
 
 def beta_batch(u: np.ndarray, alpha: float) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 
 from ..codecs import FLAG, Codec, IntCodec, relative
 from ..errors import AugmentationError
-from .base import AugmentOp, SampleContext, SourceOp, as_int, check_probability, check_range, libm
+from .base import AugmentOp, SampleContext, SourceOp, as_int, check_probability, check_range, libm, selected_rows
 
 _MAX_TRIES = 10
 
@@ -327,8 +327,15 @@ class HorizontalFlip(AugmentOp):
         return (u[:, :1] < self.p).astype(np.float64)
 
     def apply_batch(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        flip = (params[:, 0] >= 0.5).view(-1, 1, 1, 1)
-        return torch.where(flip, images.flip(-1), images)
+        flip = params[:, 0] >= 0.5
+        rows = selected_rows(flip)
+        if rows is None:
+            return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        if not len(rows):
+            return images
+        out = images.clone()
+        out[rows] = images[rows].flip(-1)
+        return out
 
     def _kwargs(self) -> dict[str, Any]:
         return {"p": self.p}

@@ -11,8 +11,8 @@ import torch
 
 from ..codecs import FRACTION_255, Codec, IntCodec
 from ..errors import AugmentationError
-from .base import (ONE, AugmentOp, Mixer, SampleContext, as_int, beta_batch, box_mask, check_probability,
-                   check_range, fixed, libm, round_fixed)
+from .base import (AugmentOp, Mixer, SampleContext, as_int, beta_batch, blend, box_mask, check_probability,
+                   check_range, fixed, libm, selected_rows)
 
 _MAX_TRIES = 10
 
@@ -147,12 +147,24 @@ class Mix(Mixer):
 
     def apply_mixed(self, images: torch.Tensor, partners: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Mix uint8 ``images[r]`` with ``partners[r]`` by ``params[r]`` (every record here is mixed): MixUp in
-        fixed point (weight ``fixed(lam)``), CutMix by the output box; no host sync."""
-        mode = torch.round(params[:, 1]).view(-1, 1, 1, 1)
-        weight = fixed(params[:, 2]).view(-1, 1, 1, 1)
-        blended = round_fixed(images.to(torch.int32) * weight + partners.to(torch.int32) * (ONE - weight))
-        cut = box_mask(params[:, 3:7], images.shape[-1]) & (mode == CUTMIX)
-        return torch.where(mode == MIXUP, blended, torch.where(cut, partners, images))
+        fixed point (``blend`` with weight ``fixed(lam)``), CutMix by the output box. Off the CPU every record
+        is computed both ways and selected, with no host sync."""
+        mode = torch.round(params[:, 1])
+        mixup, cutmix = mode == MIXUP, mode == CUTMIX
+        rows = selected_rows(mixup)
+        if rows is None:
+            blended = blend(images, partners, fixed(params[:, 2]))
+            cut = box_mask(params[:, 3:7], images.shape[-1]) & cutmix.view(-1, 1, 1, 1)
+            return torch.where(mixup.view(-1, 1, 1, 1), blended, torch.where(cut, partners, images))
+        out = images.clone()
+        if len(rows):
+            out[rows] = blend(images[rows], partners[rows], fixed(params[rows, 2]))
+        rows = selected_rows(cutmix)
+        assert rows is not None  # the CPU
+        if len(rows):
+            cut = box_mask(params[rows, 3:7], images.shape[-1])
+            out[rows] = torch.where(cut, partners[rows], images[rows])
+        return out
 
     def _kwargs(self) -> dict[str, Any]:
         return {"mixup_alpha": self.mixup_alpha, "cutmix_alpha": self.cutmix_alpha, "p": self.p,
