@@ -1,9 +1,8 @@
 """Crops (the source ops) and flips.
 
 A crop resamples a box of whole source pixels to the output side with a separable filter whose integer weights
-are computed on the host (format_spec.md 4.5.1), like Pillow's fixed-point resampler: a horizontal pass over
-the rows the vertical pass reads, rounded to 0..255, then a vertical pass, each an exact integer sum. So every
-device replays the same bytes. ``resample`` chooses the filter:
+are computed on the host (format_spec.md 4.5.1), like Pillow's fixed-point resampler; the products are summed
+exactly in integers and rounded once, so every device replays the same bytes. ``resample`` chooses the filter:
 
 * ``"antialias"`` (default): PIL's BILINEAR, a triangle filter whose support grows with the downscale factor;
 * ``"roi_align"``: the weights of :func:`torchvision.ops.roi_align` (``aligned=True``, adaptive sampling grid),
@@ -113,13 +112,12 @@ def clamp_box(box: Sequence[float], height: int, width: int) -> tuple[int, int, 
     return max(top, 0), max(left, 0), h, w
 
 
-def _pass(values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
-    """One exact resampling pass along ``dim`` of integer ``values``: ``sum_k weights[i, k] * values[index[i, k]]``
-    in ``values``' dtype, taps added one at a time (memory stays small)."""
+def _pass(values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One exact resampling pass along dim 1 of ``values`` (whole rows, contiguous copies):
+    ``sum_k weights[i, k] * values[:, index[i, k]]`` in ``dtype``, taps added one at a time."""
     accumulated = None
-    shape = [-1] + [1] * (values.ndim - 1 - dim)
     for k in range(index.shape[1]):
-        term = values.index_select(dim, index[:, k]) * weights[:, k].view(*shape)
+        term = values.index_select(1, index[:, k]).to(dtype).mul_(weights[:, k].view(-1, 1))
         accumulated = term if accumulated is None else accumulated.add_(term)
     assert accumulated is not None
     return accumulated
@@ -128,21 +126,25 @@ def _pass(values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, dim:
 def resample_box(image: torch.Tensor, box: Sequence[float], size: int, resample: str = "antialias",
                  ) -> torch.Tensor:
     """The source box ``(top, left, height, width)`` of uint8 ``[C, H, W]`` ``image`` (clamped by
-    :func:`clamp_box`) resampled to uint8 ``[C, size, size]`` with integer weights (format_spec.md 4.5.1): a
-    horizontal pass in int32 (at most 255 x (2^14 + taps)), a vertical pass in int64, rounded once:
-    ``clip((acc + 2^27) >> 28, 0, 255)``."""
+    :func:`clamp_box`) resampled to uint8 ``[C, size, size]`` with integer weights (format_spec.md 4.5.1).
+
+    The sum of products is exact and rounded once (``clip((acc + 2^27) >> 28, 0, 255)``), so the order of
+    the passes does not change a byte: the vertical pass runs first, on whole rows in int32 (at most
+    255 x (2^14 + taps)), then the horizontal one on the transposed result in int64.
+    """
     height, width = image.shape[-2:]
     top, left, h, w = clamp_box(box, height, width)
     if resample == "antialias" and h == size and w == size:
         return image[:, top:top + h, left:left + w].clone()
     rows, row_weights, columns, column_weights = _box_taps((top, left, h, w), (height, width), size, resample)
-    first, last = int(rows.min()), int(rows.max()) + 1
+    first, last = int(columns.min()), int(columns.max()) + 1
     device = image.device
-    band = image[:, first:last].to(torch.int32)
-    horizontal = _pass(band, torch.from_numpy(columns).to(device), torch.from_numpy(column_weights).to(device), 2)
-    vertical = _pass(horizontal.to(torch.int64), torch.from_numpy(rows - first).to(device),
-                     torch.from_numpy(row_weights.astype(np.int64)).to(device), 1)
-    return ((vertical + (1 << (2 * WEIGHT_BITS - 1))) >> (2 * WEIGHT_BITS)).clamp_(0, 255).to(torch.uint8)
+    vertical = _pass(image[:, :, first:last], torch.from_numpy(rows).to(device),
+                     torch.from_numpy(row_weights).to(device), torch.int32)
+    both = _pass(vertical.transpose(1, 2), torch.from_numpy(columns - first).to(device),
+                 torch.from_numpy(column_weights.astype(np.int64)).to(device), torch.int64)
+    out = ((both + (1 << (2 * WEIGHT_BITS - 1))) >> (2 * WEIGHT_BITS)).clamp_(0, 255).to(torch.uint8)
+    return out.transpose(1, 2).contiguous()
 
 
 def resized_crop(image: torch.Tensor, box: Sequence[float], size: int) -> torch.Tensor:
