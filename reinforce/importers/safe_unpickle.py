@@ -554,8 +554,9 @@ def load_pickle(path: str | os.PathLike[str], *, trust_pickle: bool, what: str) 
     except _Refused as reason:
         raise UntrustedPickleError(f"{source} is not read: {reason} (the file is damaged, of another kind, or "
                                    "malicious)") from None
-    except zipfile.BadZipFile as error:
-        raise UntrustedPickleError(f"{source} is not a readable {what} file (a damaged zip: {error})") from None
+    except (zipfile.BadZipFile, EOFError, NotImplementedError) as error:  # zipfile's ways of saying "damaged"
+        raise UntrustedPickleError(f"{source} is not a readable {what} file (a damaged zip: "
+                                   f"{_first_line(error)})") from None
     except OSError as error:
         raise UntrustedPickleError(f"{source} cannot be read ({error.strerror or error})") from None
     except (IndexError, KeyError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as error:

@@ -43,6 +43,11 @@ def add_publishing_parsers(commands: Any) -> None:
     download.add_argument("--chunk-size", type=int, default=1 << 20,
                           help="bytes per read and write (default 1 MiB); a killed download keeps what it wrote")
     download.add_argument("--no-verify", action="store_true", help="skip `reinforce verify` at the end")
+    download.add_argument("--overwrite", action="store_true",
+                          help="download into a DEST that holds other files: the publication's files there are "
+                               "replaced (files it does not list are never touched); without it such a DEST is refused")
+    download.add_argument("--allow-other-hosts", action="store_true",
+                          help="follow HTTP redirects to other hosts (by default only to the same host)")
     download.add_argument("--no-progress", action="store_true")
     download.add_argument("--storage-options", type=_storage_options, help="fsspec options as JSON")
     _add_import_parser(commands)
@@ -80,7 +85,8 @@ def run_publishing_command(args: argparse.Namespace) -> int:
         from .download import DownloadOptions, download
 
         options = DownloadOptions(workers=args.workers, retries=args.retries, chunk_size=args.chunk_size, verify=not args.no_verify,
-                                  progress=not args.no_progress, storage_options=args.storage_options)
+                                  progress=not args.no_progress, storage_options=args.storage_options,
+                                  overwrite=args.overwrite, allow_other_hosts=args.allow_other_hosts)
         summary = download(args.url, args.dest, options)
         for line in summary.verified:
             print(f"ok  {line}")

@@ -22,6 +22,7 @@ import random
 import shutil
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,10 +35,12 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Sto
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, WrapperStore
 
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_destination, hash_files, sha256_file
+from .manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, check_destination, hash_files,
+                       sha256_file)
 from ..progress import bar_options
 
 PART_SUFFIX = ".part"
+MAX_REDIRECTS = 5
 T = TypeVar("T")
 
 
@@ -75,6 +78,16 @@ class DownloadOptions:
     progress: bool = True
     verify: bool = True
     storage_options: dict[str, Any] | None = None
+    overwrite: bool = False
+    """Replace the publication's files in a DEST that holds other versions of them (or other files: those are
+    never touched). Without it a download into a DEST holding anything but this publication's files refuses."""
+    allow_other_hosts: bool = False
+    """Follow HTTP redirects to other hosts (by default only redirects to http(s) on the same host are)."""
+    deadline: float = 300.0
+    """Seconds one request may take in all (besides ``timeout``, which bounds each read), plus the file's size
+    over ``min_rate``: a server trickling bytes is retried, then given up, instead of holding the download."""
+    min_rate: float = 16 * 1024
+    """Bytes per second a file's deadline allows for its size."""
 
 
 @dataclasses.dataclass
@@ -109,15 +122,28 @@ class HttpTransport:
             self._local.session = self._requests.Session()
         return self._local.session
 
-    def open(self, path: str, offset: int) -> tuple[int, Iterator[bytes]]:
-        """(first byte offset the stream starts at, chunks). A server that ignores Range starts at 0."""
+    def open(self, path: str, offset: int, seconds: float) -> tuple[int, Iterator[bytes]]:
+        """(first byte offset the stream starts at, chunks), all received within ``seconds``. A server that
+        ignores Range starts at 0. Bytes come as sent: a Content-Encoding (gzip, ...) is refused, not unpacked;
+        redirects are followed to http(s) on the same host only (unless ``allow_other_hosts``)."""
         url = f"{self.base}/{path}"
         headers = {"Range": f"bytes={offset}-", "Accept-Encoding": "identity"} if offset else {
             "Accept-Encoding": "identity"}
-        try:
-            response = self._session().get(url, headers=headers, stream=True, timeout=self.options.timeout)
-        except self._requests.RequestException as error:
-            raise RetryableError(f"{url}: {error}") from None
+        end = time.monotonic() + seconds
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = self._session().get(url, headers=headers, stream=True, timeout=self.options.timeout,
+                                               allow_redirects=False)
+            except self._requests.RequestException as error:
+                raise RetryableError(f"{url}: {error}") from None
+            if response.status_code not in (301, 302, 303, 307, 308):
+                break
+            target = urllib.parse.urljoin(url, response.headers.get("Location", ""))
+            response.close()
+            check_redirect(url, target, self.options.allow_other_hosts)
+            url = target
+        else:
+            raise DownloadError(f"{self.base}/{path}: more than {MAX_REDIRECTS} redirects: refused")
         status = response.status_code
         if status >= 500 or status == 429:
             response.close()
@@ -128,21 +154,45 @@ class HttpTransport:
         if status not in (200, 206):
             response.close()
             raise DownloadError(f"{url}: server answered {status}")
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            response.close()
+            raise DownloadError(f"{url}: the server sends it with Content-Encoding {encoding[:40]!r} although "
+                                "identity was asked for: refused (a compressed answer can unpack to far more than "
+                                "the manifest says)")
         start = 0
         if status == 206:
             start = _content_range_start(response.headers.get("Content-Range", ""), url)
             if start != offset:
                 response.close()
                 raise RetryableError(f"{url}: asked for bytes from {offset}, got a range from {start}")
-        return start, self._chunks(response, url)
+        return start, self._chunks(response, url, end, seconds)
 
-    def _chunks(self, response: Any, url: str) -> Iterator[bytes]:
+    def _chunks(self, response: Any, url: str, end: float, seconds: float) -> Iterator[bytes]:
+        import urllib3
+
         try:
-            yield from response.iter_content(self.options.chunk_size)
-        except self._requests.RequestException as error:
+            while chunk := response.raw.read1(self.options.chunk_size, decode_content=False):
+                yield chunk
+                if time.monotonic() > end:
+                    raise RetryableError(f"{url}: not received within {seconds:.0f} s (the server sends too "
+                                         "slowly)")
+        except (self._requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
             raise RetryableError(f"{url}: connection lost ({type(error).__name__})") from None
         finally:
             response.close()
+
+
+def check_redirect(source: str, target: str, allow_other_hosts: bool) -> None:
+    """Refuse (:class:`DownloadError`) a redirect from ``source`` to anything but http(s), from https to http,
+    or, unless ``allow_other_hosts``, to another host or port."""
+    before, after = urllib.parse.urlsplit(source), urllib.parse.urlsplit(target)
+    if after.scheme not in ("http", "https") or (before.scheme == "https" and after.scheme == "http"):
+        raise DownloadError(f"{source} redirects to {target[:200]}: refused (only redirects to http(s), never "
+                            "from https to http, are followed)")
+    if not allow_other_hosts and (before.hostname, before.port) != (after.hostname, after.port):
+        raise DownloadError(f"{source} redirects to another host ({after.netloc[:100]}): refused; pass "
+                            "--allow-other-hosts to follow it if you trust where it leads")
 
 
 def _content_range_start(value: str, url: str) -> int:
@@ -160,7 +210,7 @@ class FsspecTransport:
         self.root = self.root.rstrip("/")
         self.options = options
 
-    def open(self, path: str, offset: int) -> tuple[int, Iterator[bytes]]:
+    def open(self, path: str, offset: int, seconds: float) -> tuple[int, Iterator[bytes]]:
         location = f"{self.root}/{path}"
         try:
             handle = self.fs.open(location, "rb", block_size=self.options.chunk_size)
@@ -169,12 +219,14 @@ class FsspecTransport:
             raise DownloadError(_missing_message(f"{location} does not exist", path)) from None
         except (OSError, TimeoutError) as error:
             raise RetryableError(f"{location}: {error}") from None
-        return offset, self._chunks(handle, location)
+        return offset, self._chunks(handle, location, time.monotonic() + seconds, seconds)
 
-    def _chunks(self, handle: Any, location: str) -> Iterator[bytes]:
+    def _chunks(self, handle: Any, location: str, end: float, seconds: float) -> Iterator[bytes]:
         try:
             while chunk := handle.read(self.options.chunk_size):
                 yield chunk
+                if time.monotonic() > end:
+                    raise RetryableError(f"{location}: not received within {seconds:.0f} s (too slow)")
         except FileNotFoundError:
             raise DownloadError(f"{location} disappeared during the download") from None
         except (OSError, TimeoutError) as error:
@@ -223,10 +275,18 @@ class _Downloader:
                 time.sleep(pause * (0.5 + random.random() / 2))
         raise AssertionError("unreachable")
 
-    def read_all(self, path: str) -> bytes:
+    def read_all(self, path: str, limit: int) -> bytes:
+        """The whole of ``path``, refused past ``limit`` bytes (an endless answer stops there)."""
         def fetch() -> bytes:
-            _, chunks = self.transport.open(path, 0)
-            return b"".join(chunks)
+            _, chunks = self.transport.open(path, 0, self.options.deadline)
+            data = bytearray()
+            with contextlib.closing(chunks):
+                for chunk in chunks:
+                    data += chunk
+                    if len(data) > limit:
+                        raise DownloadError(f"{path} is larger than {limit:,} bytes: refused (no publication's "
+                                            "is; the URL serves something else)")
+            return bytes(data)
 
         return self.with_retries(path, fetch)
 
@@ -253,7 +313,8 @@ class _Downloader:
             offset = 0
         if offset == entry.size and entry.size > 0:
             return
-        start, chunks = self.transport.open(entry.path, offset)
+        start, chunks = self.transport.open(entry.path, offset,
+                                            self.options.deadline + (entry.size - offset) / self.options.min_rate)
         if start < offset:
             self.bar.update(start - offset)  # the server ignores Range: those bytes come again
         with open(part, "r+b" if part.exists() else "wb") as handle:
@@ -291,8 +352,57 @@ def _partial_bytes(dest: Path, entry: FileEntry) -> int:
     return min(part.stat().st_size, entry.size) if part.is_file() else 0
 
 
+def _existing_files(dest: Path) -> list[str]:
+    """Paths (relative, ``/``-separated) of every file and symlink below ``dest``; symlinks are not followed."""
+    found = []
+    for folder, dirs, files in os.walk(dest):
+        relative = Path(folder).relative_to(dest)
+        found += [(relative / name).as_posix() for name in files]
+        found += [(relative / name).as_posix() for name in dirs if (Path(folder) / name).is_symlink()]
+    return sorted(found)
+
+
+def _refuse_foreign_files(dest: Path, manifest: Manifest, raw: bytes, done: list[bool], overwrite: bool) -> None:
+    """Refuse a DEST holding anything but this publication's files: the files of a complete or interrupted
+    download of it (a listed file already correct, a ``.part``), or, when DEST's manifest is this one (the
+    same publication downloaded before), its listed files however damaged. ``overwrite`` allows the rest (a
+    listed path is then replaced; a path the publication does not list is never touched)."""
+    if overwrite or not dest.is_dir():
+        return
+    kept = dest / MANIFEST_NAME
+    same = kept.is_file() and kept.stat().st_size == len(raw) and kept.read_bytes() == raw
+    listed = {entry.path for entry in manifest.files}
+    allowed = {entry.path for entry, ok in zip(manifest.files, done) if ok or same}
+    allowed |= {path + PART_SUFFIX for path in listed} | ({MANIFEST_NAME} if same else set())
+    foreign = [path for path in _existing_files(dest) if path not in allowed]
+    if foreign:
+        replaced = [path for path in foreign if path in listed or path == MANIFEST_NAME]
+        first = replaced[0] if replaced else foreign[0]
+        what = "differs from the publication's file of that name" if replaced else "is not part of the publication"
+        raise DownloadError(f"{dest} is not empty: {len(foreign)} file(s) there are not this publication's "
+                            f"(first: {first}, which {what}); refused, nothing written. Download into an empty "
+                            "directory, or pass --overwrite to replace the publication's files there (files it does "
+                            "not list are never touched)")
+
+
+def _check_free_space(dest: Path, pending: list[FileEntry], manifest_bytes: int) -> None:
+    needed = sum(entry.size - _partial_bytes(dest, entry) for entry in pending) + manifest_bytes
+    free = shutil.disk_usage(dest).free
+    if needed > free:
+        raise DownloadError(f"the publication needs {needed:,} more bytes in {dest}, and its disk has {free:,} "
+                            "free: refused before writing; free some space or download elsewhere")
+
+
 def download(url: str, dest: str | os.PathLike[str], options: DownloadOptions = DownloadOptions()) -> DownloadSummary:
     """Download the publication at ``url`` into ``dest`` (see the module docstring)."""
+    try:
+        return _download(url, dest, options)
+    except OSError as error:  # the disk filled up, a folder is not writable, ...
+        raise DownloadError(f"writing into {dest} failed ({error.strerror or error}"
+                            f"{': ' + str(error.filename) if error.filename else ''})") from None
+
+
+def _download(url: str, dest: str | os.PathLike[str], options: DownloadOptions) -> DownloadSummary:
     began = time.perf_counter()
     url = url.removesuffix("/" + MANIFEST_NAME).rstrip("/")
     dest = Path(dest)
@@ -301,14 +411,16 @@ def download(url: str, dest: str | os.PathLike[str], options: DownloadOptions = 
             total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="reinforce download",
             disable=not options.progress, dynamic_ncols=True, **bar_options()) as bar:
         downloader = _Downloader(transport, dest, options, bar)
-        raw = downloader.read_all(MANIFEST_NAME)
+        raw = downloader.read_all(MANIFEST_NAME, MAX_MANIFEST_BYTES)
         manifest = Manifest.from_bytes(raw)
         check_destination(dest, manifest.files + [FileEntry(MANIFEST_NAME, len(raw), "0" * 64)],
                           companions=(PART_SUFFIX,))
         dest.mkdir(parents=True, exist_ok=True)
         stack.enter_context(_destination_lock(dest))
         done = _in_place(dest, manifest.files)
+        _refuse_foreign_files(dest, manifest, raw, done, options.overwrite)
         pending = [entry for entry, ok in zip(manifest.files, done) if not ok]
+        _check_free_space(dest, pending, len(raw))
         for entry in pending:
             stale = dest / entry.path
             if stale.is_file():  # present but wrong: it is fetched again

@@ -30,6 +30,14 @@ SOURCE_MANIFEST_NAME = "source-manifest.jsonl"
 MANIFEST_KIND = "reinforce-publication"
 MANIFEST_VERSION = 1
 HASH_CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 32 << 20
+"""Largest ``manifest.json`` read (one of ImageNet-1k's stores in blocks of 1,024 samples lists 7,519 files in
+about 1 MB)."""
+MAX_JSON_DEPTH = 16
+"""Deepest nesting of arrays and objects in a manifest (a publication's is 3 deep)."""
+MAX_JSON_INTEGER_DIGITS = 40
+MAX_FILE_SIZE = 1 << 40
+"""Largest size a manifest may give one file (a store's largest files are shards of at most 1 GiB)."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -91,18 +99,33 @@ def safe_relative_path(path: Any) -> PurePosixPath:
 
 
 def check_destination(dest: Path, entries: Iterable[FileEntry], companions: Sequence[str] = ()) -> None:
-    """Refuse (before anything is written) an entry that would land outside ``dest`` or go through a symlink;
-    ``companions`` are suffixes of files written beside an entry (a download's ``.part``), checked too."""
+    """Refuse (before anything is written) an entry that would land outside ``dest``, go through a symlink, or
+    replace a directory (or need a directory where a file is); ``companions`` are suffixes of files written
+    beside an entry (a download's ``.part``), checked too, and no entry may have the name of another's
+    companion (a listed ``manifest.json.part`` would be the downloader's own staging file)."""
     root = dest.resolve()
+    entries = list(entries)
+    names = {entry.path for entry in entries}
     for entry in entries:
         relative = safe_relative_path(entry.path)
         target = dest.joinpath(*relative.parts)
-        written = [dest.joinpath(*relative.parts[:depth]) for depth in range(1, len(relative.parts) + 1)]
-        written += [target.with_name(target.name + suffix) for suffix in companions]
+        for suffix in companions:
+            if entry.path + suffix in names:
+                raise ManifestError(f"manifest entry {entry.path + suffix!r} has the name of the partial file of "
+                                    f"{entry.path!r} (the downloader writes it there): refused")
+        parents = [dest.joinpath(*relative.parts[:depth]) for depth in range(1, len(relative.parts))]
+        written = parents + [target] + [target.with_name(target.name + suffix) for suffix in companions]
         for path in written:
             if path.is_symlink():
                 raise ManifestError(f"manifest entry {entry.path!r}: {path} is a symlink in the destination; "
                                     "refused (remove it or download to an empty directory)")
+        for path in parents:
+            if path.exists() and not path.is_dir():
+                raise ManifestError(f"manifest entry {entry.path!r} needs the directory {path}, which is a file in "
+                                    "the destination: refused (download to an empty directory)")
+        if target.is_dir():
+            raise ManifestError(f"manifest entry {entry.path!r} is a file, but {target} is a directory in the "
+                                "destination: refused (download to an empty directory)")
         if not target.resolve().is_relative_to(root):
             raise ManifestError(f"manifest entry {entry.path!r} resolves outside {dest}: refused")
 
@@ -138,23 +161,34 @@ class Manifest:
         if data.get("manifest_version") != MANIFEST_VERSION:
             raise ManifestError(f"manifest version {data.get('manifest_version')!r} is not supported (this tool "
                                 f"reads {MANIFEST_VERSION}): upgrade reinforce")
-        fmt.check_format_version(str(data.get("format_version", "")))
+        if not isinstance(data.get("format_version"), str):
+            raise ManifestError(f"the manifest's format_version {_shown(data.get('format_version'))} is not a string")
+        fmt.check_format_version(data["format_version"])
+        for member, kind in (("files", list), ("identity", dict)):
+            if not isinstance(data.get(member), (kind, type(None))):
+                raise ManifestError(f"the manifest's {member} is {_shown(data.get(member))}, not a "
+                                    f"{'list' if kind is list else 'JSON object'}")
         files, seen = [], set()
         for item in data.get("files") or []:
             if not isinstance(item, dict):
                 raise ManifestError(f"manifest file entry {item!r:.100} is not an object")
             path = str(safe_relative_path(item.get("path")))
             size, digest = item.get("size"), item.get("sha256")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ManifestError(f"manifest entry {path!r} has an invalid size {size!r}")
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_SIZE:
+                raise ManifestError(f"manifest entry {path!r} has an invalid size {_shown(size)} (at most "
+                                    f"{MAX_FILE_SIZE:,} bytes)")
             if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-                raise ManifestError(f"manifest entry {path!r} has an invalid sha256 {digest!r}")
+                raise ManifestError(f"manifest entry {path!r} has an invalid sha256 {_shown(digest)}")
             if path in seen or path == MANIFEST_NAME:
                 raise ManifestError(f"manifest lists {path!r} twice or lists itself")
             seen.add(path)
             files.append(FileEntry(path, size, digest))
         if not files:
             raise ManifestError("the manifest lists no files")
+        folders = {str(parent) for path in seen for parent in PurePosixPath(path).parents}
+        both = sorted(seen & folders)
+        if both:
+            raise ManifestError(f"the manifest lists {both[0]!r} both as a file and as a folder of other files")
         store = str(safe_relative_path(data.get("store")))
         if not any(entry.path.startswith(store + "/") for entry in files):
             raise ManifestError(f"the manifest's store {store!r} has no files in the manifest")
@@ -167,10 +201,50 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Manifest:
-        try:
-            return cls.from_json(json.loads(raw))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ManifestError(f"the manifest is not valid JSON ({error})") from None
+        """Parse ``manifest.json``'s bytes: at most :data:`MAX_MANIFEST_BYTES`, nested at most
+        :data:`MAX_JSON_DEPTH` deep, integers of at most :data:`MAX_JSON_INTEGER_DIGITS` digits."""
+        return cls.from_json(bounded_json(raw, "the manifest", MAX_MANIFEST_BYTES))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in the JSON text ``raw`` (brackets inside strings skipped),
+    counted without parsing, so a hostile document cannot make the parser recurse."""
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', raw)):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INTEGER_DIGITS:
+        raise ManifestError(f"it holds an integer of {len(text.lstrip('-')):,} digits (at most "
+                            f"{MAX_JSON_INTEGER_DIGITS} are read)")
+    return int(text)
+
+
+def bounded_json(raw: bytes, what: str, limit: int) -> Any:
+    """``raw`` parsed as JSON, refusing (:class:`ManifestError`, naming ``what``) more than ``limit`` bytes,
+    nesting deeper than :data:`MAX_JSON_DEPTH`, over-long integers and invalid text."""
+    if len(raw) > limit:
+        raise ManifestError(f"{what} is larger than {limit:,} bytes: refused")
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise ManifestError(f"{what} nests arrays or objects more than {MAX_JSON_DEPTH} deep: refused")
+    try:
+        return json.loads(raw, parse_int=_bounded_int)
+    except ManifestError as error:
+        raise ManifestError(f"{what} is refused: {error}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ManifestError(f"{what} is not valid JSON ({str(error)[:200]})") from None
 
 
 def settings_sha256(header: fmt.StoreHeader) -> str:
