@@ -265,13 +265,13 @@ def imagenet_memory(num_samples: int = IMAGENET_SAMPLES, num_augmentations: int 
                              num_augmentations=num_augmentations, seed=0, block_size=4096,
                              augmentation=pipeline.config(), teachers=[],
                              param_encodings=fmt.pipeline_param_encodings(pipeline), class_vocabulary_size=32)
-    row = header.record_width * header.dtype.itemsize
+    row = header.layout.width * header.dtype.itemsize
     per_sample = {"labels": 4, "image_sizes (int64 in memory)": 16, "fingerprints": 8,
                   "class vocabulary": header.class_vocabulary_size * header.dtype.itemsize,
                   "fingerprint-checked flags": 1}
     # ImageFolder's path list: Python strings, copied page by page into each worker as reference counts touch them.
     path = sys.getsizeof("/data/imagenet/train/n01440764/n01440764_10026.JPEG") + 8
-    return {"record_width": header.record_width, "row_bytes": row, "epoch_table": num_samples * row,
+    return {"record_width": header.layout.width, "row_bytes": row, "epoch_table": num_samples * row,
             **{name: num_samples * size for name, size in per_sample.items()},
             "source path list (52-char paths)": num_samples * path}
 

@@ -141,12 +141,12 @@ def synthetic_block(header: fmt.StoreHeader, block: int, labels: np.ndarray, siz
     params = header.pipeline.sample_block(header.seed, np.arange(start, stop), SLOTS, sizes[start:stop, 0],
                                           sizes[start:stop, 1])
     heights, widths = sizes[start:stop, :1], sizes[start:stop, 1:]
-    columns = header.param_codec.encode(params, heights, widths)
+    columns = header.layout.params.encode(params, heights, widths)
     positions = (generator.integers(0, VOCABULARY, (n, SLOTS, 1)) + 3 * np.arange(TOP_K)) % VOCABULARY
     indices = np.take_along_axis(nearby_classes(labels[start:stop])[:, None, :], positions, axis=-1)
     probs = np.sort(generator.dirichlet(np.full(TOP_K, 0.3), size=(n, SLOTS)) * 0.95, axis=-1)[..., ::-1]
     return BlockResult(start=start, labels=labels[start:stop], fingerprints=fingerprints[start:stop],
-                       image_sizes=sizes[start:stop], aug_params=header.param_codec.decode(columns, heights, widths),
+                       image_sizes=sizes[start:stop], aug_params=header.layout.params.decode(columns, heights, widths),
                        param_columns=columns, topk_indices=indices, topk_probs=probs,
                        teacher_entropy=generator.uniform(0.5, 3.0, (n, SLOTS)))
 

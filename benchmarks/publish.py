@@ -130,7 +130,7 @@ def synthetic_store(out: Path, samples: int, slots: int, seed: int = 0) -> Path:
         params = np.stack([(sizes[:, :1] - h) * rng.uniform(0, 1, (n, slots)) // 1,
                            (sizes[:, 1:] - w) * rng.uniform(0, 1, (n, slots)) // 1, h, w,
                            rng.integers(0, 2, (n, slots))], -1).astype(np.float64)
-        params = header.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
+        params = header.layout.params.quantize(params, sizes[:, :1], sizes[:, 1:])
         main = rng.integers(CLASSES, size=(n, 1, 1))
         near = (main + rng.integers(-20, 21, size=(n, slots, 3 * TOP_K))) % CLASSES
         ids = np.array([list(dict.fromkeys(row))[:TOP_K] for row in near.reshape(-1, 3 * TOP_K)]).reshape(n, slots, -1)

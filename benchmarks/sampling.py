@@ -75,8 +75,8 @@ def decoding_row(pipeline: AugmentPipeline, rows: int, repeats: int) -> tuple[fl
     params = pipeline.sample_block(0, np.arange(rows), 1, sizes[:, 0], sizes[:, 1], num_samples=rows,
                                    partner_size=lambda p: tuple(sizes[p]))[:, 0]
     params = pipeline.param_layout.quantize(params, sizes[:, 0], sizes[:, 1])
-    records = fmt.encode_records(header, indices, probs, params, np.ones(rows), sizes[:, 0], sizes[:, 1],
-                                 vocabulary=vocabulary)
+    columns = header.layout.params.encode(params, sizes[:, 0], sizes[:, 1])
+    records = fmt.encode_records(header, indices, probs, columns, np.ones(rows), vocabulary=vocabulary)
     layout_ready = header.layout  # parsed once, as a dataset does
 
     def single() -> None:

@@ -211,7 +211,7 @@ def configuration(name: str, samples: int, slots: int, block: int, generator: np
     header = fmt.StoreHeader(num_samples=samples, num_classes=NUM_CLASSES, top_k=TOP_K, num_augmentations=slots,
                              seed=0, block_size=block, augmentation={"size": 224, "ops": [], "preset": name},
                              teachers=[], param_encodings=encodings, prob_scale=prob_scale)
-    params = header.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
+    params = header.layout.params.quantize(params, sizes[:, :1], sizes[:, 1:])
     return header, sizes, params
 
 
@@ -290,11 +290,11 @@ def column_bytes(path: Path, header) -> dict[str, int]:
     group = fmt.open_store_group(path)
     shuffle = {"shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[fmt.record_shuffle(header)]
     blosc = numcodecs.Blosc(cname="zstd", clevel=fmt.ZSTD_LEVEL, shuffle=shuffle)  # as the store
-    out = {name: 0 for name in header.record_columns}
+    out = {name: 0 for name in header.layout.columns}
     for block in range(header.num_blocks):
         for slot in range(header.num_augmentations):
             rows = fmt.read_block_slot(group, header, block, slot)
-            for name, columns in header.record_columns.items():
+            for name, columns in header.layout.columns.items():
                 out[name] += len(blosc.encode(np.ascontiguousarray(rows[:, columns].T))) + 4
     return out
 
@@ -478,7 +478,7 @@ def main() -> None:
             assert np.array_equal(decoded.indices, indices)
             max_error = float(np.abs(decoded.probs.astype(np.float64) - probs).max())
             print(f"\n== {name}: {args.samples} samples x {args.slots} slots, {NUM_CLASSES} classes, top-{TOP_K}, "
-                  f"{len(header.param_encodings)} params in {header.param_codec.columns} columns, "
+                  f"{len(header.param_encodings)} params in {header.layout.params.columns} columns, "
                   f"block {args.block_size}")
             print(f"{'array / column group':<34}{'bytes':>12}{'bytes/record':>14}")
             for array in fmt.ALL_ARRAYS:

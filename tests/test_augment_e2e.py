@@ -66,7 +66,7 @@ def test_preset_builds_and_replays_what_the_teacher_saw(preset, digits, ensemble
     for index in (0, 16, 44):
         for slot in range(2):
             assert_replay_matches_teacher(ds, ensemble, index, slot)
-            partners = ds.pipeline.partner_indices(ds._record(index, slot)[0][None])
+            partners = ds.pipeline.partner_indices(ds.record(index, slot)[0][None])
             mixed += int(partners is not None and partners[0] >= 0)
     assert (mixed > 0) == ds.pipeline.mixes
     # A student at another resolution replays the same store.
@@ -78,7 +78,7 @@ def test_preset_builds_and_replays_what_the_teacher_saw(preset, digits, ensemble
 def test_mixing_replay_needs_the_partner_image(digits, stores):
     out = stores("rrc+mix")
     ds = ReinforcedDataset(digits[0], out, transform=lambda image: image)
-    params = ds._record(5, 0)[0]
+    params = ds.record(5, 0)[0]
     partner = int(ds.pipeline.partner_indices(params[None])[0])
     assert partner >= 0 and partner != 5
     own = ds.source.load(5)[0]
@@ -126,13 +126,13 @@ def test_damaged_partner_index_is_a_clear_error(digits, stores, tmp_path):
     out = tmp_path / "damaged.zarr"
     shutil.copytree(stores("rrc+mix"), out)
     ds = ReinforcedDataset(digits[0], out)
-    params = ds._record(2, 0)[0].copy()
+    params = ds.record(2, 0)[0].copy()
     params[ds.pipeline.param_names.index("mix.partner")] = 10_000
     height, width = (int(v) for v in ds._image_sizes[2])
-    columns = ds.header.record_columns["aug_params"]
+    columns = ds.header.layout.columns["aug_params"]
     records = zarr.open_group(str(out), mode="r+")[fmt.RECORDS]
     row = records[2, 0]
-    row[columns] = ds.header.param_codec.encode(params[None], np.array([height]), np.array([width]))[0]
+    row[columns] = ds.header.layout.params.encode(params[None], np.array([height]), np.array([width]))[0]
     records[2, 0] = row
     with pytest.raises(StoreFormatError, match="mixes with sample 10000"):
         ReinforcedDataset(digits[0], out).replay(2, 0)

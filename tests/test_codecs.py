@@ -69,8 +69,7 @@ def test_grouped_decode_equals_decoding_each_codec(preset):
 def test_header_layout_is_parsed_once(store):
     header = fmt.read_header(fmt.open_store_group(store))
     assert header.layout is header.layout
-    assert header.param_codec is header.layout.params
-    assert header.record_width == header.layout.width == header.record_columns["teacher_entropy"].stop
+    assert header.layout.width == header.layout.columns["teacher_entropy"].stop
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -124,7 +123,7 @@ def test_decoding_checks_every_record(store):
     rows = fmt.read_block_slot(group, header, 0, 0)
     sizes = fmt.read_array(group, fmt.IMAGE_SIZES)[:len(rows)].astype(np.int64)
     fmt.decode_records(header, rows, sizes[:, 0], sizes[:, 1])  # as built: fine
-    columns = header.record_columns
+    columns = header.layout.columns
     for column, value in ((columns["topk_probs"].start, 5000), (columns["topk_indices"].start + 1, None),
                           (columns["topk_indices"].start, header.num_classes), (columns["teacher_entropy"].start, 999)):
         bad = rows.copy()

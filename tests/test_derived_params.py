@@ -47,8 +47,8 @@ def write_derived_store(path, header: fmt.StoreHeader, skipped: tuple[int, ...] 
                                                         sizes[present, 1], **mixing)
         indices = np.argsort(generator.random((stop - start, a, header.num_classes)), axis=-1)[..., :k]
         probs = -np.sort(-generator.dirichlet(np.ones(k), (stop - start, a)), axis=-1) * 0.9
-        rows = fmt.encode_records(header, indices, probs, params, np.ones((stop - start, a)),
-                                  sizes[start:stop, :1], sizes[start:stop, 1:])
+        columns = layout.params.encode(params, sizes[start:stop, :1], sizes[start:stop, 1:])
+        rows = fmt.encode_records(header, indices, probs, columns, np.ones((stop - start, a)))
         rows[[i - start for i in range(start, stop) if i not in present]] = 0
         full[start:stop] = rows
         group[fmt.RECORDS][start:stop] = fmt.stored_rows(header, rows)

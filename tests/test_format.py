@@ -44,7 +44,7 @@ def synthetic_block(header: fmt.StoreHeader, block: int, generator: np.random.Ge
     pipeline = make_pipeline("rrc", header.augmentation["size"])
     sizes = generator.integers(20, 700, (n, 2))
     params = np.stack([pipeline.sample_slots(header.seed, start + i, a, *sizes[i]) for i in range(n)])
-    params = header.param_codec.quantize(params, sizes[:, :1], sizes[:, 1:])
+    params = header.layout.params.quantize(params, sizes[:, :1], sizes[:, 1:])
     indices, probs, entropy = teacher_like(generator, (n, a), header.num_classes, k)
     return BlockResult(start=start, labels=generator.integers(0, header.num_classes, n),
                        fingerprints=generator.integers(1, 2**63, n, dtype=np.uint64), image_sizes=sizes,
@@ -79,7 +79,7 @@ def test_encode_decode_fidelity(tmp_path, vocabulary):
     table = fmt.read_vocabulary(group, header)
     decoded = fmt.decode_records(header, rows, sizes[:, :1], sizes[:, 1:],
                                  vocabulary=None if table is None else table[:, None, :])
-    stored = rows[..., header.record_columns["topk_indices"]]
+    stored = rows[..., header.layout.columns["topk_indices"]]
     if vocabulary:  # both kinds of stored value occur: positions in the vocabulary and escaped class ids
         assert (stored < vocabulary).any() and (stored >= vocabulary).any()
         assert table.shape == (header.num_samples, vocabulary)
@@ -98,7 +98,7 @@ def test_encode_decode_fidelity(tmp_path, vocabulary):
 
 def test_param_encodings_keep_boxes_inside_and_are_idempotent():
     pipeline = make_pipeline("rrc", 224)
-    codec = fmt.ParamCodec.for_pipeline(pipeline)
+    codec = ParamLayout.for_pipeline(pipeline)
     generator = np.random.default_rng(1)
     for trial in range(100):
         height, width = (int(v) for v in generator.integers(4, 4000, 2))
@@ -160,7 +160,7 @@ def test_layout_chunks_one_slot_of_a_block_and_shards_a_block(tmp_path, vocabula
     write_store(tmp_path / "s.zarr", header)
     group = fmt.open_store_group(tmp_path / "s.zarr")
     records = group[fmt.RECORDS]
-    assert records.chunks == (16, 1, header.record_width) and records.shards == (16, 6, header.record_width)
+    assert records.chunks == (16, 1, header.layout.width) and records.shards == (16, 6, header.layout.width)
     files = [f for f in (tmp_path / "s.zarr").rglob("*") if f.is_file()]
     assert len(files) == fmt.expected_file_count(header)
     assert len(list((tmp_path / "s.zarr" / fmt.RECORDS).rglob("c/*/*/*"))) == header.num_blocks
@@ -265,7 +265,7 @@ def test_writer_refuses_unquantized_params(tmp_path):
     result = synthetic_block(header, 0, np.random.default_rng(0))
     result.image_sizes[:] = 600
     result.aug_params[0, 0, 0] = 301.0  # not on the 600/255 grid
-    with pytest.raises(ValueError, match="not representable.*ParamCodec.quantize"):
+    with pytest.raises(ValueError, match="not representable.*ParamLayout.quantize"):
         writer.write_block(0, result)
 
 

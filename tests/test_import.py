@@ -89,7 +89,7 @@ def test_ml_dr_release_imports_exactly_and_verifies(digits, tmp_path, layout):
     assert header.provenance["imported_from"] == "apple/ml-dr"
     assert "approximate" in header.provenance["replay_fidelity"]
     decoded = fmt.read_all_records(group, header)
-    names = header.param_codec.names
+    names = header.layout.params.names
     for index, records in enumerate(truth):
         for slot, record in enumerate(records):
             params = dict(zip(names, decoded.params[index, slot]))

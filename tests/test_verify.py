@@ -74,13 +74,13 @@ def test_verify_fails_naming_the_defect(tmp_path, capsys, defect, message):
     elif defect in ("repeated_class", "class_out_of_range", "entropy"):
         group = fmt.open_store_group(path, mode="r+")
         rows = group[fmt.RECORDS][0:16]
-        classes = header.record_columns["topk_indices"]
+        classes = header.layout.columns["topk_indices"]
         if defect == "repeated_class":
             rows[4, 1, classes.start + 1] = rows[4, 1, classes.start]
         elif defect == "class_out_of_range":
             rows[5, 0, classes.start] = header.num_classes
         else:
-            rows[6, 3, header.record_columns["teacher_entropy"].start] = header.entropy_levels + 1
+            rows[6, 3, header.layout.columns["teacher_entropy"].start] = header.entropy_levels + 1
         group[fmt.RECORDS][0:16] = rows
     assert main(["verify", str(path)]) == 1
     err = capsys.readouterr().err

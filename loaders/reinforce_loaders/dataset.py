@@ -142,7 +142,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         _check_per_sample_arrays(self._labels, self._image_sizes, self._fingerprints, skipped)
         # Samples whose image was unreadable at build time have no records: the dataset leaves them out.
         self._samples = np.setdiff1d(np.arange(len(self._labels)), skipped) if skipped.size else None
-        self._table = EpochTable(len(self._labels), self.header.record_width * self.header.dtype.itemsize,
+        self._table = EpochTable(len(self._labels), self.header.layout.width * self.header.dtype.itemsize,
                                  self.header.num_blocks, table_dir)
         self._other_slots: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
         self._slot_cache = (-1, -1)
@@ -389,8 +389,6 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         """(aug params ``(P,)``, top-k indices ``(K,)``, top-k probs ``(K,)``) of record (index, slot)."""
         params, indices, probs = self._decoded_records(np.array([index]), slot, self.epoch)
         return params[0], indices[0], probs[0]
-
-    _record = record  # the name tests and tools used before it was public
 
     def partner_positions(self, epoch: int) -> np.ndarray | None:
         """Per dataset position, the position of the sample its record of ``epoch`` mixes with (-1: none), or

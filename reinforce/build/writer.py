@@ -43,7 +43,7 @@ class BlockResult:
     """Everything a block of samples ``[start, start + n)`` contributes to the store.
 
     ``aug_params`` must be the parameters the teacher was shown, i.e. already passed through
-    :meth:`~reinforce_loaders.format.ParamCodec.quantize` (the writer checks this).
+    :meth:`~reinforce_loaders.codecs.ParamLayout.quantize` (the writer checks this).
     """
 
     start: int
@@ -72,7 +72,7 @@ class BlockSink:
     def __init__(self, group: zarr.Group, header: fmt.StoreHeader) -> None:
         self.group = group
         self.header = header
-        self.codec = header.param_codec
+        self.codec = header.layout.params
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], header: fmt.StoreHeader) -> BlockSink:
@@ -109,8 +109,7 @@ class BlockSink:
                                  f"classes below {header.num_classes}, padded with {fill}")
             self.group[fmt.CLASS_VOCABULARY][start:stop] = vocabulary.astype(header.dtype)
             vocabulary = vocabulary[:, None, :]
-        records = fmt.encode_records(header, result.topk_indices, result.topk_probs, result.aug_params,
-                                     result.teacher_entropy, heights, widths, codec=_Encoded(columns),
+        records = fmt.encode_records(header, result.topk_indices, result.topk_probs, columns, result.teacher_entropy,
                                      vocabulary=vocabulary)
         self.group[fmt.LABELS][start:stop] = np.asarray(result.labels, dtype=fmt.LABEL_DTYPE)
         self.group[fmt.FINGERPRINTS][start:stop] = np.asarray(result.fingerprints, dtype=fmt.FINGERPRINT_DTYPE)
@@ -138,7 +137,7 @@ class BlockSink:
             raise ValueError(
                 f"block {block}: aug_params of record ({result.start + bad[0]}, {bad[1]}) param "
                 f"{self.codec.names[bad[2]]} = {params[tuple(bad)]} is not representable in the store "
-                f"(would be stored as {quantized[tuple(bad)]}): apply ParamCodec.quantize before the teacher sees "
+                f"(would be stored as {quantized[tuple(bad)]}): apply ParamLayout.quantize before the teacher sees "
                 "the parameters, so the student replays what the teacher saw"
             )
         return columns
@@ -223,17 +222,6 @@ class StoreWriter(BlockSink):
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             zarr.consolidate_metadata(self.group.store)
         return self.header
-
-
-class _Encoded:
-    """Stands in for the header's parameter layout in ``format.encode_records`` when the columns are already
-    encoded: it returns them instead of encoding the parameters again."""
-
-    def __init__(self, columns: np.ndarray) -> None:
-        self.columns = columns
-
-    def encode(self, params: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
-        return self.columns
 
 
 def with_param_encodings(header: fmt.StoreHeader) -> fmt.StoreHeader:
