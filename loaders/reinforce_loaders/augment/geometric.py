@@ -158,7 +158,11 @@ def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, 
     """Resample box ``boxes[r]`` = ``(top, left, height, width)`` (source pixels of ``images[r]``) of each uint8
     ``[C, H, W]`` image to uint8 ``[N, C, size, size]`` (:func:`resample_box`, one record at a time: the taps
     are host integers, so the boxes come to the host once)."""
-    return torch.stack([resample_box(image, box, size, resample) for image, box in zip(images, boxes.tolist())])
+    boxes_list = boxes.tolist()
+    if all(tuple(image.shape[-2:]) == (size, size) and clamp_box(box, size, size) == (0, 0, size, size)
+           for image, box in zip(images, boxes_list)):
+        return torch.stack(list(images))  # crops already at the output size (replay_crops): one copy
+    return torch.stack([resample_box(image, box, size, resample) for image, box in zip(images, boxes_list)])
 
 
 def _check_resample(op: str, resample: str) -> str:
