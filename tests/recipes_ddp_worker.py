@@ -22,8 +22,8 @@ def main(train_dir: str, store: str, val_dir: str, out: str, pretrained: str = "
     def on_step(trainer, epoch, step):
         if step == 1:
             trainers[:] = [trainer]
-            trainer.sampler.set_start(0)  # the loader already holds its iterator; list this rank's epoch
-            batches[str(epoch)] = list(trainer.sampler)
+            trainer.parts.sampler.set_start(0)  # the loader already holds its iterator; list this rank's epoch
+            batches[str(epoch)] = list(trainer.parts.sampler)
         steps[0] += 1
 
     config = TrainConfig(train_source=train_dir, store=store, val_source=val_dir, model="test_resnet",

@@ -336,8 +336,8 @@ def test_val_records_the_teachers_held_out_accuracy_for_every_user_of_the_store(
                                                                                 tmp_path, capsys):
     from reinforce.cli import main
     from reinforce.share.publish import CARD_NAME, publish
-    from reinforce.recipes.data import EvalSamples
-    from reinforce.recipes.distill import held_out_top1, teacher_report
+    from reinforce.evaluation import EvalSamples, held_out_top1
+    from reinforce.recipes.distill import teacher_report
 
     out = tmp_path / "s.zarr"
     build(digits[0], out, teacher_weights, val_source=str(digits[1]))

@@ -80,7 +80,7 @@ def test_ctrl_c_inside_a_step_checkpoints_after_that_step_and_resumes_exactly(di
     import os
     import signal
 
-    from reinforce.recipes.train import Trainer
+    from reinforce.recipes import Trainer
 
     extra = {"mixup": 0.4, "cutmix": 1.0}
     whole = train(_config(digits, store, tmp_path / "whole", **extra), log=_quiet)
@@ -88,7 +88,7 @@ def test_ctrl_c_inside_a_step_checkpoints_after_that_step_and_resumes_exactly(di
 
     def interrupted_inside(self, *args, **kwargs):
         loss = optimize(self, *args, **kwargs)
-        calls.append(self.global_step)
+        calls.append(self.progress.global_step)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after the update, before the LR and EMA steps
         return loss
@@ -204,14 +204,14 @@ def test_plain_recipe_refuses_a_store_and_usi_needs_soft_targets(digits, store, 
 
 def test_online_teacher_sees_the_students_pixels_and_leaves_them_alone(digits, teacher_weights, tmp_path,
                                                                           monkeypatch):
-    from reinforce.recipes.train import Trainer
+    from reinforce.recipes import Trainer
 
     checked = []
     prepare = Trainer.prepare
 
-    def checking(self, batch, epoch, step):
+    def checking(self, batch, step):
         images = batch[0].clone()
-        x, labels, soft = prepare(self, batch, epoch, step)
+        x, labels, soft = prepare(self, batch, step)
         # the student's input is its own augmented batch, normalized, untouched by the teacher's preprocessing
         assert torch.allclose(x, (images.float() - self.mean) / self.std)
         assert soft.shape == (len(labels), 10) and torch.allclose(soft.sum(-1), torch.ones(len(labels)))
@@ -244,7 +244,7 @@ def test_online_teacher_sees_the_students_pixels_and_leaves_them_alone(digits, t
 
 
 def test_ensemble_probs_equal_each_members_own_on_uint8_and_leave_float_input_alone(teacher_weights):
-    from reinforce.recipes.distill import ensemble_probs
+    from reinforce.evaluation import ensemble_probs
     from reinforce.build.teachers import create_ensemble
 
     ensemble = create_ensemble([teacher_weights[0], teacher_weights[0]])
@@ -256,14 +256,14 @@ def test_ensemble_probs_equal_each_members_own_on_uint8_and_leave_float_input_al
 
 
 def test_multiscale_sampler_and_entropy_curriculum_train_from_the_store(digits, store, tmp_path, monkeypatch):
-    from reinforce.recipes.train import Trainer
+    from reinforce.recipes import Trainer
 
     shapes = []
     prepare = Trainer.prepare
 
-    def recording(self, batch, epoch, step):
+    def recording(self, batch, step):
         shapes.append(tuple(batch[0].shape))
-        return prepare(self, batch, epoch, step)
+        return prepare(self, batch, step)
 
     monkeypatch.setattr(Trainer, "prepare", recording)
     policies = []
@@ -283,14 +283,14 @@ def test_multiscale_sampler_and_entropy_curriculum_train_from_the_store(digits, 
 
 
 def test_multiscale_sampler_with_mixup_trains_on_even_batches(digits, tmp_path, monkeypatch):
-    from reinforce.recipes.train import Trainer
+    from reinforce.recipes import Trainer
 
     sizes = []
     prepare = Trainer.prepare
 
-    def recording(self, batch, epoch, step):
+    def recording(self, batch, step):
         sizes.append(len(batch[0]))
-        return prepare(self, batch, epoch, step)
+        return prepare(self, batch, step)
 
     monkeypatch.setattr(Trainer, "prepare", recording)
     result = train(_config(digits, None, tmp_path / "run", recipe="plain", epochs=2, sampler="multiscale",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import numpy as np
@@ -11,10 +10,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from reinforce.recipes import TrainConfig, TrainError, train
+from reinforce.recipes import TrainConfig, Trainer, TrainError, train
 from reinforce.recipes.lr_finder import range_test, steepest_point
 
-train_module = importlib.import_module("reinforce.recipes.train")  # the package exports train()
 
 RAMP = [1e-6 * 10 ** (i / 10) for i in range(61)]
 """A geometric ramp from 1e-6 to 1 in steps of 10^0.1; RAMP[30] is 1e-3."""
@@ -83,13 +81,13 @@ def test_the_ramp_does_not_replay_the_batches_of_the_epoch_at_the_small_lr(digit
     weights = tmp_path / "pretrained.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=1000).state_dict(), str(weights))
     seen: list[tuple[float, bytes]] = []
-    original = train_module.Trainer.train_step
+    original = Trainer.train_step
 
     def recording_step(self, batch, lr):
         seen.append((lr, batch[0].numpy().tobytes()))
         return original(self, batch, lr)
 
-    monkeypatch.setattr(train_module.Trainer, "train_step", recording_step)
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
     train(TrainConfig(train_source=str(digits[0]), store=str(store), model=f"test_resnet={weights}",
                       recipe="adaptive", epochs=1, batch_size=8, range_steps=12, out=str(tmp_path / "run"),
                       progress=False), log=lambda _: None)

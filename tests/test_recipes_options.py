@@ -9,8 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from reinforce.recipes.cli import add_train_parser, config_from_args
-from reinforce.recipes.config import TrainError, resolve
+from reinforce.recipes import TrainConfig, TrainError, resolve
+from reinforce.recipes.cli import add_train_parser
 from reinforce.recipes.data import StoreSamples
 
 
@@ -19,12 +19,12 @@ def parse(*argv: str):
 
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers(dest="command"))
-    return config_from_args(parser.parse_args(["train", *argv]))
+    return TrainConfig.from_mapping(vars(parser.parse_args(["train", *argv])))
 
 
 def test_decode_reaches_the_dataset_and_png_sources_replay_exactly(digits, store):
     config = parse(str(digits[0]), "--store", str(store), "--model", "resnet10t", "--out", "run", "--decode", "fast")
-    assert resolve(config)["decode"] == "fast"
+    assert resolve(config).decode == "fast"
     exact, fast = (StoreSamples(str(digits[0]), str(store), decode=mode) for mode in ("exact", "fast"))
     assert fast.dataset.decode == "fast"
     for position in range(4):  # PNG sources: fast mode decodes them in full, like exact mode
@@ -51,8 +51,8 @@ def test_baseline_that_is_not_a_finished_run_is_refused_before_training(digits, 
 def test_plateau_decay_and_lr_floor_reach_the_config_and_bad_values_are_refused(digits):
     base = (str(digits[0]), "--recipe", "adaptive", "--model", "resnet10t", "--out", "run")
     settings = resolve(parse(*base, "--decay-factor", "0.2", "--min-lr-ratio", "0.01"))
-    assert settings["decay_factor"] == 0.2 and settings["min_lr_ratio"] == 0.01
-    assert resolve(parse(*base))["min_lr_ratio"] == 1e-3
+    assert settings.decay_factor == 0.2 and settings.min_lr_ratio == 0.01
+    assert resolve(parse(*base)).min_lr_ratio == 1e-3
     for flag, value in (("--min-lr-ratio", "0"), ("--decay-factor", "1.5")):
         with pytest.raises(TrainError, match=f"{flag} .* strictly between 0 and 1"):
             resolve(parse(*base, flag, value))
@@ -68,11 +68,10 @@ def test_baseline_margin_is_reported_before_training(digits, store, tmp_path, mo
     import importlib
     import json
 
-    from reinforce.recipes.config import TrainConfig
     from reinforce.recipes.distill import TeacherReport
 
     train_module = importlib.import_module("reinforce.recipes.train")
-    monkeypatch.setattr(train_module, "_teacher_report",
+    monkeypatch.setattr(train_module, "measure_teachers",
                         lambda *args: TeacherReport(60.0, "held-out", "scripted for the test"))
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "summary.json").write_text(json.dumps({"best_top1": plain_top1}))
@@ -111,8 +110,8 @@ def test_device_auto_takes_cuda_when_present_and_cuda_without_it_is_refused(monk
 
 
 def test_bf16_precision_runs_the_forward_passes_under_autocast_and_keeps_fp32_weights(digits, store, tmp_path):
-    from reinforce.recipes.config import TrainConfig
-    from reinforce.recipes.train import autocast_dtype, train
+    from reinforce.recipes import train
+    from reinforce.recipes.factories import autocast_dtype
 
     assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("fp32", torch.device("cpu")) is None
     seen = []
@@ -139,7 +138,6 @@ def test_bf16_precision_runs_the_forward_passes_under_autocast_and_keeps_fp32_we
 def test_channels_last_trains_the_same_student_in_the_other_memory_format(digits, store, tmp_path):
     import json
 
-    from reinforce.recipes.config import TrainConfig
     from reinforce.recipes.train import train
 
     formats = []

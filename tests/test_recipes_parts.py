@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from reinforce.recipes.config import TrainError
-from reinforce.recipes.data import EvalSamples
-from reinforce.recipes.distill import TeacherReport, baseline_top1, ensemble_probs, teacher_report
-from reinforce.recipes.losses import DistillationLoss, SoftMixing, kd_kl
+from reinforce.evaluation import EvalSamples, ensemble_probs
+from reinforce.recipes.distill import TeacherReport, baseline_top1, teacher_report
+from reinforce.recipes.errors import TrainError
+from reinforce.recipes.losses import DistillationLoss, kd_kl
 from reinforce.recipes.lr_finder import range_test, tpe_search
 from reinforce.recipes.sam import SAM, frozen_norm_statistics
 from reinforce.recipes.samplers import EntropyCurriculum, FixedBatchSampler, VariableBatchSampler, multiscale_sizes
@@ -50,16 +50,27 @@ def test_tempered_kl_leaves_the_classes_a_top_k_target_omits_at_zero():
     assert float(kd_kl(logits, teacher, 4.0)) == pytest.approx(expected, rel=1e-5)
 
 
-def test_soft_mixing_mixes_labels_and_soft_targets_with_one_weight():
-    np.random.seed(0)
-    mixing = SoftMixing(mixup_alpha=1.0, cutmix_alpha=0.0, num_classes=3)
+def test_batch_mixing_mixes_labels_and_soft_targets_with_one_weight_keyed_by_seed_and_step():
+    from reinforce_loaders import SoftTargetMixup
+
+    mixing = SoftTargetMixup(mixup_alpha=1.0, cutmix_alpha=0.0, seed=3)
     images = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+    one_hot = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()
     soft = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
-    mixed, labels, targets = mixing(images.clone(), torch.tensor([0, 2]), soft)
+    np.random.seed(0)
+    mixed, (labels, targets) = mixing(images.clone(), (one_hot, soft), step=5)
     lam = 1 - float(mixed[0, 0, 0, 0])  # image 0 (zeros) mixed with image 1 (ones): value = 1 - lam
+    assert 0 < lam < 1
     assert torch.allclose(labels[0], torch.tensor([lam, 0.0, 1 - lam]))
     assert torch.allclose(targets[0], lam * soft[0] + (1 - lam) * soft[1])
     assert torch.allclose(targets.sum(-1), torch.ones(2))
+    np.random.seed(1)  # the global RNG plays no part: the draw is the (seed, step)'s, and it is left alone
+    state = np.random.get_state()
+    again, _ = mixing(images.clone(), (one_hot, soft), step=5)
+    other, _ = mixing(images.clone(), (one_hot, soft), step=6)
+    assert torch.equal(again, mixed) and not torch.equal(other, mixed)
+    after = np.random.get_state()
+    assert np.array_equal(after[1], state[1]) and after[2] == state[2]
 
 
 def _lr_curve(losses, scores, **settings):
@@ -180,8 +191,7 @@ def test_variable_batch_sampler_keeps_batches_even_for_mixing():
 
 
 def test_mixing_with_an_odd_batch_size_is_refused_before_training():
-    from reinforce.recipes import TrainConfig
-    from reinforce.recipes.config import resolve
+    from reinforce.recipes import TrainConfig, resolve
 
     with pytest.raises(TrainError, match="--batch-size 7 is odd; pass 8"):
         resolve(TrainConfig(train_source="x", val_source="y", model="resnet18", recipe="plain", out="o",

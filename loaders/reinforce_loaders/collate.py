@@ -112,12 +112,16 @@ class SoftTargetMixup:
                 "mixed image): mixing batches again would pair the wrong labels; drop the batch mixer")
         return cls(**options)
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixed ``(images, targets)`` of batch number ``step``; ``targets`` are dense ``[N, C]`` distributions."""
-        if targets.ndim != 2 or not targets.is_floating_point():
-            raise ValueError(f"SoftTargetMixup mixes dense soft targets [N, C]; got {targets.dtype} "
-                             f"{tuple(targets.shape)} (use target='dense')")
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tensor], step: int,
+                 ) -> tuple[torch.Tensor, Any]:
+        """Mixed ``(images, targets)`` of batch number ``step``. ``targets`` are dense ``[N, C]`` distributions, or
+        a tuple of them (e.g. one-hot labels and a teacher's targets), each mixed with the same weight as the
+        pixels. uint8 images stay uint8 (rounded); float images are mixed as they are."""
+        several = isinstance(targets, (tuple, list))
+        for target in targets if several else (targets,):
+            if target.ndim != 2 or not target.is_floating_point():
+                raise ValueError(f"SoftTargetMixup mixes dense soft targets [N, C]; got {target.dtype} "
+                                 f"{tuple(target.shape)} (use target='dense')")
         generator = np.random.default_rng([self.seed, int(step)])
         if generator.random() >= self.prob:
             return images, targets
@@ -129,7 +133,13 @@ class SoftTargetMixup:
         else:
             mixed = images.float() * lam + partners.float() * (1 - lam)
             images = mixed.round_().clamp_(0, 255).to(images.dtype) if images.dtype == torch.uint8 else mixed
-        return images, targets * lam + targets.flip(0) * (1 - lam)
+        if several:
+            return images, tuple(_mix(target, lam) for target in targets)
+        return images, _mix(targets, lam)
+
+
+def _mix(target: torch.Tensor, lam: float) -> torch.Tensor:
+    return target * lam + target.flip(0) * (1 - lam)
 
 
 def _cutmix(images: torch.Tensor, partners: torch.Tensor, lam: float,

@@ -103,7 +103,7 @@ evaluation (resize the short side to size / 0.875, crop size), timm's default ``
 def open_val_set(config: BuildConfig, source: ImageSource, ensemble: Ensemble) -> Any:
     """``--val``'s images at the teachers' largest input size, refused up front (before any block is built) when
     its class folders are not the source's or the teachers predict another label space."""
-    from ..recipes.data import EvalSamples, check_classes
+    from ..evaluation import EvalSamples, check_classes
 
     num_classes = len(source.classes) if source.classes is not None else None
     if config.teacher_classes == "all" and ensemble.num_classes != num_classes:
@@ -123,7 +123,7 @@ def open_val_set(config: BuildConfig, source: ImageSource, ensemble: Ensemble) -
 def held_out_accuracy(ensemble: Ensemble, val_set: Any, device: str, val_source: str) -> dict[str, Any]:
     """The ensemble's top-1 on ``val_set`` (fp32, on ``device``): the header's ``provenance.teacher_accuracy``
     and what it was measured on (``teacher_accuracy_on``)."""
-    from ..recipes.distill import held_out_top1
+    from ..evaluation import held_out_top1
 
     ensemble.to(device)
     loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(4, os.cpu_count() or 1))

@@ -1,4 +1,4 @@
-"""Training and validation samples for the recipes.
+"""Training samples for the recipes, and the run's data: training set, validation set and class count.
 
 Every training sample is ``(uint8 image [3, S, S], label, soft target)``: normalization happens in the training
 loop on the batch (so an online teacher can see the same pixels with its own normalization). A sample index may
@@ -8,8 +8,8 @@ by (seed, epoch, position), so a batch does not depend on the worker count or on
 
 from __future__ import annotations
 
-import os
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,7 +17,12 @@ from reinforce_loaders import ReinforcedDataset
 from reinforce_loaders.source import ImageSource, open_source
 from torchvision.transforms import v2
 
-from .config import TrainError
+from ..evaluation import ClassMismatchError, EvalSamples, check_classes
+from .errors import TrainError
+from .samplers import EntropyCurriculum, sample_seed, stored_entropies
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 NO_TARGET = torch.zeros(0)
 
@@ -27,12 +32,6 @@ def split_index(item: int | tuple[int, int]) -> tuple[int, int | None]:
     if isinstance(item, (tuple, list)):
         return int(item[0]), int(item[1])
     return int(item), None
-
-
-def sample_seed(seed: int, epoch: int, position: int, purpose: int = 0) -> int:
-    """A seed that depends only on (seed, epoch, position, purpose): sample augmentation 0, epoch order 1,
-    batch mixing 2, curriculum 3."""
-    return int(np.random.SeedSequence([seed, epoch, position, purpose]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class EpochDataset(torch.utils.data.Dataset):
@@ -129,58 +128,45 @@ class AugmentedSamples(EpochDataset):
         return image, int(label), NO_TARGET
 
 
-class EvalSamples(torch.utils.data.Dataset):
-    """Validation images: resize the short side to ``size / crop``, then center-crop ``size``.
-
-    A class folder without images is kept as a class without samples (a store built with
-    ``--allow-empty-classes`` names such a class, and so does its validation split): its label does not shift
-    the later ones, and :func:`check_classes` compares the folder names with the training set's in order.
-    """
-
-    def __init__(self, source: Any, size: int, crop: float) -> None:
-        self.source = open_source(source, allow_empty_classes=True)
-        resize = int(round(size / crop))
-        self.transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
-
-    @property
-    def classes(self) -> list[str] | None:
-        return self.source.classes
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
-        image, label = self.source.load(position)
-        return self.transform(image), int(label)
-
-
 def _labels_of(source: ImageSource, dataset: ReinforcedDataset | None = None) -> np.ndarray:
     if source.targets is not None:
         return np.asarray(source.targets, dtype=np.int64)
     return np.asarray([source.load(i)[1] for i in range(len(source))], dtype=np.int64)
 
 
-def check_classes(train_classes: list[str] | None, val_classes: list[str] | None, num_classes: int) -> None:
-    """Refuse a validation set whose classes are not the training set's, in the same order."""
-    if val_classes is None or train_classes is None:
-        return
-    if list(val_classes) != list(train_classes):
-        missing = sorted(set(train_classes) - set(val_classes))
-        extra = sorted(set(val_classes) - set(train_classes))
-        detail = []
-        if missing:
-            detail.append(f"missing {missing[:5]}")
-        if extra:
-            detail.append(f"unknown {extra[:5]}")
-        if not detail:
-            detail.append("same names in another order")
-        raise TrainError(
-            f"the validation set's classes differ from the training set's ({'; '.join(detail)}): label indices "
-            "would not match. Use a validation folder with the same class subdirectories"
-        )
-    if len(val_classes) != num_classes:
-        raise TrainError(f"the validation set has {len(val_classes)} classes but the store has {num_classes}")
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """The samples a run trains and validates on."""
+
+    train_set: StoreSamples | AugmentedSamples
+    val_set: EvalSamples | None
+    num_classes: int
+
+    @property
+    def mixes(self) -> bool:
+        """Whether the training set serves a store whose records are MixUp/CutMix images."""
+        return isinstance(self.train_set, StoreSamples) and self.train_set.mixes
 
 
-def describe_source(source: Any) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+def open_data(settings: Settings) -> tuple[TrainingData, Settings]:
+    """The run's training set (the store's replay, or the plain recipe's augmentation), its validation set, and
+    ``settings`` with the training resolution filled in (the store's when not given, else 224)."""
+    if settings.store:
+        train_set: StoreSamples | AugmentedSamples = StoreSamples(
+            settings.train_source, settings.store, resolution=settings.image_size, decode=settings.decode)
+    else:
+        train_set = AugmentedSamples(settings.train_source, settings.image_size or 224, settings.seed,
+                                     allow_empty_classes=settings.allow_empty_classes)
+    settings = settings.complete(image_size=settings.image_size or train_set.resolution)
+    val_set = None
+    if settings.val_source is not None:
+        val_set = EvalSamples(settings.val_source, settings.image_size, settings.test_crop)
+        try:
+            check_classes(train_set.classes, val_set.classes, train_set.num_classes)
+        except ClassMismatchError as error:
+            raise TrainError(str(error)) from None
+    if settings.curriculum != "none":
+        dataset = train_set.dataset
+        train_set.slot_policy = EntropyCurriculum(stored_entropies(dataset, dataset.header.block_size),
+                                                  settings.curriculum, settings.epochs, settings.seed)
+    return TrainingData(train_set, val_set, train_set.num_classes), settings

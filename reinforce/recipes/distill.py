@@ -1,4 +1,4 @@
-"""Teachers at training time: the online ensemble, and how strong the store's teachers are.
+"""How strong the store's (or the online) teachers are, and whether that is enough to distill from.
 
 A store helps a student only when its teachers are clearly better than the student: on a real dataset a
 KL-only student gained 1.1 points over plain labels with teachers 5-7 points better, and lost 0.9 points with
@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from reinforce_loaders import format as fmt
 
 from ..build.teachers import Ensemble, create_ensemble, parse_teacher_spec
-from .config import TrainError
+from ..evaluation import held_out_top1
+from .errors import TrainError
 
 CLEAR_MARGIN = 5.0
 """Points of top-1 by which the teachers should beat the student for distillation to be safe."""
@@ -27,22 +27,6 @@ CLEAR_MARGIN = 5.0
 STRONG_MARGIN = 7.0
 """Points of top-1 above a plain student from which KL alone beat the CE + KD mix in the project's benchmarks
 (benchmarks/RESULTS.md, "Recipes": digits at 7.2 points, elpv at 8.4)."""
-
-
-def ensemble_probs(ensemble: Ensemble, images: torch.Tensor) -> torch.Tensor:
-    """Mean member probabilities of ``[B, 3, H, W]`` images with values in [0, 255] (uint8 or float).
-
-    Each member gets its own copy at its input size: ``TeacherMember.probs`` scales a float input in place, so
-    neither ``images`` (the student's batch) nor another member's input may be shared with it.
-    """
-    total = None
-    for member in ensemble.members:
-        size = member.input_size
-        own = images.to(torch.float32, copy=True) if images.shape[-1] == size else F.interpolate(
-            images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        probs = member.probs(own)
-        total = probs if total is None else total + probs
-    return total / len(ensemble.members)
 
 
 @dataclasses.dataclass
@@ -131,23 +115,6 @@ def check_same_teachers(ensemble: Ensemble, header: Any) -> str | None:
     stored = sorted(t.get("weights_sha256", "") for t in header.teachers)
     given = sorted(member.weights_sha256 for member in ensemble.members)
     return None if stored == given else "these weights are not the store's teachers (SHA-256 differs)"
-
-
-@torch.no_grad()
-def held_out_top1(ensemble: Ensemble, batches_at: Callable[[int], Iterable]) -> tuple[float, int]:
-    """Top-1 (percent) of ``ensemble`` over the ``(uint8 images, labels)`` batches that ``batches_at(size)``
-    gives at the members' largest input size, and that size.
-
-    Validation images are prepared at the teachers' own size, not the student's: an elpv teacher trained at
-    128 px scored 69.79 % on 96-px validation images upsampled to 128 and 71.85 % on 128-px ones.
-    """
-    size = max(ensemble.input_sizes)
-    correct = total = 0
-    for images, labels in batches_at(size):
-        predicted = ensemble_probs(ensemble, images).argmax(-1)  # on the members' device
-        correct += int((predicted == labels.to(predicted.device)).sum())
-        total += len(labels)
-    return 100.0 * correct / max(total, 1), size
 
 
 def train_agreement_top1(store_samples, max_samples: int = 1000) -> tuple[float, int]:

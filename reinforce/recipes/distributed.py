@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import TrainError
+from .errors import TrainError
 
 
 @dataclasses.dataclass(frozen=True)

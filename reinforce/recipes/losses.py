@@ -6,7 +6,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 
@@ -52,26 +51,3 @@ class DistillationLoss(torch.nn.Module):
         if not self.use_ce:
             return kd
         return hard_ce(logits, labels) + self.alpha_kd * kd
-
-
-class SoftMixing:
-    """MixUp/CutMix of a batch whose labels and soft targets are mixed with the same weight.
-
-    timm's :class:`~timm.data.Mixup` draws the mixing weight and mixes the images (batch mode, pairing with the
-    reversed batch); its target helper only one-hot encodes integer labels, so the soft targets are mixed here.
-    """
-
-    def __init__(self, mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> None:
-        self.mixer = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, mode="batch",
-                           num_classes=num_classes, label_smoothing=0.0)
-        self.num_classes = num_classes
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
-                 soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if len(images) % 2:
-            raise ValueError("MixUp/CutMix needs an even batch size")
-        lam = float(self.mixer._mix_batch(images))  # mixes images in place, returns the (area-corrected) weight
-        one_hot = F.one_hot(labels, self.num_classes).float()
-        mixed_labels = one_hot * lam + one_hot.flip(0) * (1 - lam)
-        mixed_soft = soft * lam + soft.flip(0) * (1 - lam) if soft.numel() else soft
-        return images, mixed_labels, mixed_soft

@@ -40,7 +40,7 @@ def steepest_point(lrs: list[float], losses: list[float], *, skip_start: float =
     from scipy.signal import savgol_filter
 
     if len(lrs) < 5:
-        from .config import TrainError
+        from .errors import TrainError
 
         raise TrainError(f"the LR range test has {len(lrs)} usable points (the loss diverged or --range-steps is "
                          "too small); it needs at least 5: raise --range-steps, or give --lr")
@@ -93,7 +93,7 @@ def tpe_search(objective: Callable[[float, Callable[[float, int], bool]], float]
     try:
         import optuna
     except ImportError as error:
-        from .config import TrainError
+        from .errors import TrainError
 
         raise TrainError("--lr-search tpe needs Optuna: pip install 'reinforce[train]'") from error
     optuna.logging.set_verbosity(optuna.logging.WARNING)

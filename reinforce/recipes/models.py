@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..build.teachers import IMAGENET_MEAN, IMAGENET_STD, load_state_dict, parse_teacher_spec
-from .config import TrainError
+from .errors import TrainError
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+
+def make_student(settings: Settings, num_classes: int, module: torch.nn.Module | None = None) -> Student:
+    """The run's student: ``module`` when given from Python (checked against the class count; ImageNet
+    normalization unless the settings say otherwise), else ``settings.model`` created with the run's seed."""
+    if module is not None:
+        check_module_classes(module, num_classes, settings.image_size)
+        return Student(module=module, name=type(module).__name__, mean=settings.mean or IMAGENET_MEAN,
+                       std=settings.std or IMAGENET_STD, input_size=None, notes=[])
+    torch.manual_seed(settings.seed)
+    return create_student(settings.model, num_classes, fine_tune=settings.fine_tune, mean=settings.mean,
+                          std=settings.std)
 
 
 @dataclasses.dataclass
 class Student:
+    """The model a run trains, with the normalization its inputs get and where it came from."""
+
     module: torch.nn.Module
     name: str
     mean: tuple[float, ...]

@@ -1,6 +1,7 @@
 """The run directory: what a person (or ``--resume``) finds after training.
 
-    config.json        the resolved settings (every recipe default filled in)
+    config.json        the resolved settings (every recipe default, the image size, normalization, LR and EMA
+                       decay filled in)
     metrics.jsonl      one JSON line per epoch
     checkpoint.pt      everything ``--resume`` needs (weights, optimizer, schedule, EMA, RNG, position)
     best.safetensors   weights of the best validation top-1 so far; last.safetensors: of the last epoch
@@ -21,18 +22,22 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .config import TrainError, changed_fields
+from .errors import TrainError
+from .settings import Settings, changed_fields
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"
 LAST = "last.safetensors"
+LAST_EMA = "last_ema.safetensors"
 PLOT = "curves.png"
 SUMMARY = "summary.json"
 
 
 class RunDirectory:
+    """The files of one run under ``path`` (module docstring)."""
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
@@ -43,26 +48,34 @@ class RunDirectory:
     def has_checkpoint(self) -> bool:
         return self.file(CHECKPOINT).is_file()
 
-    def prepare(self, settings: dict[str, Any], resume: bool) -> None:
-        """Create the directory for a new run, or check that ``--resume`` continues the same recipe."""
+    def open(self, resume: bool) -> None:
+        """Create the directory of a new run (refusing one that holds files), or check that ``--resume`` has a
+        checkpoint to continue from."""
         if resume:
             if not self.has_checkpoint:
                 raise TrainError(f"--resume: {self.file(CHECKPOINT)} does not exist; start without --resume")
-            saved = json.loads(self.file(CONFIG).read_text())
-            changed = changed_fields(saved, settings)
-            if changed:
-                first = changed[0]
-                raise TrainError(
-                    f"--resume with a changed recipe: {first} was {saved.get(first)!r}, now {settings.get(first)!r}"
-                    f"{f' (and {len(changed) - 1} more: {changed[1:]})' if len(changed) > 1 else ''}. Resume with "
-                    "the same settings, or train into a new --out directory"
-                )
             return
         if self.path.exists() and any(self.path.iterdir()):
             hint = " (it holds a checkpoint: add --resume to continue it)" if self.has_checkpoint else ""
             raise TrainError(f"run directory {self.path} is not empty{hint}: pass a new --out")
         self.path.mkdir(parents=True, exist_ok=True)
-        self.write_json(CONFIG, settings)
+
+    def record(self, settings: Settings) -> None:
+        """Write a new run's resolved settings to ``config.json``; on ``--resume``, refuse settings that differ from
+        the recorded ones, naming the first."""
+        if not settings.is_complete:
+            raise AssertionError("config.json records resolved settings only")
+        if not settings.resume:
+            self.write_json(CONFIG, settings.to_json())
+            return
+        saved = json.loads(self.file(CONFIG).read_text())
+        changed = changed_fields(saved, settings)
+        if changed:
+            first = changed[0]
+            more = f" (and {len(changed) - 1} more: {changed[1:]})" if len(changed) > 1 else ""
+            raise TrainError(f"--resume with a changed recipe: {first} was {saved.get(first)!r}, now "
+                             f"{settings.to_json().get(first)!r}{more}. Resume with the same settings, or train "
+                             "into a new --out directory")
 
     def write_json(self, name: str, value: Any) -> None:
         self._replace(name, lambda tmp: tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n"))

@@ -22,8 +22,13 @@ import numpy as np
 import torch
 from reinforce_loaders.samplers import ReinforcedSampler
 
-from .config import TrainError
-from .data import sample_seed
+from .errors import TrainError
+
+
+def sample_seed(seed: int, epoch: int, position: int, purpose: int = 0) -> int:
+    """A seed that depends only on (seed, epoch, position, purpose): sample augmentation 0, epoch order 1,
+    curriculum 3 (2 was batch mixing, which the mixer now keys itself)."""
+    return int(np.random.SeedSequence([seed, epoch, position, purpose]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

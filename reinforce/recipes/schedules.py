@@ -11,7 +11,7 @@ import torch
 def one_cycle(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int) -> Any:
     """torch's OneCycleLR (cosine annealing) whose rise lasts ``warmup_steps`` of ``total_steps`` (at most half)."""
     if total_steps < 3:
-        from .config import TrainError
+        from .errors import TrainError
 
         raise TrainError(f"the run has {total_steps} optimizer steps, too few for a one-cycle schedule (rise and "
                          "fall need 3): raise --epochs or lower --batch-size")
