@@ -540,6 +540,11 @@ def cached_store(url: str, cache_dir: str | os.PathLike[str], storage_options: d
     a hash of the URL), so stores sharing one ``cache_dir`` (a train and a val store) never serve each other's
     objects.
     """
-    remote = FsspecStore.from_url(url, storage_options=storage_options, read_only=True)
+    if url.startswith(("http://", "https://")):  # bounded reads, same-host redirects (reinforce_loaders)
+        from reinforce_loaders.store.remote import http_store
+
+        remote: Store = http_store(url, read_only=True, storage_options=storage_options or {})
+    else:
+        remote = FsspecStore.from_url(url, storage_options=storage_options, read_only=True)
     folder = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
     return RangeCacheStore(remote, Path(cache_dir) / folder)

@@ -24,6 +24,7 @@ import numpy as np
 from reinforce_loaders import format as fmt
 from reinforce_loaders.errors import ReinforceError
 from reinforce_loaders.source import ImageSource
+from reinforce_loaders.store.remote import json_depth
 
 MANIFEST_NAME = "manifest.json"
 SOURCE_MANIFEST_NAME = "source-manifest.jsonl"
@@ -209,20 +210,6 @@ class Manifest:
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-_JSON_BRACKET = re.compile(rb"[\[\]{}]")
-
-
-def json_depth(raw: bytes) -> int:
-    """The deepest nesting of arrays and objects in the JSON text ``raw`` (brackets inside strings skipped),
-    counted without parsing, so a hostile document cannot make the parser recurse."""
-    depth = deepest = 0
-    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', raw)):
-        depth += 1 if match.group() in (b"[", b"{") else -1
-        deepest = max(deepest, depth)
-    return deepest
 
 
 def _bounded_int(text: str) -> int:
