@@ -8,10 +8,21 @@ and records:
 (c) a baseline in the style of the reference generator: per-image CPU augmentation of every slot with
     torchvision transforms on PIL images (a DataLoader), an fp32 contiguous teacher, one file per sample.
 
+(a0) the same pipeline with every step in series (``MICRO_BATCHES_AHEAD = 0``: a micro-batch is augmented only
+    once the teachers are done with the previous one, each top-k waited for at once, each block written before
+    the teachers go on): the baseline of the overlap.
+
 It prints images/s of each (median of ``--repeats``), the ratio a/b (1.0: data handling fully hidden behind the
-teachers) and a/c. Source images are JPEG crops of scikit-learn's two sample photos, at varied sizes.
+teachers), a0/b and a/c. Source images are JPEG crops of scikit-learn's two sample photos, at varied sizes.
+
+``--simulate-device`` measures the overlap on any machine, without a GPU: the teacher is one member that sleeps a
+fixed time per micro-batch (the CPU stays free, as it does while a GPU runs kernels) and returns logits of the
+images' mean colour. The host work per micro-batch H is measured first (the serial pipeline with a teacher that
+does not sleep), the simulated device time is set to H (or ``--device-ms``), and then a, a0 and b are measured:
+with perfect overlap a/b = 1 and a0/b = 0.5.
 
 CPU (2 cores):  python benchmarks/build.py
+Overlap:        python benchmarks/build.py --simulate-device
 GPU example:    python benchmarks/build.py --device cuda --models resnet50,resnet50,resnet50,resnet50 \\
                     --image-size 224 --num-images 2048 -A 8 --batch-size 256
 """
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -32,9 +44,28 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import reinforce.build.blocks
 from reinforce.build import BuildConfig, make_processor, resolve_plan, run_build
 from reinforce.build.plan import resolve_precision
-from reinforce.build.teachers import Ensemble, create_ensemble
+from reinforce.build.teachers import Ensemble, TeacherMember, create_ensemble
+
+
+class SimulatedDevice(TeacherMember):
+    """A teacher member standing in for a GPU: its forward sleeps ``seconds`` (leaving the CPU free, as a GPU
+    kernel does) and returns probabilities from one pixel of each image, so its records are real and its CPU cost
+    is next to nothing (a real member would normalize the whole batch on the CPU first)."""
+
+    seconds: float = 0.0
+
+    def probs(self, images: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return torch.softmax(self.module(images[:, :, 0, 0].float()), dim=-1)
+
+
+def simulated_device(num_classes: int = 1000) -> SimulatedDevice:
+    torch.manual_seed(0)
+    return SimulatedDevice("simulated-device", torch.nn.Linear(3, num_classes), input_size=112,
+                           num_classes=num_classes)
 
 
 def make_images(root: Path, count: int, seed: int) -> Path:
@@ -71,10 +102,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_pipeline(config: BuildConfig, ensemble: Ensemble) -> tuple[float, float]:
+def run_pipeline(config: BuildConfig, ensemble: Ensemble, *, serial: bool = False) -> tuple[float, float]:
     """(a): images/s of a fresh build, timed by the build itself (teachers loaded before the clock starts), and
-    images/s of the ensemble's forward passes inside that very build (their summed time)."""
+    images/s of the ensemble's forward passes inside that very build (their summed time). ``serial``: (a0),
+    every step in series."""
     shutil.rmtree(config.out, ignore_errors=True)
+    reinforce.build.blocks.MICRO_BATCHES_AHEAD = 0 if serial else 1
     forward = ensemble.probs
     spent = [0.0]
 
@@ -91,6 +124,7 @@ def run_pipeline(config: BuildConfig, ensemble: Ensemble) -> tuple[float, float]
         summary = run_build(config, ensemble=ensemble, progress=False)
     finally:
         del ensemble.probs
+        reinforce.build.blocks.MICRO_BATCHES_AHEAD = 1
     return summary.images_per_second, summary.images / spent[0]
 
 
@@ -186,7 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,resnet18", help="comma-separated timm architectures")
     parser.add_argument("--image-size", type=int, default=112, help="augmented and teacher input side")
-    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--num-images", type=int, help="default 64; 1024 with --simulate-device")
     parser.add_argument("--num-augmentations", "-A", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -194,39 +228,49 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cpu-threads", type=int, help="torch threads (default: the build's)")
     parser.add_argument("--baseline-workers", type=int, default=0, help="DataLoader workers of the baseline")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--simulate-device", action="store_true",
+                        help="the teacher sleeps a fixed time per micro-batch instead of computing (see above)")
+    parser.add_argument("--device-ms", type=float,
+                        help="with --simulate-device: milliseconds per micro-batch (default: the measured host work)")
     parser.add_argument("--workdir", help="keep images, teachers and stores here (default: a temporary dir)")
     args = parser.parse_args()
+    args.num_images = args.num_images or (1024 if args.simulate_device else 64)
 
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(args.workdir or temporary)
         root.mkdir(parents=True, exist_ok=True)
         source = make_images(root / "images", args.num_images, seed=0)
+        if args.simulate_device:
+            simulate(args, source, root)
+            return
         paths = sorted(str(p) for p in source.rglob("*.jpg"))
         teachers = make_teachers(root, args.models.split(","), args.image_size)
         config = BuildConfig(source=str(source), out=str(root / "store.zarr"), teachers=teachers, augment="rrc",
                              image_size=args.image_size, num_augmentations=args.num_augmentations,
                              top_k=args.top_k, batch_size=args.batch_size, block_size=args.block_size,
                              device=args.device, precision=args.precision, compile=args.compile,
-                             teacher_classes="all")
+                             teacher_classes="all", cpu_threads=args.cpu_threads)
         # (a) and (b) share one ensemble, so they run the very same modules.
         ensemble = create_ensemble(teachers)
         # Warm-up: the first forward passes of a process are slower (allocator, kernel selection).
         run_pipeline(BuildConfig(**{**config.__dict__, "out": str(root / "warmup.zarr")}), ensemble)
         forward_all = prepare_forward_only(config, ensemble, args.num_images)
-        pipeline, inside, forward, reference = [], [], [], []
-        # Interleaved, so load from other processes on the machine hits all three alike.
+        pipeline, serial, inside, forward, reference = [], [], [], [], []
+        # Interleaved, so load from other processes on the machine hits all of them alike.
         for _ in range(args.repeats):
             rate, inside_rate = run_pipeline(config, ensemble)
             pipeline.append(rate)
             inside.append(inside_rate)
+            serial.append(run_pipeline(config, ensemble, serial=True)[0])
             forward.append(forward_all())
             reference.append(run_reference_style(
                 paths, teachers, root / "reference", num_augmentations=args.num_augmentations,
                 size=args.image_size, batch_size=args.batch_size, top_k=args.top_k, device=args.device,
                 workers=args.baseline_workers))
-    a, b, c, b_in = (statistics.median(rates) for rates in (pipeline, forward, reference, inside))
+    a, a0, b, c, b_in = (statistics.median(rates) for rates in (pipeline, serial, forward, reference, inside))
     print(f"machine: {platform.machine()} {torch.get_num_threads()} torch threads, device {args.device} "
           f"({torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or 'cpu'})")
     print(f"teachers {args.models} at {args.image_size}px, {args.num_images} images x {args.num_augmentations} "
@@ -234,13 +278,49 @@ def main() -> None:
           f"medians of {args.repeats}")
     print(f"(a) full pipeline          {a:9.1f} images/s  ({a * args.num_augmentations:.1f} records/s)  "
           f"runs {[round(r, 1) for r in pipeline]}")
+    print(f"(a0) same, steps in series {a0:9.1f} images/s  runs {[round(r, 1) for r in serial]}")
     print(f"(b) ensemble forward only  {b:9.1f} images/s  runs {[round(r, 1) for r in forward]}")
     print(f"(b') forward inside (a)    {b_in:9.1f} images/s  runs {[round(r, 1) for r in inside]}")
     print(f"(c) reference-style        {c:9.1f} images/s  runs {[round(r, 1) for r in reference]}")
-    print(f"a/b = {a / b:.3f}   a/b' = {a / b_in:.3f}   a/c = {a / c:.2f}x   (medians)")
+    print(f"a/b = {a / b:.3f}   a0/b = {a0 / b:.3f}   a/a0 = {a / a0:.2f}x   a/b' = {a / b_in:.3f}   "
+          f"a/c = {a / c:.2f}x   (medians)")
     best_a, best_b, best_c = (max(rates) for rates in (pipeline, forward, reference))
     print(f"a/b = {best_a / best_b:.3f}   a/c = {best_a / best_c:.2f}x   (best of {args.repeats}: least disturbed by "
           "other load on the machine)")
+
+
+def simulate(args: argparse.Namespace, source: Path, root: Path) -> None:
+    """``--simulate-device``: how much of the host work hides behind a device that takes a fixed time."""
+    device = simulated_device()
+    device.input_size = args.image_size
+    ensemble = Ensemble([device])
+    config = BuildConfig(source=str(source), out=str(root / "store.zarr"), augment="rrc", image_size=args.image_size,
+                         num_augmentations=args.num_augmentations, top_k=args.top_k, batch_size=args.batch_size,
+                         block_size=args.block_size, teacher_classes="all", cpu_threads=args.cpu_threads)
+    micro_batches = sum(-(-min(args.block_size, args.num_images - start) * args.num_augmentations // args.batch_size)
+                        for start in range(0, args.num_images, args.block_size))
+    run_pipeline(config, ensemble)  # warm-up
+    # Host work per micro-batch: the serial pipeline's time when the device takes none.
+    host = statistics.median(args.num_images / run_pipeline(config, ensemble, serial=True)[0] / micro_batches
+                             for _ in range(args.repeats))
+    device.seconds = args.device_ms / 1000 if args.device_ms is not None else host
+    forward_all = prepare_forward_only(config, ensemble, args.num_images)
+    pipeline, serial, forward = [], [], []
+    for _ in range(args.repeats):
+        pipeline.append(run_pipeline(config, ensemble)[0])
+        serial.append(run_pipeline(config, ensemble, serial=True)[0])
+        forward.append(forward_all())
+    a, a0, b = (statistics.median(rates) for rates in (pipeline, serial, forward))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+          f"simulated device")
+    print(f"{args.num_images} images x {args.num_augmentations} augmentations at {args.image_size}px, batch "
+          f"{args.batch_size}, block {args.block_size}: {micro_batches} micro-batches; host work "
+          f"{host * 1000:.1f} ms per micro-batch (serial, device time 0), device time set to "
+          f"{device.seconds * 1000:.1f} ms; medians of {args.repeats}")
+    print(f"(a) overlapped pipeline    {a:9.1f} images/s  runs {[round(r, 1) for r in pipeline]}")
+    print(f"(a0) steps in series       {a0:9.1f} images/s  runs {[round(r, 1) for r in serial]}")
+    print(f"(b) device only            {b:9.1f} images/s  runs {[round(r, 1) for r in forward]}")
+    print(f"a/b = {a / b:.3f}   a0/b = {a0 / b:.3f}   a/a0 = {a / a0:.2f}x   (medians)")
 
 
 if __name__ == "__main__":

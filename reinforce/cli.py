@@ -100,7 +100,8 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
                             "per-block digest (format 1.1; fewer bytes per record, see format_spec.md)")
     build.add_argument("--device", help="cpu, cuda or cuda:N (default %(default)s)")
     build.add_argument("--decode-threads", type=int,
-                       help="threads decoding source images, per worker (default %(default)s)")
+                       help="threads decoding source images, per worker (default: 4 with --device cpu; with a GPU "
+                            "the worker's cores less 2, at least 4)")
     build.add_argument("--teacher-input-size", type=int,
                        help="override every member's input size, 1 to %d" % MAX_IMAGE_SIZE)
     build.add_argument("--teacher-mean", type=_floats, help="override every member's mean, e.g. 0.5,0.5,0.5")

@@ -19,18 +19,20 @@ import collections
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from reinforce_loaders import format as fmt
 from reinforce_loaders.errors import ReinforceError
 from reinforce_loaders.source import ImageSource
 
-from .blocks import BlockRunner, BlockStats, RecordsDone, make_processor
+from .blocks import BlockRunner, BlockStats, LoadedBlock, RecordsDone, make_processor
 from .plan import BuildError, BuildPlan
 from .teachers import Ensemble
 from .writer import BlockSink, StoreWriter
+
+T = TypeVar("T")
 
 BLOCKS_IN_FLIGHT = 2
 """Blocks a worker holds at once: one decoding or writing while the other uses the device."""
@@ -55,7 +57,10 @@ def _block_failed(header: fmt.StoreHeader, block: int, times: int, cause: str) -
 
 
 class InProcessEngine:
-    """Every block in this process, in order; the next block loads while this one computes."""
+    """Every block in this process, in order, in three overlapping stages: the next block loads (decode, sample,
+    encode parameters) in one thread while the teachers run on this one (and the helper thread of
+    :meth:`~reinforce.build.blocks.BlockProcessor.compute_blocks` augments the next micro-batch), and the
+    previous block is encoded, compressed and written in another. Each stage holds at most one block ahead."""
 
     retries = 0
 
@@ -71,24 +76,63 @@ class InProcessEngine:
         self.runner.processor.close()
 
     def run(self, pending: list[int], records_done: RecordsDone | None = None) -> Iterator[BlockStats]:
-        """Run ``pending`` blocks, yielding each one's stats; ``records_done`` hears of every micro-batch."""
+        """Run ``pending`` blocks, yielding each one's stats once written; ``records_done`` hears of every
+        micro-batch."""
         if not pending:
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
-            following = prefetch.submit(self.runner.load, pending[0])
+        runner, header = self.runner, self.header
+        computed = 0  # blocks out of the device stage (in the order of pending)
+
+        def loaded_blocks(loader: ThreadPoolExecutor) -> Iterator[LoadedBlock]:
+            following = loader.submit(runner.load, pending[0])
             for position, block in enumerate(pending):
                 loading = following
                 if position + 1 < len(pending):
-                    following = prefetch.submit(self.runner.load, pending[position + 1])
-                try:
-                    stats = self.runner.finish(block, loading.result(), records_done)
-                except ReinforceError:
-                    following.cancel()
-                    raise
-                except Exception as error:
-                    following.cancel()
-                    raise _block_failed(self.header, block, 1, f"{type(error).__name__}: {error}") from error
-                yield stats
+                    following = loader.submit(runner.load, pending[position + 1])
+                yield _block_result(header, block, loading)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as loader, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
+            writing: tuple[int, Future[BlockStats]] | None = None
+            try:
+                for loaded, result in runner.compute_blocks(loaded_blocks(loader), records_done):
+                    block = pending[computed]
+                    computed += 1
+                    if writing is not None:  # one block waits to be written at most: memory stays flat
+                        yield _block_result(header, *writing)
+                        writing = None
+                    if runner.processor.ahead:
+                        writing = (block, writer.submit(runner.write, block, loaded, result))
+                    else:  # the serial baseline: each block written before the teachers go on
+                        yield _block_result(header, block, _now(runner.write, block, loaded, result))
+                if writing is not None:
+                    yield _block_result(header, *writing)
+            except ReinforceError:
+                raise
+            except Exception as error:
+                # The device stage failed: its earliest block not yet computed is the one it was working on.
+                block = pending[min(computed, len(pending) - 1)]
+                raise _block_failed(header, block, 1, f"{type(error).__name__}: {error}") from error
+
+
+def _now(function: Callable[..., BlockStats], *args: Any) -> Future[BlockStats]:
+    """A future of ``function(*args)`` run in this thread (its error kept for :func:`_block_result` to name)."""
+    future: Future[BlockStats] = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as error:  # noqa: BLE001 - raised again by the future's result()
+        future.set_exception(error)
+    return future
+
+
+def _block_result(header: fmt.StoreHeader, block: int, step: Future[T]) -> T:
+    """The result of a step of ``block`` (its load or its write) once done; an unexpected error names the block."""
+    try:
+        return step.result()
+    except ReinforceError:
+        raise
+    except Exception as error:
+        raise _block_failed(header, block, 1, f"{type(error).__name__}: {error}") from error
 
 
 class BlockWorker:

@@ -72,7 +72,7 @@ class BuildConfig:
     prob_scale: int = fmt.DEFAULT_PROB_SCALE
     param_storage: str = "columns"  # format.PARAM_STORAGE: "derived" stores no parameters, readers re-derive them
     device: str = "cpu"
-    decode_threads: int = 4
+    decode_threads: int | None = None  # None: default_decode_threads (4 on the CPU, the cores less 2 on a GPU)
     teacher_input_size: int | None = None
     teacher_mean: Sequence[float] | None = None
     teacher_std: Sequence[float] | None = None
@@ -86,7 +86,7 @@ class BuildConfig:
     max_image_pixels: int | None = None  # None: Pillow's limit (89,478,485); 0: none (source.set_max_image_pixels)
     workers: int | None = None
     ray_address: str | None = None
-    cpu_threads: int | None = None  # None: this machine's cores up to 8 on the CPU, 1 on a GPU
+    cpu_threads: int | None = None  # None: this machine's cores up to 8 on the CPU, 1 on a GPU (default_cpu_threads)
     max_retries: int = 2
 
     @classmethod
@@ -126,8 +126,16 @@ class BuildConfig:
                                      ("param_storage", self.param_storage, fmt.PARAM_STORAGE)):
             if value not in allowed:
                 raise BuildError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.device_type == "cuda" and not self.uses_ray and not torch.cuda.is_available():
-            raise BuildError(f"--device {self.device} was asked for but CUDA is not available: use --device cpu")
+        if self.device_type == "cuda" and not self.uses_ray:
+            if not torch.cuda.is_available():
+                raise BuildError(f"--device {self.device} was asked for but CUDA is not available: use --device cpu")
+            gpus = torch.cuda.device_count()
+            if torch.device(self.device).index is None and gpus > 1:
+                # One process drives one GPU; silently using cuda:0 would leave the others idle.
+                raise BuildError(
+                    f"--device {self.device} on a machine with {gpus} GPUs: a build in one process uses one GPU. "
+                    f"Pass --workers {gpus} to run one worker per GPU (a local Ray instance), --ray-address to "
+                    "join a cluster, or --device cuda:0 to use only the first GPU")
 
 
 def config_defaults() -> dict[str, Any]:
@@ -180,6 +188,32 @@ class BuildPlan:
         return AugmentPipeline.from_config(self.header.augmentation)
 
 
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity where the OS tells it, else the machine's count)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_cpu_threads(device_type: str, cores: int | None = None) -> int:
+    """Torch threads when ``--cpu-threads`` is not given: the cores up to 8 when the teachers run on the CPU
+    (the count is part of a store's settings: it changes their float sums); 1 on a GPU, where the CPU's torch
+    work is small and the cores go to decoding (:func:`default_decode_threads`)."""
+    if device_type == "cpu":
+        return min(cores or available_cores(), 8)
+    return 1
+
+
+def default_decode_threads(device_type: str, cores: int | None = None) -> int:
+    """Decoding threads of a worker when ``--decode-threads`` is not given: 4 when the teachers run on the CPU
+    (they need the cores); on a GPU every core but the two that run the teachers' and the augmentation's
+    threads, at least 4 (decoding is most of a GPU build's host work, and its threads mostly leave the GIL)."""
+    if device_type == "cpu":
+        return 4
+    return max((cores or available_cores()) - 2, 4)
+
+
 def open_build_source(config: BuildConfig) -> ImageSource:
     """The build's source images, listed once, with Pillow's pixel limit set to the build's (process-wide: a Ray
     worker, another process, calls this itself)."""
@@ -200,7 +234,7 @@ def resolve_plan(config: BuildConfig, source: ImageSource, ensemble: Ensemble) -
     config = absolute(dataclasses.replace(config, image_size=image_size, block_size=block_size))
     check_out_apart_from_source(config)
     precision = resolve_precision(config)
-    cpu_threads = config.cpu_threads or (min(os.cpu_count() or 1, 8) if config.device_type == "cpu" else 1)
+    cpu_threads = config.cpu_threads or default_cpu_threads(config.device_type)
     compute = {"batch_size": config.batch_size, "precision": precision, "channels_last": config.channels_last,
                "compile": config.compile, "device_type": config.device_type}
     if config.device_type == "cpu":
