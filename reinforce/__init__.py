@@ -4,4 +4,4 @@ Builds a reinforced store (teacher ensemble soft labels over parametrized augmen
 dataset; the student side lives in the separate, lighter ``reinforce_loaders`` package.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -186,14 +186,23 @@ def _edit_header(path: Path, **changes) -> None:
 def test_newer_major_version_is_rejected_minor_additions_ignored(digits, store, tmp_path):
     newer = tmp_path / "newer.zarr"
     shutil.copytree(store, newer)
-    _edit_header(newer, format_version="2.0")
-    with pytest.raises(StoreFormatError, match=r"format version 2\.0 is not supported.*upgrade reinforce-loaders"):
+    _edit_header(newer, format_version="3.0")
+    with pytest.raises(StoreFormatError, match=r"format version 3\.0 is not supported.*upgrade reinforce-loaders"):
         ReinforcedDataset(digits[0], newer)
     minor = tmp_path / "minor.zarr"
     shutil.copytree(store, minor)
-    _edit_header(minor, format_version="1.9", some_future_field={"x": 1})
+    _edit_header(minor, format_version="2.9", some_future_field={"x": 1})
     ds = ReinforcedDataset(digits[0], minor)
-    assert ds.header.format_version == "1.9" and ds[0][0].shape == (3, 32, 32)
+    assert ds.header.format_version == "2.9" and ds[0][0].shape == (3, 32, 32)
+
+
+def test_a_format_1_store_float_replay_arithmetic_is_refused_naming_the_release_that_reads_it(digits, store, tmp_path):
+    older = tmp_path / "older.zarr"
+    shutil.copytree(store, older)
+    _edit_header(older, format_version="1.1")
+    with pytest.raises(StoreFormatError, match=r"format version 1\.1 is not supported.*rebuild the store.*"
+                                               r"reinforce-loaders 0\.1\.0"):
+        ReinforcedDataset(digits[0], older)
 
 
 def test_header_missing_member_is_named(digits, store, tmp_path):

@@ -214,5 +214,5 @@ def test_publish_and_download_from_the_command_line(store, digits, tmp_path, cap
     assert main(["download", str(dest), str(tmp_path / "copy"), "--no-progress"]) == 0
     assert "verified" in capsys.readouterr().out
     with pytest.raises(ManifestError):
-        Manifest.from_json({"kind": "reinforce-publication", "manifest_version": 1, "format_version": "1.0",
+        Manifest.from_json({"kind": "reinforce-publication", "manifest_version": 1, "format_version": "2.0",
                             "store": "s", "files": [{"path": "s/../x", "size": 1, "sha256": "0" * 64}]})

@@ -14,7 +14,7 @@ from .samplers import ReinforcedSampler, SamplerStateError
 from .source import ImageSource, decode_image, fingerprint, open_source
 from .targets import dense_target
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AugmentOp", "AugmentPipeline", "HorizontalFlip", "RandomResizedCrop", "make_pipeline", "PRESETS",

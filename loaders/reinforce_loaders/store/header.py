@@ -178,6 +178,9 @@ class StoreHeader:
         """The members whose elements readers use: class names, teachers, and the skipped samples."""
         if self.class_names is not None and not all(isinstance(name, str) for name in self.class_names):
             raise StoreFormatError("header member class_names must be an array of strings or null")
+        if self.class_names is not None and len(self.class_names) > self.num_classes:
+            raise StoreFormatError(f"header member class_names lists {len(self.class_names):,} names, more than "
+                                   f"num_classes={self.num_classes}: the store is damaged or hostile")
         if not all(isinstance(teacher, dict) for teacher in self.teachers):
             raise StoreFormatError("header member teachers must be an array of objects")
         skipped = self.provenance.get("skipped", [])
@@ -270,6 +273,11 @@ class StoreHeader:
         return cls(**{key: value for key, value in raw.items() if key in known})
 
 
+READERS_OF_MAJOR = {1: "0.1.0"}
+"""The reinforce-loaders release that reads each earlier format major (2.0 replaced 1.x's float replay
+arithmetic by the exact integer one: format_spec.md section 9)."""
+
+
 def check_format_version(version: str) -> tuple[int, int]:
     """Parse ``"MAJOR.MINOR"``; raise if this reader cannot read that major version."""
     try:
@@ -282,7 +290,8 @@ def check_format_version(version: str) -> tuple[int, int]:
         advice = (
             "upgrade reinforce-loaders (pip install -U reinforce-loaders)"
             if major > FORMAT_VERSION[0]
-            else "rebuild the store with this version of reinforce"
+            else "rebuild the store with this version of reinforce, or read it with the reinforce-loaders release "
+                 f"that built it ({major}.x: reinforce-loaders {READERS_OF_MAJOR.get(major, 'of that time')})"
         )
         raise StoreFormatError(
             f"store format version {version} is not supported by this reader (it reads {supported}): {advice}"

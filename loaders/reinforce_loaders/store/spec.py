@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 FORMAT_NAME = "reinforce-store"
-FORMAT_VERSION = (1, 1)
+FORMAT_VERSION = (2, 0)
 """(major, minor). Readers reject another major version and accept any minor version of their major."""
 
 ATTRS_KEY = "reinforce"
