@@ -77,3 +77,61 @@ def test_deep_json_and_redirects_are_refused(served):
         assert header.num_samples == 45
         followed = fmt.open_store_group(f"{server.url}/away", storage_options={"allow_other_hosts": True})
         assert fmt.read_header(followed).num_samples == 45
+
+
+def _hostile_copies(store, root):
+    """Two stores that passed: every image size 2 x 2 (far smaller than every stored crop box), and 1,000,000
+    class names on a 10-class store; and a crop ratio of [0.75, inf]."""
+    import zarr
+    from range_server import RangeServer  # noqa: F401 (served by the test)
+    from test_hostile import edit_header
+
+    tiny = root / "tiny.zarr"
+    shutil.copytree(store, tiny)
+    zarr.open_group(str(tiny), mode="r+")[fmt.IMAGE_SIZES][:] = 2
+    names = root / "names.zarr"
+    shutil.copytree(store, names)
+    edit_header(names, class_names=["n"] * 1_000_000)
+    ratio = root / "ratio.zarr"
+    shutil.copytree(store, ratio)
+    augmentation = fmt.read_header(fmt.open_store_group(ratio)).augmentation
+    augmentation["ops"][0]["ratio"] = [0.75, float("inf")]
+    edit_header(ratio, augmentation=augmentation)
+    return tiny, names, ratio
+
+
+def test_stores_whose_sizes_names_or_ratio_are_hostile_fail_verify_and_the_dataset(digits, store, tmp_path, capsys):
+    from range_server import RangeServer
+
+    from reinforce_loaders import ReinforcedDataset
+    from reinforce_loaders.errors import ReinforceError
+
+    tiny, names, ratio = _hostile_copies(store, tmp_path)
+    with RangeServer(tmp_path) as server:
+        assert main(["verify", f"{server.url}/tiny.zarr"]) == 1
+        err = capsys.readouterr().err
+        assert "parameter random_resized_crop.top was not encoded for the 2 x 2 image the store records" in err
+        assert main(["verify", f"{server.url}/names.zarr"]) in (1, 2)
+        assert "class_names lists 1,000,000 names, more than num_classes=10" in capsys.readouterr().err
+        with pytest.raises(ReinforceError, match="class_names lists 1,000,000 names"):
+            ReinforcedDataset(digits[0], f"{server.url}/names.zarr")
+        with pytest.raises(ReinforceError, match="records 2 x 2|2 x 2"):
+            ReinforcedDataset(digits[0], f"{server.url}/tiny.zarr", verify="full")
+    assert main(["verify", str(ratio)]) in (1, 2)
+    assert "ratio must satisfy" in capsys.readouterr().err
+
+
+def test_a_source_box_outside_its_recorded_image_size_fails_verify(store):
+    """Crop boxes stored exactly (int codecs, as imported stores keep them) are checked against image_sizes."""
+    import numpy as np
+
+    from reinforce.errors import VerificationError
+    from reinforce.tools.verify import _check_source_boxes
+
+    codec = fmt.read_header(fmt.open_store_group(store)).layout.params
+    params = np.array([[[0, 0, 2, 2, 0], [1, 0, 30, 2, 1]]], dtype=np.float64)
+    sizes = np.array([[32]]), np.array([[32]])
+    _check_source_boxes(codec, params, np.array([7]), *sizes)
+    with pytest.raises(VerificationError, match=r"record \(7, 1\): its random_resized_crop box .* = \(1, 0, 30, 2\) "
+                                                r"lies outside the 2 x 32 image"):
+        _check_source_boxes(codec, params, np.array([7]), np.array([[2]]), np.array([[32]]))

@@ -189,6 +189,38 @@ def _check_records(header: fmt.StoreHeader, codec: ParamLayout, rows: np.ndarray
         sample, slot, p = np.argwhere(bad)[0]
         raise VerificationError(f"record ({samples[sample]}, {slot}) parameter {codec.names[p]} does not decode "
                                 f"to a representable value ({params[sample, slot, p]}) in {where}")
+    stored = rows[..., columns["aug_params"]]
+    mismatch = codec.encode(params, heights, widths) != stored
+    if mismatch.any():  # decoded for an image size other than the one the parameters were encoded for
+        sample, slot, p = np.argwhere(mismatch)[0]
+        raise VerificationError(f"record ({samples[sample]}, {slot}) parameter {codec.names[p]} was not encoded for "
+                                f"the {int(heights[sample, 0])} x {int(widths[sample, 0])} image the store records for "
+                                f"sample {samples[sample]} (image_sizes): the store is damaged or hostile")
+    _check_source_boxes(codec, params, samples, heights, widths)
+
+
+SOURCE_BOX_OPS = ("random_resized_crop", "random_crop")
+"""Ops whose parameters are a box ``(top, left, height, width)`` in pixels of the source image."""
+
+
+def _check_source_boxes(codec: ParamLayout, params: np.ndarray, samples: np.ndarray, heights: np.ndarray,
+                        widths: np.ndarray) -> None:
+    """Every stored source box must lie inside the image size the store records for its sample."""
+    names = list(codec.names)
+    for op in SOURCE_BOX_OPS:
+        parts = [f"{op}.{part}" for part in ("top", "left", "height", "width")]
+        if not all(part in names for part in parts):
+            continue
+        top, left, height, width = (params[..., names.index(part)] for part in parts)
+        outside = (top < 0) | (left < 0) | (height < 1) | (width < 1) | (top + height > heights) | (
+            left + width > widths)
+        if outside.any():
+            sample, slot = np.argwhere(outside)[0]
+            box = tuple(int(value[sample, slot]) for value in (top, left, height, width))
+            raise VerificationError(
+                f"record ({samples[sample]}, {slot}): its {op} box (top, left, height, width) = {box} lies outside "
+                f"the {int(heights[sample, 0])} x {int(widths[sample, 0])} image the store records for sample "
+                f"{samples[sample]} (image_sizes): the store is damaged or hostile")
 
 
 def _check_source(source: Any, header: fmt.StoreHeader, labels: np.ndarray, sizes: np.ndarray,

@@ -146,12 +146,12 @@ def check_probability(op: str, name: str, value: float) -> float:
 
 def check_range(op: str, name: str, values: Sequence[float], low: float = 0.0, high: float = math.inf,
                 ) -> tuple[float, float]:
-    """A ``(min, max)`` pair with ``low < min <= max <= high``."""
+    """A ``(min, max)`` pair of finite numbers with ``low < min <= max <= high``."""
     try:
         lo, hi = (float(v) for v in values)
     except (TypeError, ValueError):
         raise AugmentationError(f"{op} {name} must be a pair (min, max), got {values!r}") from None
-    if not (low < lo <= hi <= high):
+    if not (low < lo <= hi <= high) or not (math.isfinite(lo) and math.isfinite(hi)):
         raise AugmentationError(f"{op} {name} must satisfy {low} < min <= max <= {high}, got {values!r}")
     return lo, hi
 
