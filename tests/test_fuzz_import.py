@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_fuzz_store import address_space_limit  # noqa: F401 (a fixture: what the process had plus 2 GiB)
 from test_import import write_fkd_release, write_ml_dr_release
@@ -154,8 +154,10 @@ def _converts_or_refuses(releases, importer: str, mutation, tmp_path: Path) -> N
     files = [str(target), plan.files[1]]
     try:
         _, result = _convert_block(plan.header, 0, releases["paths"], releases["labels"], files, plan.reader)
-    except ReinforceError:
+    except ReinforceError as error:
+        event(f"{mutation[0]}: refused ({type(error).__name__})")
         return
+    event(f"{mutation[0]}: converted")
     assert result.topk_indices.shape == (2, plan.header.num_augmentations, plan.header.top_k)
     assert np.isfinite(result.topk_probs).all() and np.isfinite(result.aug_params).all()
 
