@@ -25,7 +25,7 @@ SHA = "0" * 64
 
 def manifest_bytes(files: list[dict] | object, **members) -> bytes:
     data = {"kind": "reinforce-publication", "manifest_version": 1, "store": "s.zarr", "format_name": "reinforce-store",
-            "format_version": "1.1", "identity": {}, "files": files, **members}
+            "format_version": "2.0", "identity": {}, "files": files, **members}
     return json.dumps(data).encode()
 
 
