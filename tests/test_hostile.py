@@ -376,3 +376,17 @@ def test_max_image_pixels_sets_the_limit_for_the_build_and_the_dataset(digits, t
         ReinforcedDataset(digits[0], store, max_image_pixels=100)[0]
     assert ReinforcedDataset(digits[0], store, max_image_pixels=0)[0][0].shape[-1] == 32
     assert Image.MAX_IMAGE_PIXELS is None
+
+
+def test_a_local_zarr_json_nested_past_the_recursion_limit_is_a_one_line_error(copied, capsys):
+    meta = json.loads((copied / "zarr.json").read_text())
+    meta["attributes"]["deep"] = None
+    nested = "[" * 5000 + "]" * 5000  # json.dumps cannot write it: spliced in as text
+    (copied / "zarr.json").write_text(json.dumps(meta).replace('"deep": null', '"deep": ' + nested))
+    with pytest.raises(fmt.StoreFormatError, match="zarr.json.*is invalid"):
+        fmt.open_store_group(copied)
+    from reinforce.cli import main
+
+    assert main(["inspect", str(copied)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "invalid" in err

@@ -47,7 +47,8 @@ def open_store_group(store: Any, mode: str = "r", storage_options: dict[str, Any
             f"no reinforce store at {where!s}: check the path or URL (it must be the directory written by "
             "`reinforce build --out`)"
         ) from None
-    except (ValueError, TypeError, LookupError, AttributeError, ArithmeticError) as error:  # zarr parsing bad JSON
+    except (ValueError, TypeError, LookupError, AttributeError, ArithmeticError, RecursionError) as error:
+        # zarr parsing bad JSON (RecursionError: nested past the interpreter's limit)
         raise StoreFormatError(f"the Zarr metadata (zarr.json) of the store at {where!s} is invalid "
                                f"({type(error).__name__}: {shown(str(error))}): the store is damaged or was not "
                                "written by reinforce; re-download or rebuild it") from None
