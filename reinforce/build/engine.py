@@ -6,11 +6,13 @@ and finalizes the store, hands out block numbers and collects :class:`~reinforce
 imported only when a Ray engine is asked for.
 
 * :class:`InProcessEngine` (no ``--workers``, no ``--ray-address``): no cluster, nothing to configure; blocks
-  in order, the next one decoding while the teachers run on this one.
-* :class:`RayEngine`: ``--workers N`` starts a local Ray instance with N actors; ``--ray-address auto|ADDR``
-  joins a running cluster. An actor that dies (SIGKILL, node loss, out of host memory) is replaced and its
-  blocks are retried, at most ``max_retries`` times each, each retry alone on its actor; errors the project
-  raises on purpose (an unreadable image, device out of memory) are deterministic and stop the build at once.
+  in order, the next one loading and the previous one being written while the teachers run on this one.
+* :class:`RayEngine`: ``--workers N`` starts a local Ray instance with N workers; ``--ray-address auto|ADDR``
+  joins a running cluster. With ``--device cuda`` there is one worker per GPU (per unit of the resource
+  :data:`DEVICE_RESOURCE_VARIABLE` names, when set), holding the teachers, fed by CPU-only preparers on the
+  cluster's spare CPUs. An actor that dies (SIGKILL, node loss, out of host memory) is replaced and its blocks
+  are retried, at most ``max_retries`` times each, each retry alone on its actor; errors the project raises on
+  purpose (an unreadable image, device out of memory) are deterministic and stop the build at once.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from reinforce_loaders import format as fmt
 from reinforce_loaders.errors import ReinforceError
 from reinforce_loaders.source import ImageSource
 
-from .blocks import BlockRunner, BlockStats, LoadedBlock, RecordsDone, make_processor
-from .plan import BuildError, BuildPlan
+from .blocks import BlockPreparer, BlockRunner, BlockStats, LoadedBlock, RecordsDone, make_processor
+from .plan import BuildConfig, BuildError, BuildPlan, available_cores
 from .teachers import Ensemble
 from .writer import BlockSink, StoreWriter
 
@@ -36,6 +38,14 @@ T = TypeVar("T")
 
 BLOCKS_IN_FLIGHT = 2
 """Blocks a worker holds at once: one decoding or writing while the other uses the device."""
+PREPARER_CPUS = 1
+"""CPUs a Ray preparer reserves (it decodes with ``--decode-threads`` threads, 4 by default, mostly outside the
+GIL)."""
+PREPARERS_PER_WORKER = 2
+"""At most this many preparers per device worker: two keep a worker fed while one of them is slow."""
+DEVICE_RESOURCE_VARIABLE = "REINFORCE_RAY_DEVICE_RESOURCE"
+"""Environment variable naming a custom Ray resource that stands in for a GPU (tests; clusters whose
+accelerators carry another name): one device worker per unit of it."""
 PROGRESS_SECONDS = 1.0
 """How often the Ray driver asks its workers how many records they have computed (for the progress bar)."""
 
@@ -137,17 +147,22 @@ def _block_result(header: fmt.StoreHeader, block: int, step: Future[T]) -> T:
 
 class BlockWorker:
     """A Ray actor holding one :class:`~reinforce.build.blocks.BlockRunner` (teachers loaded once, on its device)
-    and a sink into the store the driver created."""
+    and a sink into the store the driver created. It loads its blocks itself (:meth:`run`), or takes them loaded
+    by a :class:`BlockPreparerActor` (:meth:`run_loaded`)."""
 
-    def __init__(self, plan: BuildPlan, ensemble: Ensemble, name: str) -> None:
+    def __init__(self, plan: BuildPlan, ensemble: Ensemble, name: str, cores: int | None = None) -> None:
         if plan.device_type == "cuda":  # Ray shows each actor only its own GPU
             plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, device="cuda"))
-        self.runner = BlockRunner(make_processor(plan, ensemble), BlockSink.open(plan.config.out, plan.header),
-                                  name=name)
+        self.runner = BlockRunner(make_processor(plan, ensemble, cores=cores),
+                                  BlockSink.open(plan.config.out, plan.header), name=name)
         self.records = 0
 
     def run(self, block: int) -> BlockStats:
         return self.runner.finish(block, self.runner.load(block), self._count)
+
+    def run_loaded(self, block: int, loaded: LoadedBlock) -> BlockStats:
+        """Compute and write a block a preparer loaded (Ray hands over the object, not its reference)."""
+        return self.runner.finish(block, loaded, self._count)
 
     def _count(self, records: int) -> None:
         self.records += records
@@ -155,6 +170,20 @@ class BlockWorker:
     def progress(self) -> int:
         """Records this worker has computed so far, over all its blocks."""
         return self.records
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class BlockPreparerActor:
+    """A CPU-only Ray actor that decodes blocks and samples their parameters for the device workers (no teachers,
+    no device): it uses CPUs of the cluster the device workers leave spare."""
+
+    def __init__(self, plan: BuildPlan) -> None:
+        self.preparer = BlockPreparer(plan, cores=PREPARER_CPUS)
+
+    def load(self, block: int) -> LoadedBlock:
+        return self.preparer.load(*self.preparer.plan.header.block_range(block))
 
     def pid(self) -> int:
         return os.getpid()
@@ -172,8 +201,20 @@ class _Slot:
     """Records of the current actor already passed on to the progress callback."""
 
 
+def device_resource(config: BuildConfig) -> str | None:
+    """The Ray resource each device worker holds one unit of: :data:`DEVICE_RESOURCE_VARIABLE` if set, else
+    ``GPU`` with ``--device cuda``; None on the CPU (workers then reserve ``--cpu-threads`` CPUs each)."""
+    return os.environ.get(DEVICE_RESOURCE_VARIABLE) or ("GPU" if config.device_type == "cuda" else None)
+
+
 class RayEngine:
-    """Blocks on Ray actors, one per worker (see the module docstring)."""
+    """Blocks on Ray actors (see the module docstring).
+
+    With a device resource (:func:`device_resource`: GPUs, or a custom resource standing in for them) there is
+    one device worker per unit of it, holding the teachers, and the CPUs the cluster has beyond those workers'
+    run CPU-only :class:`BlockPreparerActor` s that decode and sample blocks for them (up to
+    :data:`PREPARERS_PER_WORKER` per worker). Without one (a CPU build), every worker does all of its blocks.
+    """
 
     def __init__(self, plan: BuildPlan, ensemble: Ensemble) -> None:
         import ray
@@ -182,33 +223,47 @@ class RayEngine:
         self.plan, self.config, self.header = plan, config, plan.header
         self.retries = 0
         self.owned = False
+        self.resource = device_resource(config)
         if not ray.is_initialized():
             if config.ray_address is not None:
                 ray.init(address=config.ray_address, log_to_driver=False)
             else:
-                # address="local": a new instance even where another cluster runs on this machine.
-                ray.init(address="local", num_cpus=(config.workers or 1) * plan.cpu_threads,
+                # address="local": a new instance even where another cluster runs on this machine. A CPU build
+                # reserves exactly its workers' threads; a device build leaves the other cores to preparers.
+                cpus = (config.workers or 1) * plan.cpu_threads
+                ray.init(address="local", num_cpus=max(cpus, available_cores()) if self.resource else cpus,
                          include_dashboard=False, log_to_driver=False)
             self.owned = True
-        self.num_gpus = 1 if config.device_type == "cuda" else 0
-        self.workers = self._worker_count(ray.cluster_resources())
+        resources = ray.cluster_resources()
+        self.workers = self._worker_count(resources)
+        spare = int(resources.get("CPU", 0) - self.workers * plan.cpu_threads)
+        self.num_preparers = min(spare // PREPARER_CPUS, PREPARERS_PER_WORKER * self.workers) if self.resource else 0
         where = f"cluster {config.ray_address}" if config.ray_address is not None else "local"
-        self.description = f"Ray ({where}), {self.workers} workers on {config.device}"
+        self.description = (f"Ray ({where}), {self.workers} workers on {config.device}"
+                            + (f" ({self.resource})" if self.resource not in (None, "GPU") else "")
+                            + (f", {self.num_preparers} CPU preparers" if self.num_preparers else ""))
         self.ensemble_ref = ray.put(ensemble)
+        device = {} if self.resource is None else (
+            {"num_gpus": 1} if self.resource == "GPU" else {"resources": {self.resource: 1}})
         self.actor_class = ray.remote(BlockWorker).options(
-            num_cpus=plan.cpu_threads, num_gpus=self.num_gpus, max_concurrency=BLOCKS_IN_FLIGHT + 1,
-            max_restarts=0, max_task_retries=0)
+            num_cpus=plan.cpu_threads, max_concurrency=BLOCKS_IN_FLIGHT + 1, max_restarts=0, max_task_retries=0,
+            **device)
+        self.preparer_class = ray.remote(BlockPreparerActor).options(
+            num_cpus=PREPARER_CPUS, max_concurrency=1, max_restarts=0, max_task_retries=0)
+        # Without preparers a worker decodes its own blocks, with its share of the cluster's CPUs.
+        self.worker_cores = None if self.num_preparers else max(int(resources.get("CPU", 0)) // self.workers, 1)
         self.slots: list[_Slot] = []
+        self.preparers: list[Any] = []
 
     def _worker_count(self, resources: dict[str, float]) -> int:
-        if self.num_gpus and resources.get("GPU", 0) < 1:
+        if self.resource is not None and resources.get(self.resource, 0) < 1:
             raise BuildError(
-                f"--device {self.config.device} needs GPUs but the Ray cluster has none "
+                f"--device {self.config.device} needs {self.resource} resources but the Ray cluster has none "
                 f"(resources: {resources}): use --device cpu, or join a cluster with GPUs"
             )
         capacity = int(resources.get("CPU", 0) // max(self.plan.cpu_threads, 1e-9))
-        if self.num_gpus:
-            capacity = min(capacity, int(resources.get("GPU", 0)))
+        if self.resource is not None:
+            capacity = min(capacity, int(resources.get(self.resource, 0)))
         if capacity < 1:
             raise BuildError(f"the Ray cluster cannot host one worker of {self.plan.cpu_threads} CPUs "
                              f"(resources: {resources}): lower --cpu-threads")
@@ -216,12 +271,12 @@ class RayEngine:
         if asked > capacity:
             # Actors beyond capacity would wait forever with their blocks.
             warnings.warn(f"--workers {asked} but the Ray cluster holds only {capacity} workers of "
-                          f"{self.plan.cpu_threads} CPUs{' and 1 GPU' if self.num_gpus else ''}: using {capacity}",
-                          stacklevel=2)
+                          f"{self.plan.cpu_threads} CPUs{f' and 1 {self.resource}' if self.resource else ''}: "
+                          f"using {capacity}", stacklevel=2)
         return min(asked, capacity)
 
     def _spawn(self, name: str) -> Any:
-        return self.actor_class.remote(self.plan, self.ensemble_ref, name)
+        return self.actor_class.remote(self.plan, self.ensemble_ref, name, self.worker_cores)
 
     def __enter__(self) -> RayEngine:
         return self
@@ -229,9 +284,9 @@ class RayEngine:
     def __exit__(self, *exc: Any) -> None:
         import ray
 
-        for slot in self.slots:
-            ray.kill(slot.actor, no_restart=True)
-        self.slots = []
+        for actor in [slot.actor for slot in self.slots] + self.preparers:
+            ray.kill(actor, no_restart=True)
+        self.slots, self.preparers = [], []
         if self.owned:
             ray.shutdown()
 
@@ -242,7 +297,7 @@ class RayEngine:
                 slot.reported = count
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the current actors (for fault-injection tests)."""
+        """Process ids of the current device workers (for fault-injection tests)."""
         import ray
 
         return ray.get([slot.actor.pid.remote() for slot in self.slots])
@@ -254,9 +309,19 @@ class RayEngine:
         from ray.exceptions import RayActorError, RayTaskError
 
         self.slots = [_Slot(name=f"worker-{i}", actor=self._spawn(f"worker-{i}")) for i in range(self.workers)]
+        self.preparers = [self.preparer_class.remote(self.plan) for _ in range(self.num_preparers)]
         queue = collections.deque(pending)
         failures: collections.Counter[int] = collections.Counter()
         in_flight: dict[Any, tuple[_Slot, int, int]] = {}  # ref -> (slot, its generation, block)
+        handed = 0  # blocks handed to preparers so far (round robin)
+
+        def submit(slot: _Slot, block: int) -> Any:
+            nonlocal handed
+            if not self.preparers:
+                return slot.actor.run.remote(block)
+            preparer = self.preparers[handed % len(self.preparers)]
+            handed += 1
+            return slot.actor.run_loaded.remote(block, preparer.load.remote(block))
 
         def fill() -> None:
             for slot in self.slots:
@@ -266,7 +331,7 @@ class RayEngine:
                         break
                     block = queue.popleft()
                     slot.blocks.append(block)
-                    in_flight[slot.actor.run.remote(block)] = (slot, slot.generation, block)
+                    in_flight[submit(slot, block)] = (slot, slot.generation, block)
 
         def retry(block: int, cause: str) -> None:
             failures[block] += 1
@@ -274,6 +339,15 @@ class RayEngine:
             if failures[block] > self.config.max_retries:
                 raise _block_failed(self.header, block, failures[block], cause)
             queue.appendleft(block)
+
+        def replace_preparer(actor_id: str | None) -> bool:
+            """Replace the preparer ``actor_id`` names, if it is one; whether it was."""
+            for position, preparer in enumerate(self.preparers):
+                if preparer._actor_id.hex() == actor_id:
+                    ray.kill(preparer, no_restart=True)
+                    self.preparers[position] = self.preparer_class.remote(self.plan)
+                    return True
+            return False
 
         fill()
         while in_flight:
@@ -295,14 +369,18 @@ class RayEngine:
             except RayActorError as error:
                 if getattr(error, "actor_init_failed", False):
                     raise BuildError(f"a build worker could not start: {_one_line(error)}") from None
-                if generation == slot.generation:
-                    # Replace the dead actor once; its other blocks come back as errors too.
-                    ray.kill(slot.actor, no_restart=True)
-                    slot.generation += 1
-                    slot.reported = 0
-                    slot.blocks = []
-                    slot.actor = self._spawn(slot.name)
-                retry(block, f"its worker died ({_one_line(error)})")
+                dead = getattr(error, "actor_id", None)
+                if replace_preparer(dead):
+                    retry(block, f"its preparer died ({_one_line(error)})")
+                else:
+                    if generation == slot.generation:
+                        # Replace the dead actor once; its other blocks come back as errors too.
+                        ray.kill(slot.actor, no_restart=True)
+                        slot.generation += 1
+                        slot.reported = 0
+                        slot.blocks = []
+                        slot.actor = self._spawn(slot.name)
+                    retry(block, f"its worker died ({_one_line(error)})")
             else:
                 yield stats
             fill()
