@@ -246,14 +246,8 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "reinforce.cli", "build", *args]
 
 
-def test_sigkill_of_the_driver_then_resume_gives_identical_arrays(digits, teacher_weights, tmp_path):
-    out = tmp_path / "killed.zarr"
-    args = [str(digits[0]), "--out", str(out), "-A", "4", "-k", "3", "--image-size", str(IMAGE_SIZE), "--seed", "7",
-            "--batch-size", "1", "--block-size", "2", "--cpu-threads", "1", "--no-progress",
-            *(f"--teacher={spec}" for spec in teacher_weights)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "loaders"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def kill_once_a_block_is_done(process: subprocess.Popen, out: Path) -> None:
+    """SIGKILL the build ``process`` as soon as one block of the store ``out`` is marked done."""
     done_dir = out / fmt.BLOCKS_DONE / "c"
     deadline = time.monotonic() + 120
     # A flag file is complete once renamed from zarr's temporary "*.partial" file.
@@ -263,6 +257,17 @@ def test_sigkill_of_the_driver_then_resume_gives_identical_arrays(digits, teache
         time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+def test_sigkill_of_the_driver_then_resume_gives_identical_arrays(digits, teacher_weights, tmp_path):
+    out = tmp_path / "killed.zarr"
+    args = [str(digits[0]), "--out", str(out), "-A", "4", "-k", "3", "--image-size", str(IMAGE_SIZE), "--seed", "7",
+            "--batch-size", "1", "--block-size", "2", "--cpu-threads", "1", "--no-progress",
+            *(f"--teacher={spec}" for spec in teacher_weights)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "loaders"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    kill_once_a_block_is_done(subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE), out)
     group = zarr.open_group(str(out), mode="r")
     header = fmt.read_header(group, require_complete=False)
     done = int(np.count_nonzero(group[fmt.BLOCKS_DONE][:]))

@@ -25,6 +25,7 @@ from reinforce.build import BuildConfig, run_build
 from reinforce.build.engine import DEVICE_RESOURCE_VARIABLE
 
 from conftest import IMAGE_SIZE
+from test_build import kill_once_a_block_is_done
 
 pytestmark = pytest.mark.slow
 
@@ -160,15 +161,7 @@ def test_cluster_build_killed_and_resumed_equals_the_in_process_build(cluster, d
     out = tmp_path / "killed.zarr"
     args = cli_build(out, digits[0], teacher_weights, address, 2)
     env = {**env, DEVICE_RESOURCE_VARIABLE: STAND_IN}
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    done_dir = out / fmt.BLOCKS_DONE / "c"
-    deadline = time.monotonic() + 120
-    while not (done_dir.exists() and any(p.suffix != ".partial" for p in done_dir.iterdir())):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_once_a_block_is_done(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE), out)
     group = zarr.open_group(str(out), mode="r")
     done = int(np.count_nonzero(group[fmt.BLOCKS_DONE][:]))
     assert not fmt.read_header(group, require_complete=False).complete and 1 <= done < 12
