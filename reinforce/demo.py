@@ -1,11 +1,14 @@
 """``reinforce demo``: the whole dataset-reinforcement path on real data, on a laptop CPU.
 
 1. Materialize scikit-learn's handwritten digits (1,797 real 8x8 scans) as an ImageFolder at 32x32.
-2. Train a small teacher ensemble (timm resnet10t and resnet14t) and save it as .safetensors.
+2. Train a small teacher ensemble (timm resnet10t and resnet14t) and keep its weights as .safetensors.
 3. ``reinforce build`` a store from the training split with the ``rrc`` preset.
 4. Train the same student twice for the same number of steps: hard labels with the same kind of
    augmentation (torchvision RandomResizedCrop + flip), and the reinforced store (stored augmentation,
    teacher soft labels). Print both test accuracies, and a summary table.
+
+Every training is a ``reinforce.recipes.train`` run (teachers and the plain student: ``plain``; the student on the
+store: ``usi`` with KL alone), in whole epochs.
 
 Every piece of work runs with one torch thread. The independent trainings of a stage (the two teachers, the two
 students) run side by side in ``jobs`` worker processes, so two free cores are used, while a busy machine
@@ -17,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import math
 import multiprocessing
 import os
 import queue
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,15 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from reinforce_loaders import ReinforcedDataset
 from reinforce_loaders.errors import ReinforceError
 from reinforce_loaders.source import ImageSource
-from safetensors.torch import save_file
-from torchvision.transforms import v2
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .build import BuildConfig, run_build
-from .training import accuracy, hard_label_loss, soft_target_loss, train
+from .evaluation import EvalSamples, evaluate
+from .recipes import TrainConfig, train
+from .recipes.run import LAST_EMA
 
 IMAGE_SIZE = 32
 MEAN = (0.5, 0.5, 0.5)
@@ -93,91 +97,59 @@ def default_jobs() -> int:
 
 # --- the trainings: module-level functions, so worker processes can run them --------------------------------
 
-def _load_all(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    source = ImageSource.from_folder(folder)
-    loaded = [source.load(i) for i in range(len(source))]
-    return torch.stack([image for image, _ in loaded]), torch.tensor([label for _, label in loaded])
+def _epochs_for(steps: int, train_dir: Path) -> int:
+    """Whole epochs of at least ``steps`` steps of :data:`BATCH_SIZE` (the recipes drop an epoch's last partial
+    batch)."""
+    return max(1, math.ceil(steps / (len(ImageSource.from_folder(train_dir)) // BATCH_SIZE)))
 
 
-def _normalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+def _train_run(train_dir: Path, out: Path, steps: int, report: Report, **settings: Any) -> Path:
+    """``reinforce.recipes.train`` for the epochs of ``steps`` (fresh in ``out``), reporting each step; the path of
+    its last weights (the model EMA's: the recipes' default)."""
+    shutil.rmtree(out, ignore_errors=True)
+    config = TrainConfig(train_source=str(train_dir), out=str(out), epochs=_epochs_for(steps, train_dir),
+                         batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, mean=MEAN, std=STD, progress=False,
+                         **settings)
+    train(config, log=lambda line: None, on_step=lambda trainer, epoch, step: report(1))
+    return out / LAST_EMA
 
 
-def _augmented_batches(images: torch.Tensor, labels: torch.Tensor, augment: v2.Transform, seed: int):
-    def batches(epoch: int):
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(images), generator=generator)
-        for first in range(0, len(order) - BATCH_SIZE + 1, BATCH_SIZE):
-            chunk = order[first:first + BATCH_SIZE]
-            yield _normalize(torch.stack([augment(images[i]) for i in chunk])), labels[chunk]
-    return batches
-
-
-def _plain_batches(images: torch.Tensor, labels: torch.Tensor):
-    for first in range(0, len(images), 256):
-        yield _normalize(images[first:first + 256]), labels[first:first + 256]
-
-
-def _timm(arch: str, seed: int) -> torch.nn.Module:
+def _test_accuracy(arch: str, weights: Path, test_dir: Path) -> float:
+    """Top-1 (a fraction) of ``arch`` with ``weights`` on the test images."""
     import timm
 
-    torch.manual_seed(seed)
-    return timm.create_model(arch, num_classes=10)
-
-
-def _reporting(batches: Callable[[int], Iterator[Any]], report: Report) -> Callable[[int], Iterator[Any]]:
-    """``batches`` that report one step each time training asks for the next batch (the last step is
-    reported by the caller once training returns)."""
-    def epoch(number: int) -> Iterator[Any]:
-        first = number == 0
-        for batch in batches(number):
-            if not first:
-                report(1)
-            first = False
-            yield batch
-    return epoch
-
-
-def _train_counted(model: torch.nn.Module, batches: Callable[[int], Iterator[Any]], steps: int,
-                   loss: Callable[..., torch.Tensor], report: Report, **options: Any) -> torch.nn.Module:
-    model = train(model, _reporting(batches, report), steps, loss, **options)
-    report(1)
-    return model
+    model = timm.create_model(arch, num_classes=10)
+    model.load_state_dict(load_file(str(weights)))
+    batches = torch.utils.data.DataLoader(EvalSamples(test_dir, IMAGE_SIZE, crop=1.0), batch_size=256)
+    mean, std = (torch.tensor(values).view(1, 3, 1, 1) * 255 for values in (MEAN, STD))
+    return evaluate(model, batches, mean, std)["top1"] / 100
 
 
 def teacher_job(arch: str, number: int, train_dir: Path, test_dir: Path, weights: Path, steps: int, seed: int,
                 report: Report) -> float:
-    """Train teacher ``arch`` on hard labels with RandomResizedCrop; save it to ``weights``; its test accuracy."""
-    images, labels = _load_all(train_dir)
-    augment = v2.RandomResizedCrop(IMAGE_SIZE, scale=(0.25, 1.0), antialias=True)
-    model = _train_counted(_timm(arch, seed + number), _augmented_batches(images, labels, augment, seed + number),
-                           steps, hard_label_loss, report)
-    save_file(model.state_dict(), str(weights), metadata={
-        "input_size": json.dumps(IMAGE_SIZE), "mean": json.dumps(MEAN), "std": json.dumps(STD)})
-    return accuracy(model, _plain_batches(*_load_all(test_dir)))
+    """Train teacher ``arch`` by the plain recipe; save its weights (with their input size, mean and std) to
+    ``weights``; its test accuracy."""
+    last = _train_run(train_dir, weights.with_suffix(".run"), steps, report, model=arch, recipe="plain",
+                      seed=seed + number)
+    shutil.copyfile(last, weights)
+    return _test_accuracy(arch, weights, test_dir)
 
 
 def plain_student_job(train_dir: Path, test_dir: Path, steps: int, seed: int, report: Report) -> float:
-    """The student on hard labels with torchvision RandomResizedCrop + flip; its test accuracy."""
-    images, labels = _load_all(train_dir)
-    augment = v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, antialias=True), v2.RandomHorizontalFlip()])
-    model = _train_counted(_timm(STUDENT, seed + 10), _augmented_batches(images, labels, augment, seed + 10),
-                           steps, hard_label_loss, report)
-    return accuracy(model, _plain_batches(*_load_all(test_dir)))
+    """The student by the plain recipe (hard labels, RandomResizedCrop + flip); its test accuracy."""
+    last = _train_run(train_dir, train_dir.parent.parent / "student-plain.run", steps, report, model=STUDENT,
+                      recipe="plain", seed=seed + 10)
+    return _test_accuracy(STUDENT, last, test_dir)
 
 
 def reinforced_student_job(train_dir: Path, test_dir: Path, store: Path, steps: int, seed: int,
                            report: Report, decode: str = "exact") -> float:
-    """The student on the store: stored augmentation replayed, KL to the stored soft label; its test accuracy.
-    ``decode``: the dataset's decode mode (benchmarks/fast_decode_accuracy.py compares the two)."""
-    dataset = ReinforcedDataset(train_dir, store, decode=decode, transform=lambda image: _normalize(image[None])[0])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(seed + 10))
-    model = _train_counted(_timm(STUDENT, seed + 10), lambda epoch: iter(loader), steps, soft_target_loss, report,
-                           on_epoch=dataset.set_epoch)
-    return accuracy(model, _plain_batches(*_load_all(test_dir)))
+    """The student by the usi recipe on the store with KL alone (the DR paper's loss): stored augmentation
+    replayed, stored soft label; its test accuracy. ``decode``: the store's decode mode
+    (benchmarks/fast_decode_accuracy.py compares the two)."""
+    last = _train_run(train_dir, store.with_name(f"student-reinforced-{decode}.run"), steps, report, model=STUDENT,
+                      recipe="usi", store=str(store), kd_only=True, decode=decode, seed=seed + 10)
+    return _test_accuracy(STUDENT, last, test_dir)
 
 
 # --- running jobs side by side with progress bars ------------------------------------------------------------
@@ -300,7 +272,7 @@ def run_demo(workdir: str | None = None, seed: int = 0, log: Callable[[str], Non
 
     ``jobs``: worker processes for the trainings (default :func:`default_jobs`; the results do not depend on it).
     Progress bars go to stderr. The other keyword arguments shrink the demo for tests (``per_class`` keeps that
-    many digits of each class).
+    many digits of each class); ``student_steps`` is rounded up to whole epochs.
     """
     log = log or functools.partial(print, flush=True)  # flushed: the bars on stderr are, and a pipe would hold these
     if jobs is not None and jobs < 1:
@@ -355,6 +327,7 @@ def _stages(root: Path, seed: int, log: Callable[[str], None], runner: JobRunner
     summary, build_cpu = _timed(lambda: run_build(config, report=lambda text: None))  # the summary is logged here
     log(f"      {summary} ({build_cpu:.0f} s CPU)")
 
+    student_steps = _epochs_for(student_steps, train_dir) * (num_train // BATCH_SIZE)  # whole epochs
     stage(4, f"training student {STUDENT} twice, {student_steps} steps of {BATCH_SIZE}: plain labels and the store")
     results["plain"], results["reinforced"] = runner.run([
         Job("student, plain labels", student_steps, plain_student_job,

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from reinforce.demo import run_demo
 
-SMALL = dict(seed=0, teacher_epochs=2, student_steps=6, num_augmentations=2, per_class=12)
+SMALL = dict(seed=0, teacher_epochs=3, student_steps=6, num_augmentations=2, per_class=12)
 JOB_LABELS = ("teacher resnet10t", "teacher resnet14t", "student, plain labels", "student, reinforced store")
 
 
@@ -29,7 +29,7 @@ def test_demo_reports_every_stage_and_ends_with_a_table(tmp_path, capsys):
     # A line per stage with the elapsed time; a progress bar per training, counted in steps, and the build's.
     stages = [line for line in lines if re.match(r"\[\d/4\] +\d+ s  \S", line)]
     assert [line[:5] for line in stages] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
-    teacher_steps = 2 * (90 // 64)
+    teacher_steps = 3 * (90 // 64)
     assert {label: bars.get(label) for label in JOB_LABELS} == {
         "teacher resnet10t": f"{teacher_steps}/{teacher_steps}", "teacher resnet14t": f"{teacher_steps}/{teacher_steps}",
         "student, plain labels": "6/6", "student, reinforced store": "6/6"}

@@ -34,6 +34,8 @@ def test_train_cli_writes_a_usable_run_directory(digits, store, tmp_path, capsys
     config = json.loads((out / "config.json").read_text())
     assert (config["recipe"], config["lr"], config["weight_decay"], config["alpha_kd"], config["test_crop"]) == \
         ("usi", 2e-3, 2e-2, 5.0, 0.95)
+    # resolved values only: the store's size, test_resnet's normalization, the EMA decay adapted to the 10 steps
+    assert (config["image_size"], config["mean"], config["ema_decay"]) == (32, [0.5, 0.5, 0.5], 0.9)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [0, 1]
     for key in ("train_loss", "val_top1", "val_top5", "val_ece", "lr", "images_per_s", "ema_top1"):

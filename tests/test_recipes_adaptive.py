@@ -37,6 +37,7 @@ def test_adaptive_with_range_test_fine_tunes_from_pretrained_weights(digits, sto
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["optimizer"], config["sam"], config["weight_decay"], config["schedule"]) == \
         ("sgd", True, 5e-4, "plateau")
+    assert config["lr"] == result.lr and config["lr_search"] == "range"  # the estimate, recorded once it is made
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == result.epochs_run == 3
     assert rows[0]["lr"] == pytest.approx(result.lr)  # 1 warmup epoch: the full LR from the first epoch

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from reinforce.recipes import TrainConfig, TrainError, resolve
+from reinforce.recipes import TrainConfig, TrainError, resolve, train
 from reinforce.recipes.cli import add_train_parser
 from reinforce.recipes.data import StoreSamples
 
@@ -38,7 +38,6 @@ def test_decode_fast_without_a_store_is_refused(digits):
 
 
 def test_baseline_that_is_not_a_finished_run_is_refused_before_training(digits, store, tmp_path):
-    from reinforce.recipes.train import train
 
     config = parse(str(digits[0]), "--store", str(store), "--model", "resnet10t", "--out", str(tmp_path / "run"),
                    "--baseline", str(tmp_path / "no-such-run"))
@@ -110,7 +109,6 @@ def test_device_auto_takes_cuda_when_present_and_cuda_without_it_is_refused(monk
 
 
 def test_bf16_precision_runs_the_forward_passes_under_autocast_and_keeps_fp32_weights(digits, store, tmp_path):
-    from reinforce.recipes import train
     from reinforce.recipes.factories import autocast_dtype
 
     assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("fp32", torch.device("cpu")) is None
@@ -138,7 +136,6 @@ def test_bf16_precision_runs_the_forward_passes_under_autocast_and_keeps_fp32_we
 def test_channels_last_trains_the_same_student_in_the_other_memory_format(digits, store, tmp_path):
     import json
 
-    from reinforce.recipes.train import train
 
     formats = []
 
@@ -178,3 +175,45 @@ def test_ddp_on_cuda_joins_nccl_for_gradients_and_gloo_for_cpu_collectives(monke
     calls.clear()
     distributed.init_world("cpu")
     assert calls == [("backend", "gloo")]
+
+
+def test_the_train_cli_is_generated_from_train_config_and_keeps_its_defaults(digits):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    train_parser = add_train_parser(parser.add_subparsers(dest="command"))
+    destinations = [action.dest for action in train_parser._actions if action.dest != "help"]
+    assert destinations == [field.name for field in dataclasses.fields(TrainConfig)]  # one option per field, in order
+    parsed = parse(str(digits[0]), "--model", "m", "--out", "o")
+    assert parsed == TrainConfig(train_source=str(digits[0]), model="m", out="o")  # every default declared once
+    flags = parse(str(digits[0]), "--model", "m", "--out", "o", "--val", "v", "--teacher", "a=1", "--teacher", "b=2",
+                  "--no-ema", "--no-progress", "--lr-range", "0.01,0.1", "--mean", "0.5,0.5,0.5", "--kd-only")
+    assert (flags.val_source, flags.teachers, flags.ema, flags.progress, flags.lr_range, flags.mean, flags.kd_only) \
+        == ("v", ["a=1", "b=2"], False, False, (0.01, 0.1), (0.5, 0.5, 0.5), True)
+    text = train_parser.format_help()
+    assert "(default 5)" in text and "(usi/plain default 2e-3; adaptive: estimated)" in text and "(usi/plain 0.95)" \
+        in text and "(1e-3: three decays" in text
+
+
+def test_settings_are_frozen_and_carry_every_config_field(digits, store):
+    settings = resolve(TrainConfig(train_source=str(digits[0]), store=str(store), model="m", out="o"))
+    config_fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    assert config_fields <= {field.name for field in dataclasses.fields(settings)}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.lr = 1.0
+    assert (settings.lr, settings.optimizer, settings.sam, settings.image_size) == (2e-3, "adamw", False, None)
+    assert not settings.is_complete  # the image size, normalization and EMA decay come from the data and the run
+    with pytest.raises(AssertionError, match="resolved settings only"):
+        from reinforce.recipes.run import RunDirectory
+
+        RunDirectory("never-written").record(settings)
+
+
+def test_batch_mixing_is_refused_on_a_store_whose_records_already_mix(digits, teacher_weights, tmp_path):
+    from conftest import build_store
+
+    mixing = build_store(digits[0], tmp_path / "mix.zarr", teacher_weights, augment="rrc+mix", num_augmentations=2)
+    config = TrainConfig(train_source=str(digits[0]), store=str(mixing), model="test_resnet", epochs=1, batch_size=8,
+                         out=str(tmp_path / "run"), progress=False, mixup=0.2)
+    with pytest.raises(TrainError, match="records are mixed already.*drop --mixup and --cutmix"):
+        train(config, log=lambda _: None)

@@ -4,6 +4,8 @@ needs (assembled from the loop's parts and position, and restored into them), an
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from typing import Any
 
 import torch
@@ -13,6 +15,10 @@ from .errors import TrainError
 from .factories import TrainingParts
 from .run import BEST, CHECKPOINT, LAST, LAST_EMA, RunDirectory
 from .settings import Settings
+
+PLOT_INTERVAL_S = 30.0
+"""curves.png is redrawn after an epoch at most this often (and after the last): a plot costs about a second,
+more than a whole epoch of a small dataset."""
 
 
 @dataclasses.dataclass
@@ -34,6 +40,7 @@ class Checkpointer:
 
     def __init__(self, run: RunDirectory, settings: Settings, world: World, device: torch.device) -> None:
         self.run, self.settings, self.world, self.device = run, settings, world, device
+        self._plotted_at = -math.inf
 
     @property
     def path(self) -> str:
@@ -81,7 +88,8 @@ class Checkpointer:
 
     def save_epoch(self, row: dict[str, Any], model: torch.nn.Module, parts: TrainingParts, progress: Progress,
                    lr: float, improved: bool) -> None:
-        """An epoch's metrics line, last (and EMA) weights, best weights when ``improved``, checkpoint and curves."""
+        """An epoch's metrics line, last (and EMA) weights, best weights when ``improved``, checkpoint, and curves
+        (:data:`PLOT_INTERVAL_S`)."""
         self.run.append_metrics(row)
         # input_size/mean/std as `reinforce build --teacher` reads them: a run's weights can teach a store.
         meta = {"epoch": row["epoch"], "arch": self.settings.arch, "input_size": self.settings.image_size,
@@ -95,4 +103,7 @@ class Checkpointer:
             self.run.save_weights(BEST, module.state_dict(), {**meta, "weights": "ema" if use_ema else "model",
                                                               "top1": progress.best_top1})
         self.save(model, parts, progress, lr)
-        self.run.plot()
+        last = progress.epoch >= self.settings.epochs or progress.stopped_early
+        if last or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:
+            self.run.plot()
+            self._plotted_at = time.monotonic()

@@ -38,7 +38,7 @@ USI = RecipeDefaults(fine_tune=False, epochs=300, optimizer="adamw", lr=2e-3, we
 RECIPES: dict[str, RecipeDefaults] = {
     "usi": USI,
     # The baseline is USI's scheme without its soft targets, as in the paper's own alpha_kd = 0 ablation (Table
-    # 7): a comparison with usi then measures the store and nothing else.
+    # 6): a comparison with usi then measures the store and nothing else.
     "plain": USI,
     # Paper 000, sections 3-4 (SGD + SAM, wd 5e-4, no bias decay, 5 warmup epochs, ReduceLROnPlateauV2, 200 max).
     "adaptive": RecipeDefaults(fine_tune=True, epochs=200, optimizer="sgd", lr=None, weight_decay=5e-4,

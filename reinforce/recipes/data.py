@@ -123,7 +123,8 @@ class AugmentedSamples(EpochDataset):
         size = resolution or self.resolution
         augment = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, position))
+            # The CPU generator only: torch.manual_seed would also (lazily) reseed CUDA's, at a cost per sample.
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, position))
             image = augment(image)
         return image, int(label), NO_TARGET
 

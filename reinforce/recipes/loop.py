@@ -23,6 +23,7 @@ from .errors import TrainingDiverged
 from .factories import autocast_dtype, make_parts
 from .interrupts import StepBoundaryInterrupts
 from .models import Student
+from .run import RunDirectory
 from .sam import frozen_norm_statistics
 from .schedules import ReduceLROnPlateauV2
 from .settings import Settings
@@ -69,9 +70,19 @@ class Trainer:
         self._epoch_seconds = 0.0
         self._epoch_images = 0
 
-    def restore(self) -> None:
-        """Continue from the run's checkpoint."""
-        self.progress = self.checkpoints.restore(self.model, self.parts)
+    def begin(self, run: RunDirectory, student: str) -> None:
+        """Start the run (``student`` names the model in the log), or continue it from its checkpoint."""
+        settings, world = self.settings, self.world
+        if settings.resume:
+            self.progress = self.checkpoints.restore(self.model, self.parts)
+            if world.is_main:
+                run.truncate_metrics(self.progress.epoch)
+            self.log(f"resumed at epoch {self.progress.epoch} step {self.progress.step_in_epoch}")
+        elif world.is_main:
+            self.log(f"{settings.recipe}: {student} on {len(self.train_set)} images, {self.setup.data.num_classes} "
+                     f"classes, {settings.epochs} epochs of {len(self.parts.sampler)} steps x {world.size} x "
+                     f"{settings.batch_size}, lr {self.lr:.3g}, on {self.device}"
+                     f"{' (bf16 autocast)' if self.autocast_dtype is not None else ''}")
 
     # --- steps ---------------------------------------------------------------------------------------------
     def loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:

@@ -61,13 +61,11 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def record(self, settings: Settings) -> None:
-        """Write a new run's resolved settings to ``config.json``; on ``--resume``, refuse settings that differ from
-        the recorded ones, naming the first."""
-        if not settings.is_complete:
-            raise AssertionError("config.json records resolved settings only")
-        if not settings.resume:
-            self.write_json(CONFIG, settings.to_json())
-            return
+        """Write a new run's resolved settings to ``config.json``."""
+        self.write_json(CONFIG, settings.to_json())
+
+    def check_unchanged(self, settings: Settings) -> None:
+        """``--resume``: refuse settings that differ from the recorded ones, naming the first."""
         saved = json.loads(self.file(CONFIG).read_text())
         changed = changed_fields(saved, settings)
         if changed:

@@ -102,7 +102,10 @@ class Settings:
         return dataclasses.replace(self, **values)
 
     def to_json(self) -> dict[str, Any]:
-        """What ``config.json`` records: datasets passed from Python as ``<TypeName>``, tuples as lists."""
+        """What ``config.json`` records, from completed settings only: datasets passed from Python as
+        ``<TypeName>``, tuples as lists."""
+        if not self.is_complete:
+            raise AssertionError("config.json records resolved settings only")
         values = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)

@@ -78,11 +78,13 @@ def _train(settings: Settings, world: World, model: torch.nn.Module | None, log:
     # but DDP averages gradients, not learning rates, and a disagreement would never show as an error.
     settings = _with_run_length(settings.complete(lr=broadcast(initial_lr(settings, setup, student, run, log), world)),
                                 len(data.train_set), world)
-    if world.is_main:
+    if world.is_main and settings.resume:
+        run.check_unchanged(settings)
+    elif world.is_main:
         run.record(settings)
     trainer = Trainer(settings, setup, student, lr=settings.lr, epochs=settings.epochs,
                       checkpoints=Checkpointer(run, settings, world, setup.device), log=log, on_step=on_step)
-    _start(trainer, run, student.name, log)
+    trainer.begin(run, student.name)
     trainer.fit()
     check.after_training(trainer.progress.best_top1, log)
     return _finish(trainer, run, check, log)
@@ -107,20 +109,6 @@ def _with_run_length(settings: Settings, num_samples: int, world: World) -> Sett
         return settings
     return settings.complete(ema_decay=adapted_ema_decay(total_steps(make_sampler(settings, num_samples, world),
                                                                      settings.epochs)))
-
-
-def _start(trainer: Trainer, run: RunDirectory, student: str, log: Callable[[str], None]) -> None:
-    settings, world = trainer.settings, trainer.world
-    if settings.resume:
-        trainer.restore()
-        if world.is_main:
-            run.truncate_metrics(trainer.progress.epoch)
-        log(f"resumed at epoch {trainer.progress.epoch} step {trainer.progress.step_in_epoch}")
-    elif world.is_main:
-        log(f"{settings.recipe}: {student} on {len(trainer.train_set)} images, {trainer.setup.data.num_classes} "
-            f"classes, {settings.epochs} epochs of {len(trainer.parts.sampler)} steps x {world.size} x "
-            f"{settings.batch_size}, lr {settings.lr:.3g}, on {trainer.device}"
-            f"{' (bf16 autocast)' if trainer.autocast_dtype is not None else ''}")
 
 
 def _finish(trainer: Trainer, run: RunDirectory, check: TeacherCheck, log: Callable[[str], None]) -> RunResult:
