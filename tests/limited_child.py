@@ -56,7 +56,10 @@ for action, *args in json.loads(sys.argv[2]):
         result = {"error": type(error).__name__, "message": str(error)}
     result["stderr"] = err.getvalue()
     print(json.dumps(result), flush=True)
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child of a large pytest process would report
+# its parent's size at the fork
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss": peak * 1024}), flush=True)
 """
 
 
