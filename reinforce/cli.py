@@ -97,7 +97,7 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
                             "%(default)s: 5e-4; 512 keeps it under 1e-3 for ~1 byte/record less)")
     build.add_argument("--derived-params", dest="param_storage", action="store_const", const="derived",
                        help="store no augmentation parameters: readers re-derive them from the seed and check a "
-                            "per-block digest (format 1.1; fewer bytes per record, see format_spec.md)")
+                            "per-block digest (since format 1.1; fewer bytes per record, see format_spec.md)")
     build.add_argument("--device", help="cpu, cuda or cuda:N (default %(default)s)")
     build.add_argument("--decode-threads", type=int,
                        help="threads decoding source images, per worker (default: 4 with --device cpu; with a GPU "
