@@ -198,8 +198,8 @@ def create_timm_member(arch: str, weights: str | os.PathLike[str] | None = None,
     state = None
     if weights is not None:
         state, metadata = load_state_dict(weights)
-    overlay = _data_overlay(input_size=input_size or _meta(metadata, "input_size"),
-                            mean=mean or _meta(metadata, "mean"), std=std or _meta(metadata, "std"))
+    overlay = _data_overlay(input_size=input_size or metadata_value(metadata, "input_size"),
+                            mean=mean or metadata_value(metadata, "mean"), std=std or metadata_value(metadata, "std"))
     if state is not None:
         model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay,
                                   **_head_size(arch, state))
@@ -319,7 +319,9 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
-def _meta(metadata: dict[str, str], key: str) -> Any:
+def metadata_value(metadata: dict[str, str], key: str) -> Any:
+    """A JSON value the weights file's metadata holds under ``key`` (``input_size``, ``mean``, ``std``: what
+    ``reinforce train`` writes into its weights), or None."""
     return json.loads(metadata[key]) if key in metadata else None
 
 

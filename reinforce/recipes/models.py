@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..build.teachers import IMAGENET_MEAN, IMAGENET_STD, load_state_dict, parse_teacher_spec
+from ..build.teachers import IMAGENET_MEAN, IMAGENET_STD, load_state_dict, metadata_value, parse_teacher_spec
 from .errors import TrainError
 
 if TYPE_CHECKING:
@@ -59,10 +59,10 @@ def create_student(spec: str, num_classes: int, *, fine_tune: bool, mean=None, s
         state, metadata = load_state_dict(weights)
         notes += _load_weights(module, state, weights, num_classes, fine_tune)
     config = module.pretrained_cfg
-    size = _meta(metadata, "input_size")
+    size = metadata_value(metadata, "input_size")
     return Student(module=module, name=arch,
-                   mean=tuple(mean or _meta(metadata, "mean") or config.get("mean", IMAGENET_MEAN)),
-                   std=tuple(std or _meta(metadata, "std") or config.get("std", IMAGENET_STD)),
+                   mean=tuple(mean or metadata_value(metadata, "mean") or config.get("mean", IMAGENET_MEAN)),
+                   std=tuple(std or metadata_value(metadata, "std") or config.get("std", IMAGENET_STD)),
                    input_size=int(size) if size else None, notes=notes)
 
 
@@ -110,8 +110,3 @@ def check_module_classes(module: torch.nn.Module, num_classes: int, size: int) -
         raise TrainError(f"the model predicts {outputs} classes but the store/training data has {num_classes}: "
                          f"create it with num_classes={num_classes}")
 
-
-def _meta(metadata: dict[str, str], key: str) -> Any:
-    import json
-
-    return json.loads(metadata[key]) if key in metadata else None
