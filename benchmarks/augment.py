@@ -9,11 +9,17 @@ per source as in a build), in one run:
   batched on crops already at the output size (as ``replay_crops`` does), in CPU ms per sample, optionally side
   by side with an earlier reinforce_loaders (``--baseline DIR``: a folder holding a copy of the package renamed
   ``reinforce_loaders_old``, e.g. ``git archive HEAD~1 loaders/reinforce_loaders``), in one run, interleaved;
+* crop (``--crop``): the exact crop resampler (``resample_box``, format_spec.md 4.5.1) on 375 x 500 photos, one
+  record at a time as the student's CPU loader replays it, against torchvision's uint8 antialiased
+  ``resized_crop`` of the same box to the same size and, with ``--baseline DIR``, the earlier package's
+  resampler, interleaved crop by crop, CPU ms per crop (medians); boxes drawn by ``RandomResizedCrop`` and the
+  whole image; on a device (``--device cuda``) also the batched path, all records in one call;
 * loader: ``ReinforcedDataset`` throughput on stores built with and without a mixing preset, i.e. the cost of
   decoding and augmenting the MixUp / CutMix partner (``--loader-images 0`` skips it).
 
 Usage: ``python benchmarks/augment.py [--device cuda] [--records-per-image 32] [--size 224]``;
-``python benchmarks/augment.py --after-crop [--baseline DIR] [--batch 64] [--device cuda]``
+``python benchmarks/augment.py --after-crop [--baseline DIR] [--batch 64] [--device cuda]``;
+``python benchmarks/augment.py --crop [--baseline DIR] [--records-per-image 32] [--device cuda]``
 """
 
 from __future__ import annotations
@@ -157,6 +163,74 @@ def after_crop(images: list[torch.Tensor], size: int, batch: int, device: str, r
     return out
 
 
+def photo_sources(count: int, height: int = 375, width: int = 500) -> list[torch.Tensor]:
+    """``count`` different ``height`` x ``width`` cuts of the scikit-learn photos (427 x 640)."""
+    photos = [torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous() for image in load_sample_images().images]
+    return [photos[i % 2][:, 13 * i:13 * i + height, 29 * i:29 * i + width].contiguous() for i in range(count)]
+
+
+def crop_speed(size: int, per_image: int, repeats: int, baseline: str | None, device: str,
+               ) -> dict[str, dict[str, float]]:
+    """Median CPU ms per crop, per resampler, one record at a time (each crop timed alone, candidates
+    interleaved crop by crop): RandomResizedCrop boxes of 375 x 500 photos and the whole image, to ``size``.
+    On a device: wall ms per record of the batched crop of all records (synchronized), and the baseline's."""
+    import sys
+
+    from torchvision.transforms.v2 import functional as F
+
+    from reinforce_loaders.augment import geometric
+
+    images = photo_sources(4)
+    pipeline = AugmentPipeline([RandomResizedCrop()], size)
+    indices, params, _ = make_records(pipeline, images, per_image)
+    boxes = [tuple(int(v) for v in row) for row in params]
+    old = None
+    if baseline:
+        sys.path.insert(0, baseline)
+        from reinforce_loaders_old.augment import geometric as old
+    out: dict[str, dict[str, float]] = {}
+    if device == "cpu":
+        for label, cases in (("rrc boxes", list(zip(indices, boxes))),
+                             ("whole image", [(i, (0, 0, 375, 500)) for i in range(len(images))] * 8)):
+            for resample in ("antialias", "roi_align"):
+                candidates = {"now": lambda image, box: geometric.resample_box(image, box, size, resample)}
+                if resample == "antialias":
+                    candidates["torchvision"] = lambda image, box: F.resized_crop(image, *box, [size, size],
+                                                                                   antialias=True)
+                if old is not None:
+                    candidates["baseline"] = lambda image, box: old.resample_box(image, box, size, resample)
+                seconds: dict[str, list[float]] = {name: [] for name in candidates}
+                for round_ in range(repeats + 1):  # the first round warms up (taps, allocator), not counted
+                    for index, box in cases:
+                        for name, crop in candidates.items():
+                            began = time.process_time()
+                            crop(images[index], box)
+                            if round_:
+                                seconds[name].append(time.process_time() - began)
+                out[f"{label}, {resample}"] = {name: 1e3 * statistics.median(values)
+                                               for name, values in seconds.items()}
+        return out
+    on_device = [image.to(device) for image in images]
+    batch = [on_device[i] for i in indices]
+    boxes_t = torch.tensor(boxes, dtype=torch.float64)
+    for resample in ("antialias", "roi_align"):
+        candidates = {"now": lambda: geometric.crop_resize(batch, boxes_t, size, resample)}
+        if old is not None:
+            candidates["baseline"] = lambda: old.crop_resize(batch, boxes_t, size, resample)
+        seconds = {name: [] for name in candidates}
+        for round_ in range(repeats + 1):
+            for name, crop in candidates.items():
+                torch.cuda.synchronize()
+                began = time.perf_counter()
+                crop()
+                torch.cuda.synchronize()
+                if round_:
+                    seconds[name].append(time.perf_counter() - began)
+        out[f"batch of {len(batch)}, {resample}"] = {name: 1e3 * statistics.median(values) / len(batch)
+                                                     for name, values in seconds.items()}
+    return out
+
+
 def loader_overhead(images: int, repeats: int) -> dict[str, dict[str, float]]:
     """Samples/s of ReinforcedDataset (one process) per preset, on JPEG sources of ImageNet-like size, and of a
     torchvision ImageFolder with RandomResizedCrop + flip (standard training, no store) as the baseline."""
@@ -222,11 +296,23 @@ def main() -> None:
     parser.add_argument("--after-crop", action="store_true", help="only the ops after the crop, batched")
     parser.add_argument("--baseline", help="folder holding an earlier package as reinforce_loaders_old")
     parser.add_argument("--batch", type=int, default=64, help="records per batch with --after-crop")
+    parser.add_argument("--crop", action="store_true", help="only the crop resampler, against torchvision")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"# {platform.platform()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}")
+    if args.crop:
+        print(f"# crop resampling of 375 x 500 photos to {args.size}, {4 * args.records_per_image} RandomResizedCrop "
+              f"boxes and 32 whole images, {'CPU ms per crop, one at a time' if args.device == 'cpu' else 'ms per record'}"
+              f", median over {args.repeats} interleaved rounds")
+        for case, result in crop_speed(args.size, args.records_per_image, args.repeats, args.baseline,
+                                       args.device).items():
+            ratios = "".join(f"  now/{name} {result['now'] / result[name]:.2f}" for name in ("torchvision", "baseline")
+                             if name in result)
+            print(f"{case:24s} " + "  ".join(f"{name} {value:.3f}" for name, value in result.items()) + ratios,
+                  flush=True)
+        return
     images = source_images(args.images)
     if args.after_crop:
         print(f"# ops after the crop, batch {args.batch}, output {args.size}, ms per sample, median of "

@@ -15,10 +15,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch.nn import functional as nnf
 
 from ..codecs import FLAG, Codec, IntCodec, relative
 from ..errors import AugmentationError
@@ -30,6 +31,7 @@ _MAX_TRIES = 10
 RESAMPLERS = ("roi_align", "antialias")
 WEIGHT_BITS = 14
 """Resampling weights are integers in units of ``2^-14`` (each pass sums at most 255 x (2^14 + taps))."""
+_ROUND_SHIFT = 2 * WEIGHT_BITS  # out = (acc + 2^27) >> 28
 
 
 def _quantize(weights: np.ndarray) -> np.ndarray:
@@ -92,17 +94,43 @@ def roi_align_taps(start: int, extent: int, limit: int, size: int) -> tuple[np.n
     return index, _quantize(values)
 
 
-def _box_taps(box: Sequence[int], shape: Sequence[int], size: int, resample: str,
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Absolute source (rows, row weights, columns, column weights) of a clamped box."""
-    top, left, height, width = box
+class _Taps(NamedTuple):
+    """The taps along one axis of a box: every source index a nonzero weight reads lies in ``[lo, hi)``;
+    ``index`` (int64 ``[size, K]``) is relative to ``lo`` and lies in ``[0, hi - lo)`` (rows are padded with
+    weight 0); ``weights`` int32 ``[size, K]``, also as binary32 and as binary64 times ``2^-28`` (the CPU's
+    passes); ``total`` the largest sum of a row's weights."""
+
+    lo: int
+    hi: int
+    index: torch.Tensor
+    weights: torch.Tensor
+    binary32: torch.Tensor
+    scaled: torch.Tensor
+    total: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_taps(resample: str, start: int, extent: int, limit: int, size: int) -> _Taps:
     if resample == "antialias":
-        rows, row_weights = antialias_taps(height, size)
-        columns, column_weights = antialias_taps(width, size)
-        return rows + top, row_weights, columns + left, column_weights
-    rows, row_weights = roi_align_taps(top, height, shape[0], size)
-    columns, column_weights = roi_align_taps(left, width, shape[1], size)
-    return rows, row_weights, columns, column_weights
+        index, weights = antialias_taps(extent, size)
+        index = index + start
+    else:
+        index, weights = roi_align_taps(start, extent, limit, size)
+    read = index[weights != 0]
+    if not read.size:
+        read = index
+    lo, hi = int(read.min()), int(read.max()) + 1
+    return _Taps(lo, hi, torch.from_numpy(np.clip(index - lo, 0, hi - lo - 1)), torch.from_numpy(weights),
+                 torch.from_numpy(weights.astype(np.float32)),
+                 torch.from_numpy(np.ldexp(weights.astype(np.float64), -_ROUND_SHIFT)), int(weights.sum(1).max()))
+
+
+def _axis_taps(resample: str, start: int, extent: int, limit: int, size: int) -> _Taps:
+    """The taps of the box ``[start, start + extent)`` of an axis of ``limit`` pixels (format_spec.md 4.5.1)."""
+    if resample == "antialias":  # the same taps wherever the box lies
+        taps = _cached_taps(resample, 0, extent, 0, size)
+        return taps._replace(lo=taps.lo + start, hi=taps.hi + start)
+    return _cached_taps(resample, start, extent, limit, size)
 
 
 def clamp_box(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
@@ -112,15 +140,44 @@ def clamp_box(box: Sequence[float], height: int, width: int) -> tuple[int, int, 
     return max(top, 0), max(left, 0), h, w
 
 
-def _pass(values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One exact resampling pass along dim 1 of ``values`` (whole rows, contiguous copies):
-    ``sum_k weights[i, k] * values[:, index[i, k]]`` in ``dtype``, taps added one at a time."""
-    accumulated = None
-    for k in range(index.shape[1]):
-        term = values.index_select(1, index[:, k]).to(dtype).mul_(weights[:, k].view(-1, 1))
-        accumulated = term if accumulated is None else accumulated.add_(term)
-    assert accumulated is not None
-    return accumulated
+# Why the sums below are exact: every weight and pixel is a nonnegative integer, so a partial sum never exceeds
+# the full one. A quantized weight is at most v * 2^14 + 1/2 and an axis' binary64 weights sum to at most 1, so
+# a row of K weights sums to at most 2^14 + K/2: the first pass stays below 255 * (2^14 + K/2) < 2^24 for
+# K < 98,000 taps (exact in binary32 and int32), the second below 255 * (2^14 + K/2)^2 < 2^53 (exact in
+# binary64 and int64). _plan checks both bounds on every crop's actual weights.
+
+
+def _plan(image: torch.Tensor, box: Sequence[float], size: int, resample: str) -> tuple[_Taps, _Taps]:
+    """The row and column taps of ``box`` clamped to ``image``, their sums' bounds checked."""
+    height, width = image.shape[-2:]
+    top, left, h, w = clamp_box(box, height, width)
+    rows, columns = _axis_taps(resample, top, h, height, size), _axis_taps(resample, left, w, width, size)
+    if 255 * rows.total >= 1 << 24 or 255 * rows.total * columns.total >= 1 << 53:
+        raise AugmentationError(f"crop of {h} x {w} pixels to {size}: too many taps for exact sums")
+    return rows, columns
+
+
+def _resample_cpu(image: torch.Tensor, rows: _Taps, columns: _Taps, size: int) -> torch.Tensor:
+    """One crop on the CPU as two passes of weighted sums of whole rows (``embedding_bag``): the vertical pass
+    on the box's rows of every channel in binary32, then the horizontal one on the rows of its transpose (the
+    box's columns) in binary64, both exact by the bounds above. The second pass's weights carry the final
+    ``2^-28`` (a power of two: still exact), so ``acc / 2^28 + 1/2`` truncates to the rounded pixel.
+    Each intermediate is freed before the next is made: a low heap peak lets glibc keep its pages rather than
+    return them and fault them in again on every crop (that costs more than the arithmetic)."""
+    channels, height, width = image.shape[0], rows.hi - rows.lo, columns.hi - columns.lo
+    bags = rows.index + torch.arange(0, channels * height, height).view(-1, 1, 1)  # [C, S_i, K]
+    region = image[:, rows.lo:rows.hi, columns.lo:columns.hi].to(torch.float32).reshape(channels * height, width)
+    vertical = nnf.embedding_bag(bags.view(channels * size, -1), region, mode="sum",
+                                 per_sample_weights=rows.binary32.repeat(channels, 1))  # [C * S_i, width]
+    del region
+    table = torch.empty((width, channels * size), dtype=torch.float64).copy_(vertical.t())
+    del vertical
+    both = nnf.embedding_bag(columns.index, table, mode="sum", per_sample_weights=columns.scaled)
+    del table
+    both = both.add_(0.5).clamp_(max=255.0)  # [S_j, C * S_i], >= 1/2 (nonnegative sums)
+    out = torch.empty((channels, size, size), dtype=torch.uint8)
+    out.permute(2, 0, 1).copy_(both.view(size, channels, size))  # the cast truncates: floor
+    return out
 
 
 def resample_box(image: torch.Tensor, box: Sequence[float], size: int, resample: str = "antialias",
@@ -128,23 +185,77 @@ def resample_box(image: torch.Tensor, box: Sequence[float], size: int, resample:
     """The source box ``(top, left, height, width)`` of uint8 ``[C, H, W]`` ``image`` (clamped by
     :func:`clamp_box`) resampled to uint8 ``[C, size, size]`` with integer weights (format_spec.md 4.5.1).
 
-    The sum of products is exact and rounded once (``clip((acc + 2^27) >> 28, 0, 255)``), so the order of
-    the passes does not change a byte: the vertical pass runs first, on whole rows in int32 (at most
-    255 x (2^14 + taps)), then the horizontal one on the transposed result in int64.
+    The sum of products is exact and rounded once (``clip((acc + 2^27) >> 28, 0, 255)``), so neither the order
+    of the passes nor the number type of the sums changes a byte.
     """
-    height, width = image.shape[-2:]
-    top, left, h, w = clamp_box(box, height, width)
+    if image.device.type != "cpu":
+        return _resample_batch([image], [box], size, resample)[0]
+    top, left, h, w = box = clamp_box(box, *image.shape[-2:])
     if resample == "antialias" and h == size and w == size:
         return image[:, top:top + h, left:left + w].clone()
-    rows, row_weights, columns, column_weights = _box_taps((top, left, h, w), (height, width), size, resample)
-    first, last = int(columns.min()), int(columns.max()) + 1
-    device = image.device
-    vertical = _pass(image[:, :, first:last], torch.from_numpy(rows).to(device),
-                     torch.from_numpy(row_weights).to(device), torch.int32)
-    both = _pass(vertical.transpose(1, 2), torch.from_numpy(columns - first).to(device),
-                 torch.from_numpy(column_weights.astype(np.int64)).to(device), torch.int64)
-    out = ((both + (1 << (2 * WEIGHT_BITS - 1))) >> (2 * WEIGHT_BITS)).clamp_(0, 255).to(torch.uint8)
-    return out.transpose(1, 2).contiguous()
+    return _resample_cpu(image, *_plan(image, box, size, resample), size)
+
+
+def _stacked(taps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``[N, S, K]`` stack of ``[S, K_r]`` taps on ``device``, padded with zeros (relative index 0, weight 0)."""
+    count = max(t.shape[1] for t in taps)
+    return torch.stack([nnf.pad(t, (0, count - t.shape[1])) for t in taps]).to(device)
+
+
+def _resample_batch(images: Sequence[torch.Tensor], boxes: Sequence[Sequence[float]], size: int, resample: str,
+                    budget: int = 1 << 26) -> torch.Tensor:
+    """Every crop at once in integers, with no per-record work on the device (:func:`crop_resize` off the CPU).
+
+    The distinct sources are concatenated into one flat buffer; the vertical pass gathers, tap by tap, the
+    widest box's width of pixels from where each (record, channel, output row)'s tap row starts in its box
+    (``unfold`` windows of the buffer + ``index_select``) and sums in int32; the horizontal pass gathers that
+    sum's columns and sums in int64 (bounds above). Records go in chunks of about ``budget`` elements.
+    """
+    device, channels = images[0].device, images[0].shape[0]
+    slots: dict[int, int] = {}
+    sources: list[torch.Tensor] = []
+    for image in images:
+        if slots.setdefault(id(image), len(sources)) == len(sources):
+            sources.append(image)
+    starts = np.cumsum([0] + [image.numel() for image in sources])
+    plans = [_plan(image, box, size, resample) for image, box in zip(images, boxes)]
+    span = max(columns.hi - columns.lo for _, columns in plans)
+    flat = torch.cat([image.reshape(-1) for image in sources] + [images[0].new_zeros(span)])
+    windows = flat.unfold(0, span, 1)  # a view: the span pixels from every offset
+
+    def on_device(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(device)
+
+    shapes = np.array([(image.shape[-2] * image.shape[-1], image.shape[-1]) for image in images], dtype=np.int64)
+    corners = np.array([starts[slots[id(image)]] + rows.lo * image.shape[-1] + columns.lo
+                        for image, (rows, columns) in zip(images, plans)], dtype=np.int64)
+    row_index = _stacked([rows.index for rows, _ in plans], device)
+    row_weights = _stacked([rows.weights for rows, _ in plans], device)
+    column_index = _stacked([columns.index for _, columns in plans], device)
+    column_weights = _stacked([columns.weights for _, columns in plans], device).long()
+    plane, width = on_device(shapes).view(-1, 2, 1, 1).unbind(1)
+    channel = torch.arange(channels, device=device).view(1, -1, 1, 1)
+    offsets = (on_device(corners).view(-1, 1, 1, 1) + channel * plane.unsqueeze(1)
+               + (row_index * width).unsqueeze(1))  # [N, C, S, K1]: where each tap's window starts
+    step = max(1, budget // (channels * size * max(span, size)))
+    out = []
+    for first in range(0, len(images), step):
+        chunk = slice(first, first + step)
+        count, taps = len(offsets[chunk]), offsets.shape[-1]
+        starts_k = offsets[chunk].permute(3, 0, 1, 2).reshape(taps, -1)  # [K1, n * C * S]
+        weights_k = row_weights[chunk].unsqueeze(1).expand(-1, channels, -1, -1).permute(3, 0, 1, 2)
+        weights_k = weights_k.reshape(taps, -1, 1)
+        vertical = torch.zeros((starts_k.shape[1], span), dtype=torch.int32, device=device)
+        for k in range(taps):
+            vertical += windows.index_select(0, starts_k[k]) * weights_k[k]
+        vertical = vertical.view(count, channels * size, span)
+        both = torch.zeros((count, channels * size, size), dtype=torch.int64, device=device)
+        for k in range(column_index.shape[-1]):
+            gathered = vertical.gather(2, column_index[chunk, None, :, k].expand(-1, channels * size, -1))
+            both += gathered * column_weights[chunk, None, :, k]
+        out.append(((both + (1 << (_ROUND_SHIFT - 1))) >> _ROUND_SHIFT).clamp_(0, 255).to(torch.uint8)
+                   .view(count, channels, size, size))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def resized_crop(image: torch.Tensor, box: Sequence[float], size: int) -> torch.Tensor:
@@ -156,12 +267,15 @@ def resized_crop(image: torch.Tensor, box: Sequence[float], size: int) -> torch.
 def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, resample: str = "antialias",
                 ) -> torch.Tensor:
     """Resample box ``boxes[r]`` = ``(top, left, height, width)`` (source pixels of ``images[r]``) of each uint8
-    ``[C, H, W]`` image to uint8 ``[N, C, size, size]`` (:func:`resample_box`, one record at a time: the taps
-    are host integers, so the boxes come to the host once)."""
+    ``[C, H, W]`` image to uint8 ``[N, C, size, size]`` (:func:`resample_box`): on the CPU one record at a
+    time, elsewhere all at once (:func:`_resample_batch`). The taps are host integers, so the boxes come to the
+    host once."""
     boxes_list = boxes.tolist()
     if all(tuple(image.shape[-2:]) == (size, size) and clamp_box(box, size, size) == (0, 0, size, size)
            for image, box in zip(images, boxes_list)):
         return torch.stack(list(images))  # crops already at the output size (replay_crops): one copy
+    if images[0].device.type != "cpu":
+        return _resample_batch(images, boxes_list, size, resample)
     return torch.stack([resample_box(image, box, size, resample) for image, box in zip(images, boxes_list)])
 
 
