@@ -17,12 +17,14 @@ teachers), a0/b and a/c. Source images are JPEG crops of scikit-learn's two samp
 
 ``--simulate-device`` measures the overlap on any machine, without a GPU: the teacher is one member that sleeps a
 fixed time per micro-batch (the CPU stays free, as it does while a GPU runs kernels) and returns logits of the
-images' mean colour. The host work per micro-batch H is measured first (the serial pipeline with a teacher that
-does not sleep), the simulated device time is set to H (or ``--device-ms``), and then a, a0 and b are measured:
-with perfect overlap a/b = 1 and a0/b = 0.5.
+images' first pixel. Each repeat first measures the host work per micro-batch H (the serial pipeline with a
+teacher that does not sleep), sets the simulated device time to H (or ``--device-ms``), then measures b, a and
+a0: with perfect overlap a/b = 1 and a0/b = 0.5. Torch runs 1 thread, as a GPU build does by default.
 
 CPU (2 cores):  python benchmarks/build.py
 Overlap:        python benchmarks/build.py --simulate-device
+Compilation:    python benchmarks/build.py --device cuda --models resnet50 --image-size 224 --num-images 512 \\
+                    -A 8 --batch-size 256 --compare-compile
 GPU example:    python benchmarks/build.py --device cuda --models resnet50,resnet50,resnet50,resnet50 \\
                     --image-size 224 --num-images 2048 -A 8 --batch-size 256
 """
@@ -110,12 +112,18 @@ def run_pipeline(config: BuildConfig, ensemble: Ensemble, *, serial: bool = Fals
     reinforce.build.blocks.MICRO_BATCHES_AHEAD = 0 if serial else 1
     forward = ensemble.probs
     spent = [0.0]
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def timed(images_by_size):
-        synchronize(config.device)
+        if config.device.startswith("cuda"):  # timed on the stream: a host sync here would undo the overlap
+            began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            began.record()
+            probs = forward(images_by_size)
+            ended.record()
+            events.append((began, ended))
+            return probs
         began = time.perf_counter()
         probs = forward(images_by_size)
-        synchronize(config.device)
         spent[0] += time.perf_counter() - began
         return probs
 
@@ -125,11 +133,13 @@ def run_pipeline(config: BuildConfig, ensemble: Ensemble, *, serial: bool = Fals
     finally:
         del ensemble.probs
         reinforce.build.blocks.MICRO_BATCHES_AHEAD = 1
+    synchronize(config.device)
+    spent[0] += sum(began.elapsed_time(ended) for began, ended in events) / 1000
     return summary.images_per_second, summary.images / spent[0]
 
 
-def prepare_forward_only(config: BuildConfig, ensemble: Ensemble, num_images: int):
-    """(b): a function timing the ensemble alone on the very micro-batches of (a), already on the device."""
+def ready_micro_batches(config: BuildConfig, ensemble: Ensemble, num_images: int) -> list[dict[int, torch.Tensor]]:
+    """The very micro-batches of (a), augmented and already on the device (by input size)."""
     from reinforce.build.plan import open_build_source
 
     config.validate()
@@ -147,21 +157,61 @@ def prepare_forward_only(config: BuildConfig, ensemble: Ensemble, num_images: in
                        .contiguous(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
                        for size in ensemble.input_sizes}
             batches.append(by_size)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(processor.plan.precision)
-
-    def forward_all() -> float:
-        synchronize(config.device)
-        began = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(processor.device.type, dtype=dtype or torch.float32,
-                                                     enabled=dtype is not None):
-            for by_size in batches:
-                ensemble.probs(by_size)
-        synchronize(config.device)
-        return num_images / (time.perf_counter() - began)
-
     processor.close()
-    forward_all()  # warm-up
-    return forward_all
+    return batches
+
+
+def forward_over(config: BuildConfig, ensemble: Ensemble, batches: list[dict[int, torch.Tensor]],
+                 num_images: int, outputs: list[torch.Tensor] | None = None) -> float:
+    """Images/s of the ensemble alone over ``batches`` (autocast as the build runs it); ``outputs`` collects each
+    micro-batch's top-5 classes and probabilities (on the host) when given."""
+    from reinforce.build.blocks import top_k_stable
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(config))
+    synchronize(config.device)
+    began = time.perf_counter()
+    with torch.inference_mode(), torch.autocast(torch.device(config.device).type, dtype=dtype or torch.float32,
+                                                 enabled=dtype is not None):
+        for by_size in batches:
+            probs = ensemble.probs(by_size)
+            if outputs is not None:
+                values, classes = top_k_stable(probs.float(), 5)
+                outputs.append(torch.cat([classes.float(), values], dim=-1).cpu())
+    synchronize(config.device)
+    return num_images / (time.perf_counter() - began)
+
+
+def prepare_forward_only(config: BuildConfig, ensemble: Ensemble, num_images: int):
+    """(b): a function timing the ensemble alone on the very micro-batches of (a), already on the device."""
+    batches = ready_micro_batches(config, ensemble, num_images)
+    forward_over(config, ensemble, batches, num_images)  # warm-up
+    return lambda: forward_over(config, ensemble, batches, num_images)
+
+
+def compare_compile(config: BuildConfig, teachers: list[str], num_images: int, repeats: int) -> None:
+    """``--compare-compile``: the ensemble's forward alone, eager vs ``torch.compile`` vs ``torch.compile(mode=
+    "reduce-overhead")`` (CUDA graphs on a GPU), on the same micro-batches; the speed of each against eager, and
+    whether its top-5 classes and probabilities are bitwise eager's."""
+    from reinforce.build.blocks import prepare_ensemble
+
+    modes = {"eager": None, "compile": "default", "compile+cudagraphs": "reduce-overhead"}
+    device = torch.device(config.device)
+    batches = ready_micro_batches(config, create_ensemble(teachers), num_images)
+    rates, tops = {}, {}
+    for name, mode in modes.items():
+        ensemble = prepare_ensemble(create_ensemble(teachers), device, channels_last=config.channels_last,
+                                    compile=False)
+        if mode is not None:
+            for member in ensemble.members:
+                member.module = torch.compile(member.module, mode=mode)
+        tops[name] = []
+        forward_over(config, ensemble, batches, num_images, tops[name])  # compiles, and the outputs to compare
+        rates[name] = [forward_over(config, ensemble, batches, num_images) for _ in range(repeats)]
+    eager = statistics.median(rates["eager"])
+    for name, runs in rates.items():
+        same = all(torch.equal(x, y) for x, y in zip(tops[name], tops["eager"], strict=True))
+        print(f"{name:20s} {statistics.median(runs):9.1f} images/s  x{statistics.median(runs) / eager:.2f} of eager  "
+              f"top-5 {'bitwise equal to' if same else 'DIFFERS from'} eager's  runs {[round(r, 1) for r in runs]}")
 
 
 class ReferenceStyleDataset(torch.utils.data.Dataset):
@@ -228,7 +278,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--cpu-threads", type=int, help="torch threads (default: the build's)")
+    parser.add_argument("--compare-compile", action="store_true",
+                        help="only the forward: eager vs torch.compile vs CUDA graphs (reduce-overhead), same batches")
+    parser.add_argument("--cpu-threads", type=int,
+                        help="torch threads (default: the build's; 1 with --simulate-device, as on a GPU)")
     parser.add_argument("--baseline-workers", type=int, default=0, help="DataLoader workers of the baseline")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--simulate-device", action="store_true",
@@ -253,6 +306,9 @@ def main() -> None:
                              top_k=args.top_k, batch_size=args.batch_size, block_size=args.block_size,
                              device=args.device, precision=args.precision, compile=args.compile,
                              teacher_classes="all", cpu_threads=args.cpu_threads)
+        if args.compare_compile:
+            compare_compile(config, teachers, args.num_images, args.repeats)
+            return
         # (a) and (b) share one ensemble, so they run the very same modules.
         ensemble = create_ensemble(teachers)
         # Warm-up: the first forward passes of a process are slower (allocator, kernel selection).
@@ -296,31 +352,37 @@ def simulate(args: argparse.Namespace, source: Path, root: Path) -> None:
     ensemble = Ensemble([device])
     config = BuildConfig(source=str(source), out=str(root / "store.zarr"), augment="rrc", image_size=args.image_size,
                          num_augmentations=args.num_augmentations, top_k=args.top_k, batch_size=args.batch_size,
-                         block_size=args.block_size, teacher_classes="all", cpu_threads=args.cpu_threads)
+                         block_size=args.block_size, teacher_classes="all",
+                         cpu_threads=args.cpu_threads or 1)  # as a GPU build's default: no OpenMP teams spinning
     micro_batches = sum(-(-min(args.block_size, args.num_images - start) * args.num_augmentations // args.batch_size)
                         for start in range(0, args.num_images, args.block_size))
     run_pipeline(config, ensemble)  # warm-up
-    # Host work per micro-batch: the serial pipeline's time when the device takes none.
-    host = statistics.median(args.num_images / run_pipeline(config, ensemble, serial=True)[0] / micro_batches
-                             for _ in range(args.repeats))
-    device.seconds = args.device_ms / 1000 if args.device_ms is not None else host
     forward_all = prepare_forward_only(config, ensemble, args.num_images)
-    pipeline, serial, forward = [], [], []
+    hosts, pipeline, serial, forward, ratios = [], [], [], [], []
+    # Each repeat measures its own host work first, so load from other processes drifting between repeats moves
+    # host work and device time together.
     for _ in range(args.repeats):
+        device.seconds = 0.0
+        hosts.append(args.num_images / run_pipeline(config, ensemble, serial=True)[0] / micro_batches)
+        device.seconds = args.device_ms / 1000 if args.device_ms is not None else hosts[-1]
+        forward.append(forward_all())
         pipeline.append(run_pipeline(config, ensemble)[0])
         serial.append(run_pipeline(config, ensemble, serial=True)[0])
-        forward.append(forward_all())
+        ratios.append(pipeline[-1] / forward[-1])
+    host = statistics.median(hosts)
     a, a0, b = (statistics.median(rates) for rates in (pipeline, serial, forward))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
           f"simulated device")
     print(f"{args.num_images} images x {args.num_augmentations} augmentations at {args.image_size}px, batch "
-          f"{args.batch_size}, block {args.block_size}: {micro_batches} micro-batches; host work "
-          f"{host * 1000:.1f} ms per micro-batch (serial, device time 0), device time set to "
-          f"{device.seconds * 1000:.1f} ms; medians of {args.repeats}")
+          f"{args.batch_size}, block {args.block_size}: {micro_batches} micro-batches; host work per micro-batch "
+          f"(serial, device time 0) {host * 1000:.1f} ms, runs {[round(h * 1000, 1) for h in hosts]}; device time "
+          f"{'set to ' + str(args.device_ms) + ' ms' if args.device_ms is not None else 'equal to it'}; "
+          f"medians of {args.repeats}")
     print(f"(a) overlapped pipeline    {a:9.1f} images/s  runs {[round(r, 1) for r in pipeline]}")
     print(f"(a0) steps in series       {a0:9.1f} images/s  runs {[round(r, 1) for r in serial]}")
     print(f"(b) device only            {b:9.1f} images/s  runs {[round(r, 1) for r in forward]}")
-    print(f"a/b = {a / b:.3f}   a0/b = {a0 / b:.3f}   a/a0 = {a / a0:.2f}x   (medians)")
+    print(f"a/b = {a / b:.3f}   a0/b = {a0 / b:.3f}   a/a0 = {a / a0:.2f}x   (medians); a/b of each repeat "
+          f"{[round(r, 3) for r in ratios]}, median {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":
