@@ -10,6 +10,10 @@
 Every training is a ``reinforce.recipes.train`` run (teachers and the plain student: ``plain``; the student on the
 store: ``usi`` with KL alone), in whole epochs.
 
+With CUDA available, the teachers, the build and the students run on the GPU (the trainings' processes are
+then spawned, not forked); on a CPU the demo is as described here. Worker processes end with the demo, even a
+killed one (:func:`reinforce.lifetime.exit_with_parent`).
+
 Every piece of work runs with one torch thread. The independent trainings of a stage (the two teachers, the two
 students) run side by side in ``jobs`` worker processes, so two free cores are used, while a busy machine
 only shares its cores out: nothing spins waiting for a thread the scheduler has parked, and the CPU time
@@ -43,6 +47,7 @@ from tqdm.auto import tqdm
 from .build import BuildConfig, run_build
 from .evaluation import EvalSamples, evaluate
 from .recipes import TrainConfig, train
+from .lifetime import exit_with_parent
 from .recipes.run import LAST_EMA
 
 IMAGE_SIZE = 32
@@ -95,6 +100,11 @@ def default_jobs() -> int:
     return max(1, min(2, cores))
 
 
+def demo_device() -> str:
+    """Where the demo's teachers, build and students run: the GPU when CUDA is available, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # --- the trainings: module-level functions, so worker processes can run them --------------------------------
 
 def _epochs_for(steps: int, train_dir: Path) -> int:
@@ -107,9 +117,11 @@ def _train_run(train_dir: Path, out: Path, steps: int, report: Report, **setting
     """``reinforce.recipes.train`` for the epochs of ``steps`` (fresh in ``out``), reporting each step; the path of
     its last weights (the model EMA's: the recipes' default)."""
     shutil.rmtree(out, ignore_errors=True)
+    device = demo_device()
+    # On the CPU every job is one thread in one process (see the module docstring): no loader workers.
     config = TrainConfig(train_source=str(train_dir), out=str(out), epochs=_epochs_for(steps, train_dir),
                          batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, mean=MEAN, std=STD, progress=False,
-                         **settings)
+                         device=device, workers=0 if device == "cpu" else None, **settings)
     train(config, log=lambda line: None, on_step=lambda trainer, epoch, step: report(1))
     return out / LAST_EMA
 
@@ -167,8 +179,9 @@ class Job:
 _progress_queue: Any = None  # a worker process's queue to the parent: (job index, steps)
 
 
-def _start_worker(progress_queue: Any) -> None:
+def _start_worker(progress_queue: Any, parent: int) -> None:
     global _progress_queue
+    exit_with_parent(parent)  # a killed demo must not leave its trainings running
     _progress_queue = progress_queue
     torch.set_num_threads(1)
 
@@ -194,10 +207,12 @@ class JobRunner:
         self._pool: ProcessPoolExecutor | None = None
         self._queue: Any = None
         if workers > 1:
-            context = multiprocessing.get_context()
+            # A forked child cannot use CUDA once the parent has (the demo's build runs in the parent).
+            context = multiprocessing.get_context("spawn" if torch.cuda.is_available() else None)
             self._queue = context.Queue()
+            # Its processes are started by the thread that submits, this one: see exit_with_parent's death signal.
             self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                             initargs=(self._queue,))
+                                             initargs=(self._queue, os.getpid()))
 
     def __enter__(self) -> JobRunner:
         return self
@@ -322,7 +337,7 @@ def _stages(root: Path, seed: int, log: Callable[[str], None], runner: JobRunner
     config = BuildConfig(
         source=str(train_dir), out=str(store), teachers=[f"{arch}={path}" for arch, path in zip(teachers, weights)],
         augment="rrc", image_size=IMAGE_SIZE, num_augmentations=num_augmentations, top_k=TOP_K, seed=seed,
-        batch_size=256, block_size=BUILD_BLOCK_SIZE, cpu_threads=1, decode_threads=1,
+        batch_size=256, block_size=BUILD_BLOCK_SIZE, cpu_threads=1, decode_threads=1, device=demo_device(),
     )
     summary, build_cpu = _timed(lambda: run_build(config, report=lambda text: None))  # the summary is logged here
     log(f"      {summary} ({build_cpu:.0f} s CPU)")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..progress import bar_options
 from ..build.writer import BlockResult, StoreWriter
+from ..lifetime import exit_with_parent
 
 
 class ImportFailure(ReinforceError):
@@ -113,7 +114,9 @@ def completed_entropy(probs: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def _convert_block(header: fmt.StoreHeader, block: int, paths: Sequence[str], labels: Sequence[int],
-                   files: Sequence[str], reader: SampleReader) -> tuple[int, BlockResult]:
+                   files: Sequence[str], reader: SampleReader, parent: int) -> tuple[int, BlockResult]:
+    # joblib (loky) may start its worker processes from its own threads: no death signal, the polling alone.
+    exit_with_parent(parent, death_signal=False)
     start, _ = header.block_range(block)
     codec = header.layout.params
     columns: dict[str, list[Any]] = {"sizes": [], "fingerprints": [], "params": [], "indices": [], "probs": []}
@@ -158,7 +161,7 @@ def convert(plan: ImportPlan, out: str | os.PathLike[str], *, workers: int = 1, 
     for block in pending:
         start, stop = header.block_range(block)
         tasks.append(delayed(_convert_block)(header, block, paths[start:stop], labels[start:stop],
-                                             plan.files[start:stop], plan.reader))
+                                             plan.files[start:stop], plan.reader, os.getpid()))
     samples = sum(header.block_range(b)[1] - header.block_range(b)[0] for b in pending)
     from joblib.externals.loky.process_executor import TerminatedWorkerError
 

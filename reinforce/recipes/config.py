@@ -167,7 +167,16 @@ class TrainConfig:
     curriculum: Literal["none", "easy", "hard"] = option(
         "none", group="sampling", help="draw each epoch's stored records from an entropy window (paper 001, C.4)")
     seed: int = option(0)
-    workers: int = option(0, help="DataLoader workers")
+    workers: int | None = option(None, help="DataLoader workers per process (default: from the machine, the cores "
+                                            "per process less one, at most 8)")
+    """DataLoader workers per process; ``None``: :func:`~reinforce.recipes.distributed.default_workers`."""
+    replay: Literal["auto", "workers", "device"] = option(
+        "auto", help="with --store: where the stored augmentation after the crop (flip, RandAugment, erasing, "
+                     "stored mixing) runs: 'device', batched on the training device, the workers only reading, "
+                     "decoding and cropping; 'workers', per sample in the loader; auto: device on CUDA (default "
+                     "{default}); the batches are the same")
+    """Where a store's ops after the crop run (``ReinforcedDataset(output="crops")`` + ``replay_crops`` on the
+    device, or the dataset's full replay in the workers); ``"auto"``: the device on CUDA, the workers elsewhere."""
     device: str = option("auto", help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default "
                                       "{default})")
     channels_last: bool = option(False, help="channels-last memory format for the student (faster convolutions "

@@ -1,7 +1,9 @@
 """Training samples for the recipes, and the run's data: training set, validation set and class count.
 
 Every training sample is ``(uint8 image [3, S, S], label, soft target)``: normalization happens in the training
-loop on the batch (so an online teacher can see the same pixels with its own normalization). A sample index may
+loop on the batch (so an online teacher can see the same pixels with its own normalization). With ``replay="device"`` a store's
+sample carries a :class:`~reinforce_loaders.collate.Crop` instead of the image: the workers only read, decode and
+crop, and the loop finishes the replay of a whole batch on its device (:meth:`StoreSamples.finish`). A sample index may
 be a plain position or a ``(position, resolution)`` pair from the multi-scale sampler. Random choices are keyed
 by (seed, epoch, position), so a batch does not depend on the worker count or on where a run was resumed.
 """
@@ -14,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from reinforce_loaders import ReinforcedDataset
+from reinforce_loaders.collate import Crop, replay_crops
+from reinforce_loaders.dataset import CropColumns
 from reinforce_loaders.source import ImageSource, open_source
 from torchvision.transforms import v2
 
@@ -55,12 +59,24 @@ class StoreSamples(EpochDataset):
     """
 
     def __init__(self, source: Any, store: str, resolution: int | None = None, seed: int | None = None,
-                 decode: str = "exact") -> None:
+                 decode: str = "exact", crops: bool = False) -> None:
         super().__init__()
         self.dataset = ReinforcedDataset(source, store, resolution=resolution, target="dense",
                                          transform=v2.Identity(), seed=seed, decode=decode)
+        if crops and CropColumns.of(self.dataset.pipeline).own is not None:  # else the full replay, in the workers
+            self.dataset.output = "crops"
         self.labels = _labels_of(self.dataset.source, self.dataset)
         self.slot_policy: Any = None
+
+    @property
+    def crops(self) -> bool:
+        """Whether samples are :class:`~reinforce_loaders.collate.Crop` s, whose replay :meth:`finish` completes."""
+        return self.dataset.output == "crops"
+
+    def finish(self, crops: Crop, device: torch.device) -> torch.Tensor:
+        """A batch of crops replayed to the end (flip, RandAugment, erasing, stored mixing), batched on
+        ``device``: uint8 ``[N, 3, S, S]``, the batch the full per-sample replay gives."""
+        return replay_crops(self.dataset.pipeline, crops, device)
 
     @property
     def num_classes(self) -> int:
@@ -86,7 +102,7 @@ class StoreSamples(EpochDataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor | Crop, int, torch.Tensor]:
         position, resolution = split_index(item)
         index = self.dataset.store_index(position)
         if self.slot_policy is None and resolution is None:
@@ -154,7 +170,10 @@ def open_data(settings: Settings) -> tuple[TrainingData, Settings]:
     ``settings`` with the training resolution filled in (the store's when not given, else 224)."""
     if settings.store:
         train_set: StoreSamples | AugmentedSamples = StoreSamples(
-            settings.train_source, settings.store, resolution=settings.image_size, decode=settings.decode)
+            settings.train_source, settings.store, resolution=settings.image_size, decode=settings.decode,
+            crops=settings.replay == "device")
+        if settings.replay == "device" and not train_set.crops:
+            settings = settings.complete(replay="workers")
     else:
         train_set = AugmentedSamples(settings.train_source, settings.image_size or 224, settings.seed,
                                      allow_empty_classes=settings.allow_empty_classes)

@@ -27,6 +27,21 @@ class World:
         return self.size > 1
 
 
+MAX_DEFAULT_WORKERS = 8
+"""The most DataLoader workers a process gets by default: beyond this, decoding rarely limits a single GPU, and
+every worker holds its own copy of the dataset's state."""
+
+
+def default_workers() -> int:
+    """DataLoader workers per training process when ``--workers`` is not given: the cores this process may use,
+    shared with the other processes of its node under ``torchrun`` (``LOCAL_WORLD_SIZE``), less one for the
+    training process itself, at most :data:`MAX_DEFAULT_WORKERS`; 0 (loading in the training process) only with a
+    single core per process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(per_process - 1, MAX_DEFAULT_WORKERS))
+
+
 def process_group_backend(device: str) -> str:
     """gloo on the CPU; on CUDA, NCCL for tensors on the GPU (DDP's gradients) and gloo for the loop's small
     CPU-side collectives (epoch metrics, broadcast objects, barriers), which NCCL cannot carry."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from reinforce_loaders.collate import Crop
 
 from ..build.teachers import Ensemble
 from ..evaluation import ensemble_probs
@@ -31,6 +32,12 @@ from .validation import Validator
 
 StepHook = Callable[["Trainer", int, int], None]
 """Called after every step with the loop, the epoch and the steps done in it."""
+
+READ_EVERY = 50
+"""Steps between two reads of the losses from the device (the progress bar, the running loss, the divergence
+check): a step itself never waits for the device."""
+PREFETCH_BATCHES = 4
+"""Batches each DataLoader worker prepares ahead."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +76,10 @@ class Trainer:
         self._train_loader: torch.utils.data.DataLoader | None = None
         self._epoch_seconds = 0.0
         self._epoch_images = 0
+        self.read_every = READ_EVERY
+        self._losses = torch.zeros(self.read_every, device=self.device)
+        self._pending: list[tuple[int, str]] = []
+        """The steps whose loss is in ``_losses`` but not yet in ``progress``: (images, where)."""
 
     def begin(self, run: RunDirectory, student: str) -> None:
         """Start the run (``student`` names the model in the log), or continue it from its checkpoint."""
@@ -96,15 +107,19 @@ class Trainer:
             # An explicit generator keeps the DataLoader from drawing on the global RNG (resume equality).
             self._train_loader = torch.utils.data.DataLoader(
                 self.train_set, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-                pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.settings.seed))
+                prefetch_factor=PREFETCH_BATCHES if workers > 0 else None, pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(self.settings.seed))
         return self._train_loader
 
     def prepare(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mix (optional, keyed by the global ``step``), ask the online teacher (optional), normalize."""
+        """Finish a store's replay from crops (``replay="device"``), mix (optional, keyed by the global ``step``),
+        ask the online teacher (optional), normalize. Copies are asynchronous (the batch is pinned on CUDA)."""
         images, labels, soft = batch
+        if isinstance(images, Crop):
+            images = self.train_set.finish(images, self.device)
         x = images.to(self.device, non_blocking=True).float()
-        labels = labels.to(self.device)
-        soft = soft.to(self.device)
+        labels = labels.to(self.device, non_blocking=True)
+        soft = soft.to(self.device, non_blocking=True)
         if self.parts.mixing is not None:
             x, labels, soft = self._mix(x, labels, soft, step)
         if self.setup.ensemble is not None:
@@ -122,12 +137,16 @@ class Trainer:
         x, (mixed_labels, mixed_soft) = self.parts.mixing(x, (one_hot, soft), step)
         return x, mixed_labels, mixed_soft
 
-    def optimize(self, x: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor, where: str) -> float:
-        """One optimizer step (two forward/backward passes with SAM); returns the loss."""
+    def optimize(self, x: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor,
+                 where: str | None = None) -> torch.Tensor:
+        """One optimizer step (two forward/backward passes with SAM); returns the loss, detached, on the device.
+        With ``where``, a non-finite loss raises :class:`TrainingDiverged` before the step (a host sync); without,
+        the caller checks it later (:meth:`_read_losses`)."""
         optimizer, sam, loss_fn = self.parts.optimizer, self.parts.sam, self.parts.loss_fn
         self.net.train()
         loss = loss_fn(self.forward(x), labels, soft)
-        self._check_finite(loss, where)
+        if where is not None:
+            self._check_finite(loss, where)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sam is not None:
@@ -138,7 +157,7 @@ class Trainer:
             sam.step()
         else:
             optimizer.step()
-        return float(loss.detach())
+        return loss.detach()
 
     def autocast(self) -> torch.autocast:
         """Mixed precision for forward passes (a no-op context at fp32)."""
@@ -176,7 +195,7 @@ class Trainer:
         x, labels, soft = self.prepare(batch, self.progress.global_step)
         self.progress.global_step += 1
         try:
-            loss = self.optimize(x, labels, soft, f"range-test step {self.progress.global_step}")
+            loss = float(self.optimize(x, labels, soft, f"range-test step {self.progress.global_step}"))
         except TrainingDiverged:  # raised on every rank together (_check_finite)
             return math.inf
         return all_sum([loss], self.world)[0] / self.world.size
@@ -220,6 +239,7 @@ class Trainer:
     def _interrupted(self, epoch: int, mid_step: bool) -> None:
         if self.checkpoints is None or not self.world.is_main:
             return
+        self._read_losses()
         step = self.progress.step_in_epoch
         if mid_step:
             self.log(f"interrupted twice, inside epoch {epoch} step {step}: no checkpoint of that half-done step is "
@@ -236,22 +256,49 @@ class Trainer:
         for batch in self.loader(epoch, start):
             with interrupts.step():
                 x, labels, soft = self.prepare(batch, progress.global_step)
-                loss = self.optimize(x, labels, soft, f"epoch {epoch} step {progress.step_in_epoch}")
+                loss = self.optimize(x, labels, soft)
+                self._losses[len(self._pending)] = loss  # a copy on the device: no wait for the step to finish
+                self._pending.append((len(labels), f"epoch {epoch} step {progress.step_in_epoch}"))
                 if self.settings.schedule == "onecycle":
                     parts.schedule.step()
                 if parts.ema is not None:
                     parts.ema.update(self.model, step=progress.global_step)
-                progress.loss_sum += loss * len(labels)
-                progress.loss_count += len(labels)
                 images += len(labels)
                 progress.step_in_epoch += 1
                 progress.global_step += 1
+                if len(self._pending) == self.read_every:
+                    self._read_losses(bar)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.3g}", refresh=False)
                 bar.update(1)  # draws the bar, postfix included, at most once per interval
             if self.on_step is not None:
                 self.on_step(self, epoch, progress.step_in_epoch)
+        self._read_losses(bar)
         return images
+
+    def _read_losses(self, bar: Any = None) -> None:
+        """Add the losses of the steps since the last read to the epoch's running loss, in step order (one host
+        sync); raise :class:`TrainingDiverged` naming the first step whose loss was not finite (on every rank
+        together). Its weights were stepped since, but no checkpoint is written before this read."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        losses = self._losses[:len(pending)].tolist()
+        bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+        if bad is not None:
+            value, where = losses[bad], pending[bad][1]
+        else:
+            value, where = math.nan, f"another process's step, at most {pending[-1][1]}"
+        stop = bad is not None
+        if self.world.distributed:  # every rank must stop together, or DDP hangs
+            stop = bool(all_sum([float(stop)], self.world)[0])
+        if stop:
+            raise TrainingDiverged(self._divergence_message(value, where))
+        progress = self.progress
+        for (count, _), value in zip(pending, losses):
+            progress.loss_sum += value * count
+            progress.loss_count += count
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.current_lr():.3g}", refresh=False)
 
     def _progress_bar(self, steps: int, start: int, epoch: int) -> Any:
         if not (self.settings.progress and self.world.is_main and self.checkpoints is not None):

@@ -8,11 +8,11 @@ import os
 from typing import Any, Literal
 
 from .config import PRECISIONS, RECIPES, RecipeName, TrainConfig
-from .distributed import resolve_device
+from .distributed import default_workers, resolve_device
 from .errors import TrainError
 
 # May differ between a run and its --resume: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = frozenset({"out", "workers", "device", "channels_last", "threads", "progress", "resume",
+RESUMABLE_CHANGES = frozenset({"out", "workers", "replay", "device", "channels_last", "threads", "progress", "resume",
                                "baseline"})
 
 
@@ -70,6 +70,7 @@ class Settings:
     curriculum: Literal["none", "easy", "hard"]
     seed: int
     workers: int
+    replay: Literal["workers", "device"]
     device: str
     channels_last: bool
     precision: Literal["auto", "fp32", "bf16"]
@@ -134,8 +135,12 @@ def resolve(config: TrainConfig) -> Settings:
     for key, value in defaults.items():
         if values.get(key) is None:
             values[key] = value
-    values.update(teachers=tuple(config.teachers), teacher_weights=tuple(config.teacher_weights),
-                  device=resolve_device(config.device))
+    device = resolve_device(config.device)
+    replay = config.replay
+    if replay == "auto":
+        replay = "device" if config.store and device.startswith("cuda") else "workers"
+    values.update(teachers=tuple(config.teachers), teacher_weights=tuple(config.teacher_weights), device=device,
+                  workers=default_workers() if config.workers is None else config.workers, replay=replay)
     for key in ("mean", "std", "lr_range"):
         if values[key] is not None:
             values[key] = tuple(float(v) for v in values[key])
@@ -164,6 +169,12 @@ def check_settings(settings: Settings) -> None:
                          f"--batch-size {settings.batch_size} is odd; pass {settings.batch_size + 1}")
     if settings.decode != "exact" and not settings.store:
         raise TrainError("--decode fast changes how a store's JPEG sources are replayed: pass --store, or drop it")
+    if settings.workers < 0:
+        raise TrainError(f"--workers {settings.workers}: give 0 (load in the training process) or more")
+    if settings.replay not in ("workers", "device"):
+        raise TrainError(f"--replay {settings.replay}: use auto, workers or device")
+    if settings.replay == "device" and not settings.store:
+        raise TrainError("--replay device replays a store's augmentation on the device: pass --store, or drop it")
     if settings.curriculum != "none" and not settings.store:
         raise TrainError("--curriculum orders a store's records by teacher entropy: pass --store")
     low, high = settings.lr_range

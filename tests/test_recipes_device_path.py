@@ -1,0 +1,102 @@
+"""Feeding a device: the default loader workers (from the machine), where a store's ops after the crop run
+(--replay: in the workers, or batched on the device from the workers' crops: the same batches), and a step loop
+that reads its losses from the device once per interval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reinforce_loaders.collate import Crop
+from safetensors.torch import load_file
+
+from reinforce.recipes import TrainConfig, TrainError, TrainingDiverged, resolve, train
+from reinforce.recipes.distributed import default_workers
+from reinforce.recipes.loop import Trainer
+
+
+def _config(digits, store, out, **overrides) -> TrainConfig:
+    values = dict(train_source=str(digits[0]), store=str(store) if store else None, model="test_resnet",
+                  recipe="usi", epochs=1, batch_size=8, out=str(out), progress=False, seed=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def mixing_store(digits, teacher_weights, tmp_path_factory):
+    """An rrc+m*+r* store of the digits: crop, flip, RandAugment, erasing and stored MixUp / CutMix."""
+    from conftest import build_store
+
+    return build_store(digits[0], tmp_path_factory.mktemp("device-path") / "m.zarr", teacher_weights,
+                       augment="rrc+m*+r*", num_augmentations=2)
+
+
+@pytest.mark.parametrize("cores, processes, expected", [(16, 1, 8), (16, 4, 3), (2, 1, 1), (1, 1, 0), (4, 8, 0)])
+def test_default_workers_come_from_the_cores_of_each_process(monkeypatch, cores, processes, expected):
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(cores)), raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    assert default_workers() == expected
+
+
+def test_workers_and_replay_resolve_from_the_machine_and_bad_values_are_refused(digits, store, monkeypatch):
+    config = _config(digits, store, "o")
+    assert config.workers is None and config.replay == "auto"
+    settings = resolve(config)
+    assert settings.workers == default_workers() and settings.replay == "workers"  # on the CPU
+    assert resolve(_config(digits, store, "o", workers=3)).workers == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve(_config(digits, store, "o")).replay == "device"
+    assert resolve(_config(digits, None, "o", recipe="plain")).replay == "workers"  # no store to replay
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainError, match="--workers -1"):
+        resolve(_config(digits, store, "o", workers=-1))
+    with pytest.raises(TrainError, match="--replay device replays a store's augmentation.*pass --store"):
+        resolve(_config(digits, None, "o", recipe="plain", replay="device"))
+
+
+def test_replay_on_the_device_gives_the_batches_of_the_replay_in_the_workers(digits, mixing_store, tmp_path,
+                                                                             monkeypatch):
+    batches: dict[str, list[torch.Tensor]] = {"workers": [], "device": []}
+    kinds: dict[str, set[type]] = {"workers": set(), "device": set()}
+    prepare = Trainer.prepare
+
+    def recording(self, batch, step):
+        kinds[self.settings.replay].add(type(batch[0]))
+        x, labels, soft = prepare(self, batch, step)
+        batches[self.settings.replay].append(torch.cat([x.flatten(1), soft], 1))
+        return x, labels, soft
+
+    monkeypatch.setattr(Trainer, "prepare", recording)
+    for replay in ("workers", "device"):
+        train(_config(digits, mixing_store, tmp_path / replay, replay=replay, workers=1, sampler="multiscale"),
+              log=lambda _: None)
+    assert kinds == {"workers": {torch.Tensor}, "device": {Crop}}
+    assert len(batches["device"]) == len(batches["workers"]) > 1
+    assert all(torch.equal(a, b) for a, b in zip(batches["workers"], batches["device"]))
+    a, b = (load_file(str(tmp_path / replay / "last.safetensors")) for replay in ("workers", "device"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert '"replay": "device"' in (tmp_path / "device" / "config.json").read_text()
+
+
+def test_losses_are_read_once_per_interval_and_a_divergence_still_names_its_step(digits, store, tmp_path,
+                                                                              monkeypatch):
+    reads: list[int] = []
+    read_losses = Trainer._read_losses
+
+    def counting(self, bar=None):
+        reads.append(len(self._pending))
+        return read_losses(self, bar)
+
+    monkeypatch.setattr(Trainer, "_read_losses", counting)
+    monkeypatch.setattr("reinforce.recipes.loop.READ_EVERY", 2)
+    result = train(_config(digits, store, tmp_path / "run", epochs=1, workers=0), log=lambda _: None)
+    assert result.epochs_run == 1 and reads[:2] == [2, 2] and max(reads) == 2  # 5 steps: 2, 2, then 1 at the end
+    assert sum(reads) == 5
+
+    def poison(trainer, epoch, step):
+        if step == 3:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 0 step 3"):
+        train(_config(digits, store, tmp_path / "nan", epochs=1, workers=0), log=lambda _: None, on_step=poison)
