@@ -54,8 +54,9 @@ def test_workers_and_replay_resolve_from_the_machine_and_bad_values_are_refused(
         resolve(_config(digits, None, "o", recipe="plain", replay="device"))
 
 
+@pytest.mark.parametrize("sampler", ["fixed", "multiscale"])  # batches replayed at once, and sample by sample
 def test_replay_on_the_device_gives_the_batches_of_the_replay_in_the_workers(digits, mixing_store, tmp_path,
-                                                                             monkeypatch):
+                                                                             monkeypatch, sampler):
     batches: dict[str, list[torch.Tensor]] = {"workers": [], "device": []}
     kinds: dict[str, set[type]] = {"workers": set(), "device": set()}
     prepare = Trainer.prepare
@@ -68,7 +69,7 @@ def test_replay_on_the_device_gives_the_batches_of_the_replay_in_the_workers(dig
 
     monkeypatch.setattr(Trainer, "prepare", recording)
     for replay in ("workers", "device"):
-        train(_config(digits, mixing_store, tmp_path / replay, replay=replay, workers=1, sampler="multiscale"),
+        train(_config(digits, mixing_store, tmp_path / replay, replay=replay, workers=1, sampler=sampler),
               log=lambda _: None)
     assert kinds == {"workers": {torch.Tensor}, "device": {Crop}}
     assert len(batches["device"]) == len(batches["workers"]) > 1

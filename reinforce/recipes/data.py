@@ -102,6 +102,17 @@ class StoreSamples(EpochDataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def __getitems__(self, items: list[int | tuple[int, int]]) -> list[tuple[torch.Tensor | Crop, int, torch.Tensor]]:
+        """A batch's samples (DataLoader calls this with the batch's indices): replayed as one batch, which
+        decodes records and partners once per batch, when every sample uses its epoch's slot at the dataset's
+        resolution; else one at a time. The same samples either way."""
+        split = [split_index(item) for item in items]
+        if self.slot_policy is not None or any(resolution is not None for _, resolution in split):
+            return [self[item] for item in items]
+        samples = self.dataset.__getitems__([position for position, _ in split])
+        return [(image, int(self.labels[self.dataset.store_index(position)]), target.float())
+                for (position, _), (image, target) in zip(split, samples)]
+
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor | Crop, int, torch.Tensor]:
         position, resolution = split_index(item)
         index = self.dataset.store_index(position)
