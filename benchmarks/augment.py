@@ -164,25 +164,28 @@ def after_crop(images: list[torch.Tensor], size: int, batch: int, device: str, r
 
 
 def photo_sources(count: int, height: int = 375, width: int = 500) -> list[torch.Tensor]:
-    """``count`` different ``height`` x ``width`` cuts of the scikit-learn photos (427 x 640)."""
-    photos = [torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous() for image in load_sample_images().images]
-    return [photos[i % 2][:, 13 * i:13 * i + height, 29 * i:29 * i + width].contiguous() for i in range(count)]
+    """``count`` different ``height`` x ``width`` cuts of the scikit-learn photos (427 x 640), ``[C, H, W]``
+    views of ``[H, W, C]`` memory, as the loader's JPEG decoders return them."""
+    photos = [torch.from_numpy(image.copy()) for image in load_sample_images().images]
+    return [photos[i % 2][13 * i:13 * i + height, 29 * i:29 * i + width].contiguous().permute(2, 0, 1)
+            for i in range(count)]
 
 
 def crop_speed(size: int, per_image: int, repeats: int, baseline: str | None, device: str,
                ) -> dict[str, dict[str, float]]:
-    """Median CPU ms per crop, per resampler, one record at a time (each crop timed alone, candidates
-    interleaved crop by crop): RandomResizedCrop boxes of 375 x 500 photos and the whole image, to ``size``.
-    On a device: wall ms per record of the batched crop of all records (synchronized), and the baseline's."""
+    """Median CPU ms per crop, one record at a time (each crop timed alone, the candidates interleaved crop by
+    crop): RandomResizedCrop boxes of 375 x 500 photos and the whole photo, to ``size``, on decoded images
+    (``[H, W, C]`` memory) and on contiguous ``[C, H, W]`` copies. On a device: wall ms per record of the
+    batched crop of all records in one call (synchronized), and the baseline's."""
     import sys
 
     from torchvision.transforms.v2 import functional as F
 
     from reinforce_loaders.augment import geometric
 
-    images = photo_sources(4)
+    decoded = photo_sources(4)
     pipeline = AugmentPipeline([RandomResizedCrop()], size)
-    indices, params, _ = make_records(pipeline, images, per_image)
+    indices, params, _ = make_records(pipeline, decoded, per_image)
     boxes = [tuple(int(v) for v in row) for row in params]
     old = None
     if baseline:
@@ -190,27 +193,33 @@ def crop_speed(size: int, per_image: int, repeats: int, baseline: str | None, de
         from reinforce_loaders_old.augment import geometric as old
     out: dict[str, dict[str, float]] = {}
     if device == "cpu":
-        for label, cases in (("rrc boxes", list(zip(indices, boxes))),
-                             ("whole image", [(i, (0, 0, 375, 500)) for i in range(len(images))] * 8)):
-            for resample in ("antialias", "roi_align"):
-                candidates = {"now": lambda image, box: geometric.resample_box(image, box, size, resample)}
-                if resample == "antialias":
-                    candidates["torchvision"] = lambda image, box: F.resized_crop(image, *box, [size, size],
-                                                                                   antialias=True)
-                if old is not None:
-                    candidates["baseline"] = lambda image, box: old.resample_box(image, box, size, resample)
-                seconds: dict[str, list[float]] = {name: [] for name in candidates}
-                for round_ in range(repeats + 1):  # the first round warms up (taps, allocator), not counted
-                    for index, box in cases:
-                        for name, crop in candidates.items():
-                            began = time.process_time()
-                            crop(images[index], box)
-                            if round_:
-                                seconds[name].append(time.process_time() - began)
-                out[f"{label}, {resample}"] = {name: 1e3 * statistics.median(values)
-                                               for name, values in seconds.items()}
+        layouts = {"decoded HWC": decoded, "contiguous CHW": [image.contiguous() for image in decoded]}
+        for label, cases, resample, layout in (
+                ("rrc boxes", list(zip(indices, boxes)), "antialias", "decoded HWC"),
+                ("rrc boxes", list(zip(indices, boxes)), "antialias", "contiguous CHW"),
+                ("whole photo", [(i, (0, 0, 375, 500)) for i in range(len(decoded))] * 8, "antialias", "decoded HWC"),
+                ("whole photo", [(i, (0, 0, 375, 500)) for i in range(len(decoded))] * 8, "antialias",
+                 "contiguous CHW"),
+                ("rrc boxes", list(zip(indices, boxes)), "roi_align", "decoded HWC")):
+            images = layouts[layout]
+            candidates = {"now": lambda image, box: geometric.resample_box(image, box, size, resample)}
+            if resample == "antialias":
+                candidates["torchvision"] = lambda image, box: F.resized_crop(image, *box, [size, size],
+                                                                               antialias=True)
+            if old is not None:
+                candidates["baseline"] = lambda image, box: old.resample_box(image, box, size, resample)
+            seconds: dict[str, list[float]] = {name: [] for name in candidates}
+            for round_ in range(repeats + 1):  # the first round warms up (taps, allocator), not counted
+                for index, box in cases:
+                    for name, crop in candidates.items():
+                        began = time.process_time()
+                        crop(images[index], box)
+                        if round_:
+                            seconds[name].append(time.process_time() - began)
+            out[f"{label}, {layout}, {resample}"] = {name: 1e3 * statistics.median(values)
+                                                     for name, values in seconds.items()}
         return out
-    on_device = [image.to(device) for image in images]
+    on_device = [image.to(device) for image in decoded]
     batch = [on_device[i] for i in indices]
     boxes_t = torch.tensor(boxes, dtype=torch.float64)
     for resample in ("antialias", "roi_align"):
@@ -304,13 +313,13 @@ def main() -> None:
           f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}")
     if args.crop:
         print(f"# crop resampling of 375 x 500 photos to {args.size}, {4 * args.records_per_image} RandomResizedCrop "
-              f"boxes and 32 whole images, {'CPU ms per crop, one at a time' if args.device == 'cpu' else 'ms per record'}"
+              f"boxes and 32 whole photos, {'CPU ms per crop, one at a time' if args.device == 'cpu' else 'ms per record'}"
               f", median over {args.repeats} interleaved rounds")
         for case, result in crop_speed(args.size, args.records_per_image, args.repeats, args.baseline,
                                        args.device).items():
             ratios = "".join(f"  now/{name} {result['now'] / result[name]:.2f}" for name in ("torchvision", "baseline")
                              if name in result)
-            print(f"{case:24s} " + "  ".join(f"{name} {value:.3f}" for name, value in result.items()) + ratios,
+            print(f"{case:40s} " + "  ".join(f"{name} {value:.3f}" for name, value in result.items()) + ratios,
                   flush=True)
         return
     images = source_images(args.images)

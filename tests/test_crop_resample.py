@@ -1,7 +1,8 @@
 """The crop resampler's two implementations (format_spec.md 4.5.1): the CPU's per-record passes in binary32 /
-binary64 and the device path's batched integer passes, forced here on the CPU, agree bit for bit with the
-spec's reading in numpy (tests/conformance/spec_reference.py) on random boxes: up- and downscales, boxes of one
-pixel, outputs of side 1, boxes at the image's edges, both resamplers."""
+binary64 (on contiguous images and on decoded ones, ``[C, H, W]`` views of ``[H, W, C]`` memory) and the
+device path's batched integer passes, forced here on the CPU, agree bit for bit with the spec's reading in
+numpy (tests/conformance/spec_reference.py) on random boxes: up- and downscales, boxes of one pixel, outputs
+of side 1, boxes at the image's edges, both resamplers."""
 
 from __future__ import annotations
 
@@ -24,11 +25,15 @@ def random_cases(seed: int, count: int):
         yield image, (top, left, h, w), size
 
 
+@pytest.mark.parametrize("decoded", [False, True])
 @pytest.mark.parametrize("resample", ["antialias", "roi_align"])
-def test_cpu_passes_equal_the_spec_reading(resample):
+def test_cpu_passes_equal_the_spec_reading(resample, decoded):
     for image, box, size in random_cases(1, 150):
         expected = ref.crop(image.numpy(), box, size, resample)
-        assert np.array_equal(geometric.resample_box(image, box, size, resample).numpy(), expected), (box, size)
+        if decoded:
+            image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        out = geometric.resample_box(image, box, size, resample)
+        assert out.is_contiguous() and np.array_equal(out.numpy(), expected), (box, size)
 
 
 @pytest.mark.parametrize("resample", ["antialias", "roi_align"])

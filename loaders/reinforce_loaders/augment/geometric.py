@@ -159,24 +159,37 @@ def _plan(image: torch.Tensor, box: Sequence[float], size: int, resample: str) -
 
 def _resample_cpu(image: torch.Tensor, rows: _Taps, columns: _Taps, size: int) -> torch.Tensor:
     """One crop on the CPU as two passes of weighted sums of whole rows (``embedding_bag``): the vertical pass
-    on the box's rows of every channel in binary32, then the horizontal one on the rows of its transpose (the
-    box's columns) in binary64, both exact by the bounds above. The second pass's weights carry the final
-    ``2^-28`` (a power of two: still exact), so ``acc / 2^28 + 1/2`` truncates to the rounded pixel.
-    Each intermediate is freed before the next is made: a low heap peak lets glibc keep its pages rather than
-    return them and fault them in again on every crop (that costs more than the arithmetic)."""
+    on the box's rows in binary32, then the horizontal one on the rows of its transpose (the box's columns) in
+    binary64, both exact by the bounds above. The second pass's weights carry the final ``2^-28`` (a power of
+    two: still exact), so ``acc / 2^28 + 1/2`` truncates to the rounded pixel. The channels go with the rows
+    (contiguous ``[C, H, W]``) or with the columns (``[H, W, C]`` memory, as decoded JPEGs come): no copy
+    reorders them. Each intermediate is freed before the next is made: a low heap peak lets glibc keep its
+    pages rather than return them and fault them in again on every crop (that costs more than the arithmetic)."""
     channels, height, width = image.shape[0], rows.hi - rows.lo, columns.hi - columns.lo
-    bags = rows.index + torch.arange(0, channels * height, height).view(-1, 1, 1)  # [C, S_i, K]
-    region = image[:, rows.lo:rows.hi, columns.lo:columns.hi].to(torch.float32).reshape(channels * height, width)
-    vertical = nnf.embedding_bag(bags.view(channels * size, -1), region, mode="sum",
-                                 per_sample_weights=rows.binary32.repeat(channels, 1))  # [C * S_i, width]
+    interleaved = image.stride(0) == 1 and channels > 1
+    box = image[:, rows.lo:rows.hi, columns.lo:columns.hi]
+    lanes = torch.arange(channels).view(-1, 1, 1)
+    if interleaved:  # pass 1 rows y of (x, c); pass 2 rows (x, c) of i, one bag per (c, j)
+        region = torch.empty((height, width, channels), dtype=torch.float32).copy_(box.permute(1, 2, 0))
+        region = region.view(height, width * channels)
+        first = (rows.index, rows.binary32)
+        second = ((columns.index * channels + lanes).view(channels * size, -1), columns.scaled.repeat(channels, 1))
+    else:  # pass 1 rows (c, y) of x, one bag per (c, i); pass 2 rows x of (c, i)
+        region = torch.empty((channels, height, width), dtype=torch.float32).copy_(box).view(-1, width)
+        first = ((rows.index + lanes * height).view(channels * size, -1), rows.binary32.repeat(channels, 1))
+        second = (columns.index, columns.scaled)
+    vertical = nnf.embedding_bag(first[0], region, mode="sum", per_sample_weights=first[1])
     del region
-    table = torch.empty((width, channels * size), dtype=torch.float64).copy_(vertical.t())
+    table = torch.empty(vertical.shape[::-1], dtype=torch.float64).copy_(vertical.t())
     del vertical
-    both = nnf.embedding_bag(columns.index, table, mode="sum", per_sample_weights=columns.scaled)
+    both = nnf.embedding_bag(second[0], table, mode="sum", per_sample_weights=second[1])
     del table
-    both = both.add_(0.5).clamp_(max=255.0)  # [S_j, C * S_i], >= 1/2 (nonnegative sums)
-    out = torch.empty((channels, size, size), dtype=torch.uint8)
-    out.permute(2, 0, 1).copy_(both.view(size, channels, size))  # the cast truncates: floor
+    both = both.add_(0.5).clamp_(max=255.0)  # >= 1/2 (nonnegative sums); [C * S_j, S_i] or [S_j, C * S_i]
+    out = torch.empty((channels, size, size), dtype=torch.uint8)  # the cast truncates: floor
+    if interleaved:
+        out.transpose(1, 2).copy_(both.view(channels, size, size))
+    else:
+        out.permute(2, 0, 1).copy_(both.view(size, channels, size))
     return out
 
 
@@ -192,7 +205,7 @@ def resample_box(image: torch.Tensor, box: Sequence[float], size: int, resample:
         return _resample_batch([image], [box], size, resample)[0]
     top, left, h, w = box = clamp_box(box, *image.shape[-2:])
     if resample == "antialias" and h == size and w == size:
-        return image[:, top:top + h, left:left + w].clone()
+        return image[:, top:top + h, left:left + w].clone(memory_format=torch.contiguous_format)
     return _resample_cpu(image, *_plan(image, box, size, resample), size)
 
 
@@ -203,13 +216,14 @@ def _stacked(taps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 
 def _resample_batch(images: Sequence[torch.Tensor], boxes: Sequence[Sequence[float]], size: int, resample: str,
-                    budget: int = 1 << 26) -> torch.Tensor:
+                    budget: int = 1 << 24) -> torch.Tensor:
     """Every crop at once in integers, with no per-record work on the device (:func:`crop_resize` off the CPU).
 
     The distinct sources are concatenated into one flat buffer; the vertical pass gathers, tap by tap, the
     widest box's width of pixels from where each (record, channel, output row)'s tap row starts in its box
     (``unfold`` windows of the buffer + ``index_select``) and sums in int32; the horizontal pass gathers that
-    sum's columns and sums in int64 (bounds above). Records go in chunks of about ``budget`` elements.
+    sum's columns and sums in int64 (bounds above). Records go in chunks whose intermediates hold about
+    ``budget`` elements each.
     """
     device, channels = images[0].device, images[0].shape[0]
     slots: dict[int, int] = {}
