@@ -1,7 +1,7 @@
 """The Ray engine on a cluster of two nodes started with ``ray start`` on this machine: one node holds a custom
 resource standing in for GPUs (one device worker per unit), the other CPUs run the block preparers. Its stores
 must be byte-identical to the in-process engine's: built with 2 workers, and killed (SIGKILL of the driver) with
-2 workers then resumed with 1. The cluster's processes are started in their own session and stopped by their ids at the end."""
+2 workers then resumed with 1. (And on a local instance: a preparer SIGKILLed mid-build is replaced.) The cluster's processes are started in their own session and stopped by their ids at the end."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -171,3 +172,40 @@ def test_cluster_build_killed_and_resumed_equals_the_in_process_build(cluster, d
     assert f"over {12 - done} blocks" in resumed.stdout, resumed.stdout
     assert f"(Ray (cluster {address}), 1 workers on cpu ({STAND_IN}), 2 CPU preparers)" in resumed.stdout
     assert arrays(out) == arrays(reference)
+
+
+def test_a_preparer_that_dies_is_replaced_and_its_block_retried(digits, teacher_weights, reference, tmp_path,
+                                                                 monkeypatch):
+    """A local Ray instance with 1 unit of the stand-in resource and 3 CPUs: 1 device worker, 2 preparers; the
+    first preparer is SIGKILLed as soon as it answers, the build still gives the in-process build's bytes."""
+    ray = pytest.importorskip("ray")
+    import reinforce.build.run
+
+    monkeypatch.setenv(DEVICE_RESOURCE_VARIABLE, STAND_IN)
+    engines = []
+    make_engine = reinforce.build.run.make_engine
+    monkeypatch.setattr(reinforce.build.run, "make_engine", lambda *args: engines.append(make_engine(*args)) or
+                        engines[-1])
+    killed: list[int] = []
+
+    def kill_first_preparer() -> None:
+        deadline = time.monotonic() + 120
+        while not (engines and engines[0].preparers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if engines and engines[0].preparers:
+            pid = ray.get(engines[0].preparers[0].pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    ray.init(address="local", num_cpus=3, resources={STAND_IN: 1}, include_dashboard=False, log_to_driver=False)
+    try:
+        killer = threading.Thread(target=kill_first_preparer)
+        killer.start()
+        summary = run_build(BuildConfig(source=str(digits[0]), out=str(tmp_path / "s.zarr"), teachers=teacher_weights,
+                                        workers=1, **SETTINGS), progress=False)
+        killer.join()
+    finally:
+        ray.shutdown()
+    assert killed and "1 workers on cpu (fake_gpu), 2 CPU preparers" in summary.engine
+    assert summary.retries >= 1
+    assert arrays(tmp_path / "s.zarr") == arrays(reference)

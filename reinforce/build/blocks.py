@@ -432,7 +432,7 @@ class BlockProcessor(BlockPreparer):
 def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
     """An asynchronous copy of a device tensor into page-locked host memory (valid once its stream passes it)."""
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
+    host.copy_(tensor.contiguous(), non_blocking=True)  # top-k slices are strided: one dense copy, on the device
     return host
 
 

@@ -340,12 +340,17 @@ class RayEngine:
                 raise _block_failed(self.header, block, failures[block], cause)
             queue.appendleft(block)
 
-        def replace_preparer(actor_id: str | None) -> bool:
-            """Replace the preparer ``actor_id`` names, if it is one; whether it was."""
+        lost_preparers: set[str] = set()
+
+        def preparer_died(actor_id: str | None) -> bool:
+            """Whether ``actor_id`` names a preparer (replaced the first time one of its blocks says it died)."""
+            if actor_id in lost_preparers:
+                return True
             for position, preparer in enumerate(self.preparers):
                 if preparer._actor_id.hex() == actor_id:
                     ray.kill(preparer, no_restart=True)
                     self.preparers[position] = self.preparer_class.remote(self.plan)
+                    lost_preparers.add(actor_id)
                     return True
             return False
 
@@ -369,8 +374,7 @@ class RayEngine:
             except RayActorError as error:
                 if getattr(error, "actor_init_failed", False):
                     raise BuildError(f"a build worker could not start: {_one_line(error)}") from None
-                dead = getattr(error, "actor_id", None)
-                if replace_preparer(dead):
+                if preparer_died(getattr(error, "actor_id", None)):
                     retry(block, f"its preparer died ({_one_line(error)})")
                 else:
                     if generation == slot.generation:
