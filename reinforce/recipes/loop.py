@@ -239,7 +239,7 @@ class Trainer:
     def _interrupted(self, epoch: int, mid_step: bool) -> None:
         if self.checkpoints is None or not self.world.is_main:
             return
-        self._read_losses()
+        self._read_losses(together=False)  # the other ranks are not reading now
         step = self.progress.step_in_epoch
         if mid_step:
             self.log(f"interrupted twice, inside epoch {epoch} step {step}: no checkpoint of that half-done step is "
@@ -275,10 +275,11 @@ class Trainer:
         self._read_losses(bar)
         return images
 
-    def _read_losses(self, bar: Any = None) -> None:
+    def _read_losses(self, bar: Any = None, together: bool = True) -> None:
         """Add the losses of the steps since the last read to the epoch's running loss, in step order (one host
         sync); raise :class:`TrainingDiverged` naming the first step whose loss was not finite (on every rank
-        together). Its weights were stepped since, but no checkpoint is written before this read."""
+        together, unless not ``together``). Its weights were stepped since, but no checkpoint is written before
+        this read."""
         pending, self._pending = self._pending, []
         if not pending:
             return
@@ -289,7 +290,7 @@ class Trainer:
         else:
             value, where = math.nan, f"another process's step, at most {pending[-1][1]}"
         stop = bad is not None
-        if self.world.distributed:  # every rank must stop together, or DDP hangs
+        if self.world.distributed and together:  # every rank must stop together, or DDP hangs
             stop = bool(all_sum([float(stop)], self.world)[0])
         if stop:
             raise TrainingDiverged(self._divergence_message(value, where))
