@@ -1,7 +1,7 @@
 """Training throughput from a store: does ``reinforce train``'s loader keep its student fed?
 
-In one run, on the same JPEGs (scikit-learn's digits, upscaled to ``--side`` px and saved at quality 90, the
-issue's own data) and the same student (``--model``, ``--image-size``, ``--batch-size``), side by side:
+In one run, on the same JPEGs (scikit-learn's digits 0-3, upscaled to ``--side`` px and saved at quality 90, like
+the issue's own data) and the same student (``--model``, ``--image-size``, ``--batch-size``), side by side:
 
 * ``reinforce train`` from a store, for each ``--presets`` store (``rrc``, ``rrc+ra/re``, ...), default settings
   (``--workers`` from the machine, ``--replay`` auto);
@@ -51,38 +51,32 @@ from reinforce.recipes import TrainConfig, train
 from reinforce.recipes.distributed import default_workers
 from reinforce.recipes.loop import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loader import random_teacher  # noqa: E402  (the benchmarks' own module, beside this one)
+
 
 def digit_jpegs(root: Path, count: int, side: int) -> Path:
-    """``count`` of scikit-learn's digits as RGB JPEGs of ``side`` x ``side`` (quality 90) in class folders."""
+    """``count`` JPEGs (quality 90, RGB, ``side`` x ``side``) of scikit-learn's digits 0-3, in four class folders
+    (the four classes of loader.py's random teacher); past the 720 digits there, they repeat."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    for index in range(min(count, len(images))):
-        folder = root / str(digits.target[index])
+    kept = np.flatnonzero(digits.target < 4)
+    for number in range(count):
+        index = int(kept[number % len(kept)])
+        folder = root / f"class{digits.target[index]}"
         folder.mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(images[index], mode="L").resize((side, side), Image.Resampling.BICUBIC)
-        image.convert("RGB").save(folder / f"{index:04d}.jpg", quality=90)
+        image.convert("RGB").save(folder / f"{number:05d}.jpg", quality=90)
     return root
-
-
-def random_teacher(root: Path) -> str:
-    """A random-weight 10-class ``test_resnet`` as ``ARCH=WEIGHTS`` (the soft targets' values do not matter)."""
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    weights = root / "teacher.safetensors"
-    save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), str(weights),
-              metadata={"input_size": json.dumps(32)})
-    return f"test_resnet={weights}"
 
 
 def build_store(source: Path, out: Path, preset: str, teacher: str, size: int, device: str) -> Path:
     from reinforce.build import BuildConfig, run_build
 
     run_build(BuildConfig(source=str(source), out=str(out), teachers=[teacher], augment=preset, image_size=size,
-                          num_augmentations=4, top_k=5, batch_size=256, block_size=128, device=device),
+                          num_augmentations=4, top_k=3, batch_size=256, block_size=128, device=device),
               progress=False)
     return out
 
