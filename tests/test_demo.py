@@ -54,3 +54,15 @@ def test_demo_refuses_no_worker_processes(tmp_path):
     with pytest.raises(ReinforceError, match="--jobs must be at least 1"):
         run_demo(workdir=str(tmp_path), jobs=0)
     assert not any(tmp_path.iterdir())
+
+
+def test_demo_trains_on_the_gpu_when_there_is_one_and_without_loader_workers_on_the_cpu(tmp_path, monkeypatch):
+    import reinforce.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "train", lambda config, **_: seen.append(config))
+    monkeypatch.setattr(demo, "_epochs_for", lambda steps, train_dir: 1)
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        demo._train_run(tmp_path, tmp_path / "run", 1, lambda steps: None, model="m", recipe="plain")
+    assert [(config.device, config.workers) for config in seen] == [("cpu", 0), ("cuda", None)]
