@@ -153,7 +153,8 @@ def _converts_or_refuses(releases, importer: str, mutation, tmp_path: Path) -> N
     target.write_bytes(_mutated(plan.files[0], mutation))
     files = [str(target), plan.files[1]]
     try:
-        _, result = _convert_block(plan.header, 0, releases["paths"], releases["labels"], files, plan.reader)
+        _, result = _convert_block(plan.header, 0, releases["paths"], releases["labels"], files, plan.reader,
+                                    os.getpid())  # in-process: no parent to watch
     except ReinforceError as error:
         event(f"{mutation[0]}: refused ({type(error).__name__})")
         return
