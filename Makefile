@@ -29,10 +29,11 @@ setup-dev: $(VENV)/.setup-dev
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, from the index chosen above, unless the environment already has it.
+# torch first, from the index chosen above, unless the environment already has it. One retry: where that index
+# cannot be reached, pip's local or configured sources still serve, without five back-offs per dependency.
 $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || \
-		$(BIN)/pip install torch torchvision $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+		$(BIN)/pip install torch torchvision $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --retries 1)
 	touch $@
 
 $(VENV)/.setup: $(VENV)/.torch pyproject.toml loaders/pyproject.toml
