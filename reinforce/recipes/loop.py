@@ -95,6 +95,18 @@ class Trainer:
                      f"{settings.batch_size}, lr {self.lr:.3g}, on {self.device}"
                      f"{' (bf16 autocast)' if self.autocast_dtype is not None else ''}")
 
+    def close(self) -> None:
+        """Stop this loop's loader workers now: persistent workers otherwise live until the loop is garbage
+        collected, and an LR search makes one loop per probe."""
+        loaders = [self._train_loader, self.validator.loader if self.validator is not None else None]
+        for loader in loaders:
+            iterator = getattr(loader, "_iterator", None)
+            if hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+            if loader is not None:
+                loader._iterator = None
+        self._train_loader = None
+
     # --- steps ---------------------------------------------------------------------------------------------
     def loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
         """The training loader positioned at (epoch, start step); one loader, so workers persist."""

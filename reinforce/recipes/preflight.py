@@ -117,6 +117,7 @@ def _range_test_lr(settings: Settings, setup: Setup, student: Student, log: Call
     # and their lower loss would read as a descent at the ramp's smallest LRs.
     found = range_test(probe.train_step, probe.batches_forever(1), start_lr=low / 1000, end_lr=high * 100,
                        num_steps=settings.range_steps)
+    probe.close()
     lr = float(np.clip(found.chosen, low, high))  # the estimate stays inside --lr-range
     log(f"LR range test ({len(found.lrs)} steps after one epoch at {low:g}): steepest descent at "
         f"{found.chosen:.3g}, using {lr:.3g}{' (clipped to --lr-range)' if lr != found.chosen else ''}")
@@ -130,7 +131,10 @@ def _tpe_lr(settings: Settings, setup: Setup, student: Student, log: Callable[[s
 
     def objective(lr: float, report: Callable[[float, int], bool]) -> float:
         trial = _probe(settings, setup, student, lr, settings.trial_epochs)
-        trial.fit(report=report)
+        try:
+            trial.fit(report=report)
+        finally:
+            trial.close()
         return trial.progress.best_top1 or 0.0
 
     lr, history = tpe_search(objective, low, high, trials=settings.tpe_trials, seed=settings.seed)
