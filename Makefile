@@ -29,11 +29,16 @@ setup-dev: $(VENV)/.setup-dev
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, from the index chosen above, unless the environment already has it. One retry: where that index
-# cannot be reached, pip's local or configured sources still serve, without five back-offs per dependency.
+# torch first, from the index chosen above, unless the environment already has a working pair. One retry:
+# where that index cannot be reached, pip's local or configured sources still serve, without five back-offs per
+# dependency. If the pair it got does not import together (a CPU torch beside another build's torchvision:
+# "operator torchvision::nms does not exist"), both are reinstalled from the default index.
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || \
-		$(BIN)/pip install torch torchvision $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --retries 1)
+	$(BIN)/python -c "import torchvision" 2>/dev/null || { \
+		$(BIN)/pip install torch torchvision $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --retries 1); \
+		$(BIN)/python -c "import torchvision" 2>/dev/null || \
+		$(BIN)/pip install --force-reinstall torch torchvision; }
+	$(BIN)/python -c "import torchvision"
 	touch $@
 
 $(VENV)/.setup: $(VENV)/.torch pyproject.toml loaders/pyproject.toml
