@@ -15,7 +15,8 @@ from reinforce.recipes import TrainConfig, TrainError, TrainingDiverged, train
 
 def _config(digits, store, out, **overrides) -> TrainConfig:
     settings = dict(train_source=str(digits[0]), store=str(store) if store else None, val_source=str(digits[1]),
-                    model="test_resnet", recipe="usi", epochs=2, batch_size=8, out=str(out), progress=False, seed=1)
+                    model="test_resnet", recipe="usi", epochs=2, batch_size=8, out=str(out), progress=False, seed=1,
+                    workers=0)  # loading in the test process: no worker start-up per run (workers: their own test)
     settings.update(overrides)
     return TrainConfig(**settings)
 
