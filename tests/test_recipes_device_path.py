@@ -104,10 +104,14 @@ def test_losses_are_read_once_per_interval_and_a_divergence_still_names_its_step
 
 
 def test_lr_range_probe_stops_its_loader_workers_before_training(digits, store, tmp_path):
+    import gc
     import multiprocessing
 
+    gc.collect()  # loaders of other tests' loops, waiting in reference cycles
+    before = len(multiprocessing.active_children())
     children: list[int] = []
     train(_config(digits, store, tmp_path / "run", recipe="adaptive", lr_search="range", range_steps=8,
                   fine_tune=False, workers=1, val_source=str(digits[1])), log=lambda _: None,
-          on_step=lambda trainer, epoch, step: children.append(len(multiprocessing.active_children())))
+          on_step=lambda trainer, epoch, step: children.append(len(multiprocessing.active_children()) - before))
     assert children and max(children) == 1  # the run's own worker; the probe's is gone
+    assert len(multiprocessing.active_children()) == before  # and the run's own, once it is over

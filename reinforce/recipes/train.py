@@ -85,7 +85,10 @@ def _train(settings: Settings, world: World, model: torch.nn.Module | None, log:
     trainer = Trainer(settings, setup, student, lr=settings.lr, epochs=settings.epochs,
                       checkpoints=Checkpointer(run, settings, world, setup.device), log=log, on_step=on_step)
     trainer.begin(run, student.name)
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
     check.after_training(trainer.progress.best_top1, log)
     return _finish(trainer, run, check, log)
 
