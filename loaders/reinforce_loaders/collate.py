@@ -63,8 +63,8 @@ def replay_crops(pipeline: AugmentPipeline, crops: Crop, device: str | torch.dev
                  resolution: int | None = None) -> torch.Tensor:
     """The rest of each record's stored augmentation (flip, RandAugment, erasing, MixUp / CutMix with the
     partner) on a batch of :class:`Crop` s, batched on ``device`` (default: where the crops are): uint8
-    ``[N, C, S, S]``. On the CPU it equals the dataset's own replay bit for bit; on a GPU float rounding may
-    move a pixel by a level (see benchmarks/RESULTS.md, augmentation)."""
+    ``[N, C, S, S]``. It equals the dataset's own replay bit for bit on any device: the ops' pixel arithmetic is
+    integer (format_spec.md 4.5; checked on the CPU here, the CUDA test asserts it where a GPU is present)."""
     device = crops.image.device if device is None else torch.device(device)
     images = crops.image.to(device, non_blocking=True)
     params = crops.params.cpu().numpy()
