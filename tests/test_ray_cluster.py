@@ -52,6 +52,20 @@ def node_command(temp: str, *extra: str) -> list[str]:
             *(f"--{name}={port}" for name, port in ports.items()), *extra]
 
 
+def start_node(command: list[str], env: dict[str, str], temp: str) -> subprocess.Popen:
+    """A ``ray start --block`` process whose output goes to a file in ``temp``: a pipe nobody reads while the
+    node runs would fill with its warnings and stop the node mid-build."""
+    log = open(Path(temp) / f"node-{len(list(Path(temp).glob('node-*.log')))}.log", "wb")
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    process.log_path = log.name  # type: ignore[attr-defined]
+    log.close()
+    return process
+
+
+def _node_log(process: subprocess.Popen) -> str:
+    return Path(process.log_path).read_text(errors="replace")[-2000:]  # type: ignore[attr-defined]
+
+
 def wait_for_nodes(address: str, count: int, env: dict[str, str], processes: list[subprocess.Popen]) -> None:
     """Wait until the cluster has ``count`` live nodes; fail at once, with its output, if a node process ended."""
     code = (f"import ray, time; ray.init(address='{address}', log_to_driver=False)\n"
@@ -63,7 +77,7 @@ def wait_for_nodes(address: str, count: int, env: dict[str, str], processes: lis
         ended = [p for p in processes if p.poll() is not None]
         if ended or time.monotonic() > deadline:
             checking.kill()
-            logs = [p.stderr.read().decode(errors="replace")[-2000:] for p in ended]
+            logs = [_node_log(p) for p in ended]
             raise RuntimeError(f"the local Ray cluster did not come up: {logs or 'timed out'}")
         time.sleep(0.2)
     if checking.returncode:
@@ -109,14 +123,11 @@ def cluster():
                                                                 os.environ.get("PYTHONPATH", "")])}
     processes: list[subprocess.Popen] = []
     try:
-        processes.append(subprocess.Popen(
-            node_command(temp, "--head", f"--port={port}",
-                         "--include-dashboard=false", "--num-cpus=2"),
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        processes.append(start_node(node_command(temp, "--head", f"--port={port}", "--include-dashboard=false",
+                                                 "--num-cpus=2"), env, temp))
         wait_for_nodes(address, 1, env, processes)
-        processes.append(subprocess.Popen(
-            node_command(temp, f"--address={address}", "--num-cpus=2", f'--resources={{"{STAND_IN}": 2}}'),
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        processes.append(start_node(node_command(temp, f"--address={address}", "--num-cpus=2",
+                                                 f'--resources={{"{STAND_IN}": 2}}'), env, temp))
         wait_for_nodes(address, 2, env, processes)
         yield address, env
     finally:
