@@ -429,14 +429,30 @@ def _download(url: str, dest: str | os.PathLike[str], options: DownloadOptions) 
         bar.update(sum(_partial_bytes(dest, entry) for entry in pending))
         # Largest files first, so the last worker does not start a big file when the others are done.
         pending.sort(key=lambda entry: -entry.size)
+        def fetch_unless_stopped(entry: FileEntry) -> None:
+            # The stop is set by the failing worker itself: the main thread notices a failure only when it
+            # reaches that file's future, and queued files must not start meanwhile.
+            if downloader.stop.is_set():
+                return
+            try:
+                downloader.fetch(entry)
+            except BaseException:
+                downloader.stop.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-            futures = [pool.submit(downloader.fetch, entry) for entry in pending]
+            futures = [pool.submit(fetch_unless_stopped, entry) for entry in pending]
             try:
                 for future in futures:
                     future.result()
-            except BaseException:  # Ctrl-C or a file that failed: stop the rest now, not after every file
+            except BaseException as error:  # Ctrl-C or a file that failed: stop the rest now, not after every file
                 downloader.stop.set()
                 pool.shutdown(wait=True, cancel_futures=True)
+                # A file listed before the failed one may have been abandoned by the stop: report the failure.
+                failures = [f.exception() for f in futures if f.done() and not f.cancelled()]
+                cause = next((e for e in failures if e is not None and not isinstance(e, _Abandoned)), None)
+                if cause is not None and cause is not error:
+                    raise cause from None
                 raise
     staged = dest / (MANIFEST_NAME + PART_SUFFIX)
     staged.write_bytes(raw)
