@@ -6,6 +6,7 @@ must be byte-identical to the in-process engine's: built with 2 workers, and kil
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -180,7 +181,10 @@ def test_cluster_build_killed_and_resumed_equals_the_in_process_build(cluster, d
     resumed = subprocess.run(cli_build(out, digits[0], teacher_weights, address, 1), env=env, capture_output=True,
                              text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"over {12 - done} blocks" in resumed.stdout, resumed.stdout
+    # The killed driver's actors live on in the cluster for a moment: one may still finish its block before the
+    # resume, so the resume runs at most the blocks left when the driver died, and at least one.
+    resumed_blocks = int(re.search(r"over (\d+) blocks", resumed.stdout).group(1))
+    assert 1 <= resumed_blocks <= 12 - done, resumed.stdout
     assert f"(Ray (cluster {address}), 1 workers on cpu ({STAND_IN}), 2 CPU preparers)" in resumed.stdout
     assert arrays(out) == arrays(reference)
 
