@@ -113,6 +113,24 @@ def test_the_next_micro_batch_is_augmented_while_the_teachers_run(digits, events
         assert events.log.index(("augment-begin", n + 1)) < events.log.index(("teacher-end", n))
 
 
+def test_two_micro_batches_are_augmented_at_once(digits, events, tmp_path, monkeypatch):
+    """The augmentation of micro-batch n returns only once that of n+1 has begun (two helper threads at work:
+    one slow augmentation, as when it coincides with a block's decoding, does not hold up the next)."""
+    apply_batch = AugmentPipeline.apply_batch  # already the logging one
+    late: list[int] = []
+
+    def waiting(self, *args, **kwargs):
+        number = events.count("augment-begin")
+        out = apply_batch(self, *args, **kwargs)
+        if number + 1 < MICRO_BATCHES and not events.wait_for(lambda: events.count("augment-begin") > number + 1):
+            late.append(number)
+        return out
+
+    monkeypatch.setattr(AugmentPipeline, "apply_batch", waiting)
+    build(digits[0], tmp_path / "s.zarr", ensemble_of(WaitingTeacher(events, lambda n: True)))
+    assert late == [], f"augmentations that ran alone: {late}; {events.log}"
+
+
 def test_a_block_is_written_while_the_teachers_run_on_the_next(digits, events, tmp_path, monkeypatch):
     """Writing block b (encoding, compressing, writing) waits for the teachers to finish the last micro-batch of
     block b+1 (micro-batch 2b+3): that only happens if the write runs beside the device stage. (The last block
@@ -178,3 +196,21 @@ def test_thread_defaults_follow_the_device_and_the_cores():
     assert default_decode_threads("cuda", 2) == 4
     assert default_cpu_threads("cpu", 16) == 8 and default_cpu_threads("cpu", 2) == 2
     assert default_cpu_threads("cuda", 16) == 1
+
+
+def test_top_k_stable_is_the_stable_sorts_first_k():
+    """The top-k by unique integer keys equals a stable descending sort's first k, ties (and zeros, and -0.0)
+    ordered by class index."""
+    from reinforce.build.blocks import top_k_stable
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        probs = torch.softmax(torch.randn(16, 1000, generator=generator) * (trial % 7), dim=-1)
+        if trial % 3 == 0:
+            probs = (probs * 50).round() / 50  # many ties, many zeros
+        if trial % 5 == 0:
+            probs[:, ::2] = -0.0
+        values, classes = torch.sort(probs, dim=-1, descending=True, stable=True)
+        top_values, top_classes = top_k_stable(probs, 5)
+        assert torch.equal(top_classes, classes[:, :5]), trial
+        assert torch.equal(top_values, values[:, :5] + 0.0), trial

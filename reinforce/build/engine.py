@@ -38,6 +38,9 @@ T = TypeVar("T")
 
 BLOCKS_IN_FLIGHT = 2
 """Blocks a worker holds at once: one decoding or writing while the other uses the device."""
+BLOCKS_LOADED_AHEAD = 2
+"""Blocks the in-process engine loads ahead of the one whose first micro-batch is due: with micro-batches
+augmented two ahead, the next block is due while the one after it has barely started to decode."""
 PREPARER_CPUS = 1
 """CPUs a Ray preparer reserves (it decodes with ``--decode-threads`` threads, 4 by default, mostly outside the
 GIL)."""
@@ -67,10 +70,10 @@ def _block_failed(header: fmt.StoreHeader, block: int, times: int, cause: str) -
 
 
 class InProcessEngine:
-    """Every block in this process, in order, in three overlapping stages: the next block loads (decode, sample,
-    encode parameters) in one thread while the teachers run on this one (and the helper thread of
-    :meth:`~reinforce.build.blocks.BlockProcessor.compute_blocks` augments the next micro-batch), and the
-    previous block is encoded, compressed and written in another. Each stage holds at most one block ahead."""
+    """Every block in this process, in order, in three overlapping stages: the next blocks load (decode, sample,
+    encode parameters; :data:`BLOCKS_LOADED_AHEAD` of them) in one thread while the teachers run on this one
+    (and the helper threads of :meth:`~reinforce.build.blocks.BlockProcessor.compute_blocks` augment the next
+    micro-batches), and the previous block is encoded, compressed and written in another, at most one behind."""
 
     retries = 0
 
@@ -94,12 +97,11 @@ class InProcessEngine:
         computed = 0  # blocks out of the device stage (in the order of pending)
 
         def loaded_blocks(loader: ThreadPoolExecutor) -> Iterator[LoadedBlock]:
-            following = loader.submit(runner.load, pending[0])
+            loading = collections.deque(loader.submit(runner.load, block) for block in pending[:BLOCKS_LOADED_AHEAD])
             for position, block in enumerate(pending):
-                loading = following
-                if position + 1 < len(pending):
-                    following = loader.submit(runner.load, pending[position + 1])
-                yield _block_result(header, block, loading)
+                if position + BLOCKS_LOADED_AHEAD < len(pending):
+                    loading.append(loader.submit(runner.load, pending[position + BLOCKS_LOADED_AHEAD]))
+                yield _block_result(header, block, loading.popleft())
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as loader, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
