@@ -6,7 +6,8 @@ the issue's own data) and the same student (``--model``, ``--image-size``, ``--b
 * ``reinforce train`` from a store, for each ``--presets`` store (``rrc``, ``rrc+ra/re``, ...), default settings
   (``--workers`` from the machine, ``--replay`` auto);
 * the first store with ``--decode fast``;
-* ``--decode gpu``: reported as not available (not implemented in this version);
+* the first store with ``--decode gpu`` (the workers only read the files; the batch's JPEGs are decoded in
+  the training process, by nvjpeg on CUDA, by torchvision's libjpeg-turbo on a CPU, then replayed there);
 * ``--recipe plain`` on the same images (torchvision RandomResizedCrop + flip in the workers);
 * the limit: the student's step alone, on synthetic batches already on the device (simulated: the whole loop,
   ``reinforce train`` itself, on one batch served again and again, so that loading costs nothing).
@@ -216,6 +217,8 @@ def main() -> None:
             runs[f"store {preset}"] = TrainConfig(store=str(store), out=str(root / f"run-{len(runs)}"), **common)
         runs[f"store {presets[0]} --decode fast"] = TrainConfig(store=str(stores[presets[0]]), decode="fast",
                                                                  out=str(root / "run-fast"), **common)
+        runs[f"store {presets[0]} --decode gpu"] = TrainConfig(store=str(stores[presets[0]]), decode="gpu",
+                                                                out=str(root / "run-gpu"), **common)
         runs["--recipe plain"] = TrainConfig(recipe="plain", out=str(root / "run-plain"), **common)
         if simulate:
             runs["limit"] = dataclasses.replace(runs[f"store {presets[0]}"], out=str(root / "run-limit"))
@@ -239,8 +242,6 @@ def main() -> None:
         for name, rate in results["rows"].items():
             print(f"{name:<32} {rate:8.0f} images/s (median), workers {results['worker_cpu_ms_per_batch'][name]:.1f} "
                   "CPU ms per batch")
-        results["rows"][f"store {presets[0]} --decode gpu"] = None
-        print(f"{'store ' + presets[0] + ' --decode gpu':<32}      n/a (not implemented in this version)")
         results["limit"] = limit
         results["sleep_limit"] = args.batch_size / (simulate / 1000) if simulate else None
         print(f"{'limit (' + ('the loop on one served batch' if simulate else 'synthetic device batches') + ')':<32}"

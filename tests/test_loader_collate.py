@@ -91,3 +91,78 @@ def test_timm_create_loader_cannot_re_augment_silently(digits, store):
     want_images, want_targets = soft_target_collate([ds[i] for i in range(8)])
     assert torch.equal(images, want_images) and torch.equal(targets, want_targets)
     assert np.allclose(targets.sum(-1).numpy(), 1, atol=1e-5)
+
+
+def _decoders_agree(paths) -> bool:
+    """Whether torchvision's libjpeg-turbo gives Pillow's pixels for every file of ``paths``."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    from reinforce_loaders.source import decode_image
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return all(torch.equal(decode_jpeg(read_file(str(p)), mode=ImageReadMode.RGB), decode_image(p, "pillow"))
+                   for p in paths)
+
+
+@pytest.mark.parametrize("preset", ["rrc", "rrc+mix"])
+def test_gpu_decode_hands_over_files_and_replays_the_exact_batches(preset, photo_jpegs, jpeg_stores, tmp_path):
+    """decode="gpu" on a CPU device: the workers read the JPEGs without decoding them (a PNG among them is
+    decoded there), the batch is decoded in one call and replayed batched, and it equals
+    the exact replay wherever the decoders agree (else it stays within a level on average); targets are equal."""
+    import shutil
+
+    from PIL import Image
+
+    from reinforce_loaders import Encoded, replay_encoded
+
+    source = tmp_path / "data"
+    shutil.copytree(photo_jpegs, source)
+    png = sorted(source.rglob("*.jpg"))[3]
+    with Image.open(png) as image:  # the same pixels: the store's fingerprint still matches
+        image.convert("RGB").save(png.with_suffix(".png"))
+    png.unlink()
+    store = jpeg_stores[preset]
+    exact = ReinforcedDataset(source, store, transform=torch.nn.Identity())
+    on_device = ReinforcedDataset(source, store, decode="gpu")
+    for ds in (exact, on_device):
+        ds.set_epoch(1)
+    loader = torch.utils.data.DataLoader(on_device, batch_size=6, num_workers=2, collate_fn=soft_target_collate)
+    batches = list(loader)
+    kinds = {tuple(image.ndim for image in batch.image) for batch, _ in batches}
+    assert {ndim for kind in kinds for ndim in kind} == {1, 3}  # JPEG bytes, and the PNG decoded in its worker
+    got = torch.cat([replay_encoded(on_device.pipeline, batch, "cpu") for batch, _ in batches])
+    want_images, want_targets = soft_target_collate([exact[i] for i in range(len(exact))])
+    assert torch.equal(torch.cat([targets for _, targets in batches]), want_targets)
+    assert got.shape == want_images.shape and got.dtype == torch.uint8
+    jpegs = [p for p in source.rglob("*.jpg")]
+    if _decoders_agree(jpegs):
+        assert torch.equal(got, want_images)
+    else:
+        assert (got.float() - want_images.float()).abs().mean() < 1.0
+    assert isinstance(batches[0][0], Encoded)
+
+
+def test_gpu_decode_checks_sizes_from_the_header_and_names_an_undecodable_batch(photo_jpegs, jpeg_stores, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from reinforce_loaders import Encoded, SourceError, SourceMismatchError, replay_encoded
+
+    source = tmp_path / "data"
+    shutil.copytree(photo_jpegs, source)
+    second = sorted(source.rglob("*.jpg"))[1]  # sample 1: sample 0 is also decoded in full for its fingerprint
+    with Image.open(second) as image:
+        image.resize((image.width + 1, image.height)).save(second, quality=90)
+    ds = ReinforcedDataset(source, jpeg_stores["rrc"], decode="gpu")
+    with pytest.raises(SourceMismatchError, match=f"{second.name} is .* but the store was built from one of"):
+        ds[1]
+    sample, _ = ds[2]
+    damaged = sample._replace(image=sample.image[:len(sample.image) // 3])
+    batch, _ = soft_target_collate([(damaged, torch.zeros(3))])
+    with pytest.raises(SourceError, match="could not be decoded on cpu .*--decode exact"):
+        replay_encoded(ds.pipeline, batch, "cpu")
+    assert isinstance(batch, Encoded)

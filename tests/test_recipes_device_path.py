@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reinforce_loaders.collate import Crop
+from reinforce_loaders.collate import Crop, Encoded
 from safetensors.torch import load_file
 
 from reinforce.recipes import TrainConfig, TrainError, TrainingDiverged, resolve, train
@@ -57,26 +57,34 @@ def test_workers_and_replay_resolve_from_the_machine_and_bad_values_are_refused(
 @pytest.mark.parametrize("sampler", ["fixed", "multiscale"])  # batches replayed at once, and sample by sample
 def test_replay_on_the_device_gives_the_batches_of_the_replay_in_the_workers(digits, mixing_store, tmp_path,
                                                                              monkeypatch, sampler):
-    batches: dict[str, list[torch.Tensor]] = {"workers": [], "device": []}
-    kinds: dict[str, set[type]] = {"workers": set(), "device": set()}
+    """Also --decode gpu, which hands the device the files undecoded (the digits are PNGs: decoded in the workers,
+    the whole replay then batched on the device; JPEGs: tests/test_loader_collate.py)."""
+    runs = {"workers": dict(replay="workers"), "device": dict(replay="device"), "gpu": dict(decode="gpu")}
+    batches: dict[str, list[torch.Tensor]] = {name: [] for name in runs}
+    kinds: dict[str, set[type]] = {name: set() for name in runs}
     prepare = Trainer.prepare
 
     def recording(self, batch, step):
-        kinds[self.settings.replay].add(type(batch[0]))
+        name = "gpu" if self.settings.decode == "gpu" else self.settings.replay
+        kinds[name].add(type(batch[0]))
         x, labels, soft = prepare(self, batch, step)
-        batches[self.settings.replay].append(torch.cat([x.flatten(1), soft], 1))
+        batches[name].append(torch.cat([x.flatten(1), soft], 1))
         return x, labels, soft
 
     monkeypatch.setattr(Trainer, "prepare", recording)
-    for replay in ("workers", "device"):
-        train(_config(digits, mixing_store, tmp_path / replay, replay=replay, workers=1, sampler=sampler),
+    for name, options in runs.items():
+        train(_config(digits, mixing_store, tmp_path / name, workers=1, sampler=sampler, **options),
               log=lambda _: None)
-    assert kinds == {"workers": {torch.Tensor}, "device": {Crop}}
-    assert len(batches["device"]) == len(batches["workers"]) > 1
-    assert all(torch.equal(a, b) for a, b in zip(batches["workers"], batches["device"]))
-    a, b = (load_file(str(tmp_path / replay / "last.safetensors")) for replay in ("workers", "device"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert kinds == {"workers": {torch.Tensor}, "device": {Crop}, "gpu": {Encoded}}
+    assert len(batches["device"]) == len(batches["workers"]) == len(batches["gpu"]) > 1
+    for name in ("device", "gpu"):
+        assert all(torch.equal(a, b) for a, b in zip(batches["workers"], batches[name])), name
+    a, b, c = (load_file(str(tmp_path / name / "last.safetensors")) for name in runs)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     assert '"replay": "device"' in (tmp_path / "device" / "config.json").read_text()
+    assert '"decode": "gpu"' in (tmp_path / "gpu" / "config.json").read_text()
+    with pytest.raises(TrainError, match="--decode gpu decodes and replays on the training device: drop --replay"):
+        resolve(_config(digits, mixing_store, "o", decode="gpu", replay="workers"))
 
 
 def test_losses_are_read_once_per_interval_and_a_divergence_still_names_its_step(digits, store, tmp_path,

@@ -1,11 +1,13 @@
 """Batches on their way to the device: a soft-target collate that keeps images uint8 (4x less to pin and copy),
-normalization on the device, batch MixUp / CutMix of soft targets for stores without stored mixing, and the
-device side of ``ReinforcedDataset(output="crops")``: replay of everything after the crop on the GPU.
+normalization on the device, batch MixUp / CutMix of soft targets for stores without stored mixing, the
+device side of ``ReinforcedDataset(output="crops")`` (replay of everything after the crop on the GPU) and of
+``ReinforcedDataset(decode="gpu")`` (JPEGs decoded on the GPU, then the whole replay there).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 from .augment import AugmentPipeline
-from .errors import ReinforceError
+from .errors import ReinforceError, SourceError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,6 +31,18 @@ class Crop(NamedTuple):
     params: torch.Tensor
 
 
+class Encoded(NamedTuple):
+    """One sample of ``ReinforcedDataset(decode="gpu")``: its source image as the file's bytes (uint8 ``[B]``,
+    a plain JPEG) or, for files no JPEG decoder reads alike, decoded in the worker (uint8 ``[3, H, W]``); its
+    mixing partner's likewise (empty if the record is not mixed); the record's parameters as stored; and the
+    output side ``size``. :func:`replay_encoded` turns a batch of them into the replayed images."""
+
+    image: torch.Tensor
+    partner: torch.Tensor
+    params: torch.Tensor
+    size: torch.Tensor
+
+
 def soft_target_collate(samples: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
     """Stack ``(image, target)`` samples without changing dtypes: uint8 images stay uint8 (pass
     ``transform=torch.nn.Identity()`` to the dataset); dense targets become ``[N, C]``, sparse ``(indices,
@@ -38,7 +52,13 @@ def soft_target_collate(samples: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
     """
     images, targets = zip(*samples)
     first = images[0]
-    stacked = Crop(*(torch.stack(part) for part in zip(*images))) if isinstance(first, Crop) else torch.stack(images)
+    if isinstance(first, Encoded):  # sources of many sizes: lists, decoded and replayed by replay_encoded
+        own, partners, params, sizes = zip(*images)
+        stacked: Any = Encoded(list(own), list(partners), torch.stack(params), torch.stack(sizes))
+    elif isinstance(first, Crop):
+        stacked = Crop(*(torch.stack(part) for part in zip(*images)))
+    else:
+        stacked = torch.stack(images)
     if isinstance(targets[0], (tuple, list)):
         return stacked, tuple(torch.stack(part) for part in zip(*targets))
     return stacked, torch.stack(targets)
@@ -76,6 +96,46 @@ def replay_crops(pipeline: AugmentPipeline, crops: Crop, device: str | torch.dev
         partner_images = [on_device[r] if mixed[r] else None for r in range(len(params))]
     size = resolution or images.shape[-1]
     return pipeline.apply_batch(list(images), params, size, partner_images)
+
+
+def decode_on_device(images: Sequence[torch.Tensor], device: str | torch.device) -> list[torch.Tensor | None]:
+    """Every encoded JPEG (uint8 ``[B]``) of ``images`` decoded on ``device`` in one call to
+    ``torchvision.io.decode_jpeg`` (nvjpeg on CUDA, libjpeg-turbo on the CPU), as RGB uint8 ``[3, H, W]``;
+    decoded images (``[3, H, W]``) moved there; empty ones None. Raises :class:`SourceError` if one cannot be
+    decoded."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    encoded = [r for r, image in enumerate(images) if image.ndim == 1 and image.numel()]
+    if encoded:
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to TorchCodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = decode_jpeg([images[r] for r in encoded], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as error:
+            raise SourceError(f"a JPEG of this batch could not be decoded on {device} ({error}): train with "
+                              "decode='exact' (--decode exact) once to have the workers name the file") from error
+        for r, image in zip(encoded, decoded):
+            out[r] = image
+    for r, image in enumerate(images):
+        if image.ndim == 3:
+            out[r] = image.to(device, non_blocking=True)
+    return out
+
+
+def replay_encoded(pipeline: AugmentPipeline, batch: Encoded, device: str | torch.device) -> torch.Tensor:
+    """A batch of :class:`Encoded` samples decoded on ``device`` (:func:`decode_on_device`) and replayed there,
+    every op batched, the crop included: uint8 ``[N, C, S, S]``. The ops are device-exact, so the batch differs
+    from ``decode="exact"``'s only where the decoder's pixels differ from Pillow's."""
+    sizes = torch.unique(batch.size)
+    if len(sizes) != 1:
+        raise ValueError(f"a batch of Encoded samples needs one output size, got {sizes.tolist()}")
+    decoded = decode_on_device(list(batch.image) + list(batch.partner), device)
+    images, partners = decoded[:len(batch.image)], decoded[len(batch.image):]
+    params = batch.params.cpu().numpy()
+    partner_images = partners if pipeline.partner_indices(params) is not None else None
+    return pipeline.apply_batch(images, params, int(sizes[0]), partner_images)
 
 
 class MixingStoreError(ReinforceError):

@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from . import format as fmt
 from .augment import AugmentPipeline
 from .augment.geometric import RandomCrop, RandomResizedCrop
-from .collate import Crop
+from .collate import Crop, Encoded
 from .errors import ReinforceError, SourceMismatchError, StoreFormatError
 from .rng import slot_for_epoch
 from .source import (ImageSource, MapDataset, distrust_libjpeg_bindings, fast_decode_applies, fingerprint,
@@ -26,7 +26,7 @@ from .source import (ImageSource, MapDataset, distrust_libjpeg_bindings, fast_de
 from .targets import RemainingMass, dense_target
 
 TargetKind = Literal["dense", "sparse"]
-DecodeMode = Literal["exact", "fast"]
+DecodeMode = Literal["exact", "fast", "gpu"]
 TransformPolicy = Literal["refuse", "ignore"]
 Output = Literal["replayed", "crops"]
 
@@ -70,6 +70,9 @@ class ReinforcedDataset(torch.utils.data.Dataset):
             (``pip install 'reinforce-loaders[fast]'``) decodes every plain JPEG with libjpeg's plain chroma
             upsampling (one or two levels of mean pixel difference, see benchmarks/RESULTS.md). Other files,
             and without ``simplejpeg`` the crops not downscaled 2x, are replayed exactly. Targets never change.
+            ``"gpu"``: the workers only read files; samples are :class:`~reinforce_loaders.collate.Encoded`, whose
+            plain JPEGs :func:`~reinforce_loaders.collate.replay_encoded` decodes batched on the device (nvjpeg)
+            before replaying every op there (other files are decoded exactly in the workers).
         table_dir: directory of the memory-mapped epoch table (default: the system temporary directory). It
             lives in the page cache, not in ``/dev/shm``.
         transform_policy: what assigning an augmenting ``transform`` later does (timm's ``create_loader`` does):
@@ -102,7 +105,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         self.max_image_pixels = max_image_pixels
         _check_choice("target", target, ("dense", "sparse"))
         _check_choice("verify", verify, ("lazy", "full", "none"))
-        _check_choice("decode", decode, ("exact", "fast"))
+        _check_choice("decode", decode, ("exact", "fast", "gpu"))
         _check_choice("transform_policy", transform_policy, ("refuse", "ignore"))
         _check_choice("output", output, ("replayed", "crops"))
         _check_choice("remaining_mass", remaining_mass, ("renormalize", "spread"))
@@ -241,6 +244,8 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                                    f"beyond the store's {self.header.num_samples} samples: the store is damaged, "
                                    "rebuild it")
         params = params.copy()
+        if self.decode == "gpu":
+            return self._encoded_samples(indices, params, partners, topk, probs, resolution)
         decoded: dict[int, torch.Tensor] = {}  # full decodes of this batch: a partner also in it is decoded once
         images = [self._source_image(int(i), params, r, self._crops.own, resolution, decoded)
                   for r, i in enumerate(indices)]
@@ -254,6 +259,22 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         replayed = self.pipeline.apply_batch(images, params, resolution, partner_images)
         targets = self._targets(topk, probs)
         return [(self.transform(replayed[r]), targets[r]) for r in range(len(indices))]
+
+    def _encoded_samples(self, indices: np.ndarray, params: np.ndarray, partners: np.ndarray | None,
+                         topk: np.ndarray, probs: np.ndarray, resolution: int) -> list[tuple[Encoded, Any]]:
+        none = torch.empty(0, dtype=torch.uint8)
+        partners = np.full(len(indices), -1) if partners is None else partners
+        params_t, size, targets = torch.from_numpy(params), torch.tensor(resolution), self._targets(topk, probs)
+        return [(Encoded(self._encoded_source(int(i)), none if p < 0 else self._encoded_source(int(p)), params_t[r],
+                         size), targets[r]) for r, (i, p) in enumerate(zip(indices, partners))]
+
+    def _encoded_source(self, index: int) -> torch.Tensor:
+        """Sample ``index``'s file, undecoded if a plain JPEG (its size checked from the header), else decoded."""
+        if self._needs_full_check(index):
+            self._load_checked(index)
+        expected = tuple(self._image_sizes[index]) if self.verify != "none" else None
+        data = self.source.load_encoded(index, expected)
+        return data if data is not None else self._load_checked(index)
 
     def _crop_samples(self, images: list[torch.Tensor], partner_images: list[torch.Tensor | None] | None,
                       params: np.ndarray, resolution: int, topk: np.ndarray, probs: np.ndarray,

@@ -204,6 +204,26 @@ def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int,
     return _draft_crop(path, box, size, expected_size)
 
 
+def encoded_jpeg(path: str | os.PathLike[str], expected_size: tuple[int, int] | None = None) -> torch.Tensor | None:
+    """The bytes of ``path`` as a uint8 tensor, undecoded, if it is a plain JPEG (:func:`is_plain_jpeg`: every
+    JPEG decoder, nvjpeg included, reads it as the same RGB image up to its arithmetic), else None. Its size
+    is read from the header: an image of more pixels than the limit, or (``expected_size`` ``(height,
+    width)``) of another size than the store's, is refused before anything decodes it."""
+    try:
+        data = _jpeg_bytes(path)
+        if data is None:
+            return None
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            _check_decoded_size(path, image.height, image.width, expected_size)
+            if not is_plain_jpeg(image):
+                return None
+    except Image.DecompressionBombError as error:
+        raise _bomb_error(path, error) from error
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise SourceError(f"cannot read image {path}: {error}. Remove or replace the file and run again") from error
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def fast_decode_applies(box: Sequence[float], size: int) -> bool:
     """Whether :func:`decode_crop` decodes a JPEG crop of source box ``box`` differently from the full decode."""
     return fast_jpeg.available() or reduced_scale(box, size) > 1
@@ -290,7 +310,7 @@ def fingerprint(image: torch.Tensor) -> int:
     """64-bit fingerprint of a decoded uint8 ``[3, H, W]`` image: blake2b-64 of its shape then its pixels."""
     digest = hashlib.blake2b(digest_size=8)
     digest.update(np.asarray(image.shape, dtype="<u4").tobytes())
-    digest.update(image.contiguous().numpy().tobytes())
+    digest.update(image.contiguous().numpy())  # hashed in place, outside the GIL (no bytes copy)
     return int.from_bytes(digest.digest(), "little")
 
 
@@ -408,6 +428,13 @@ class ImageSource:
         if self._paths is None:
             return None
         return decode_crop(self._paths[index], box, size, expected_size)
+
+    def load_encoded(self, index: int, expected_size: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """:func:`encoded_jpeg` of a file source's sample ``index``; None for dataset sources and files that are
+        not plain JPEGs (decode those with :meth:`load`)."""
+        if self._paths is None:
+            return None
+        return encoded_jpeg(self._paths[index], expected_size)
 
 
 def _list_images(directory: Path, visited: set[tuple[int, int]]) -> list[str]:

@@ -128,10 +128,13 @@ class TrainConfig:
     weight_decay: float | None = option(None)
     warmup_epochs: float | None = option(None)
     image_size: int | None = option(None, help="training resolution (default: the store's, else 224)")
-    decode: Literal["exact", "fast"] = option(
+    decode: Literal["exact", "fast", "gpu"] = option(
         "exact", help="with --store: 'fast' decodes JPEGs at reduced scale where the stored crop allows (faster on "
-                      "large images; pixels differ slightly, targets do not)")
-    """How the store's JPEG sources are decoded (``ReinforcedDataset(decode=...)``): exact replay, or reduced-scale."""
+                      "large images; pixels differ slightly, targets do not); 'gpu' has the workers only read the "
+                      "files and decodes JPEGs batched on the training device (nvjpeg on CUDA), the whole replay "
+                      "then running there (pixels differ by the decoder's arithmetic, targets do not)")
+    """How the store's JPEG sources are decoded (``ReinforcedDataset(decode=...)``): exact replay, reduced-scale,
+    or on the device."""
     mean: tuple[float, float, float] | None = option(None, type=triple,
                                                      help="input normalization mean (default: the model's)")
     std: tuple[float, float, float] | None = option(None, type=triple,

@@ -3,7 +3,9 @@
 Every training sample is ``(uint8 image [3, S, S], label, soft target)``: normalization happens in the training
 loop on the batch (so an online teacher can see the same pixels with its own normalization). With ``replay="device"`` a store's
 sample carries a :class:`~reinforce_loaders.collate.Crop` instead of the image: the workers only read, decode and
-crop, and the loop finishes the replay of a whole batch on its device (:meth:`StoreSamples.finish`). A sample index may
+crop, and the loop finishes the replay of a whole batch on its device (:meth:`StoreSamples.finish`); with
+``decode="gpu"`` it carries an :class:`~reinforce_loaders.collate.Encoded` (the JPEG's bytes), decoded and replayed
+whole on the device. A sample index may
 be a plain position or a ``(position, resolution)`` pair from the multi-scale sampler. Random choices are keyed
 by (seed, epoch, position), so a batch does not depend on the worker count or on where a run was resumed.
 """
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from reinforce_loaders import ReinforcedDataset
-from reinforce_loaders.collate import Crop, replay_crops
+from reinforce_loaders.collate import Crop, Encoded, replay_crops, replay_encoded, soft_target_collate
 from reinforce_loaders.dataset import CropColumns
 from reinforce_loaders.source import ImageSource, open_source
 from torchvision.transforms import v2
@@ -63,20 +65,23 @@ class StoreSamples(EpochDataset):
         super().__init__()
         self.dataset = ReinforcedDataset(source, store, resolution=resolution, target="dense",
                                          transform=v2.Identity(), seed=seed, decode=decode)
-        if crops and CropColumns.of(self.dataset.pipeline).own is not None:  # else the full replay, in the workers
-            self.dataset.output = "crops"
+        if crops and decode != "gpu" and CropColumns.of(self.dataset.pipeline).own is not None:
+            self.dataset.output = "crops"  # else the full replay, in the workers (or, decode="gpu", on the device)
         self.labels = _labels_of(self.dataset.source, self.dataset)
         self.slot_policy: Any = None
 
     @property
     def crops(self) -> bool:
-        """Whether samples are :class:`~reinforce_loaders.collate.Crop` s, whose replay :meth:`finish` completes."""
-        return self.dataset.output == "crops"
+        """Whether samples are :class:`~reinforce_loaders.collate.Crop` s or (``decode="gpu"``)
+        :class:`~reinforce_loaders.collate.Encoded` s, whose replay :meth:`finish` completes."""
+        return self.dataset.output == "crops" or self.dataset.decode == "gpu"
 
-    def finish(self, crops: Crop, device: torch.device) -> torch.Tensor:
-        """A batch of crops replayed to the end (flip, RandAugment, erasing, stored mixing), batched on
-        ``device``: uint8 ``[N, 3, S, S]``, the batch the full per-sample replay gives."""
-        return replay_crops(self.dataset.pipeline, crops, device)
+    def finish(self, batch: Crop | Encoded, device: torch.device) -> torch.Tensor:
+        """A batch of crops replayed to the end (flip, RandAugment, erasing, stored mixing), or of encoded
+        sources decoded and replayed, batched on ``device``: uint8 ``[N, 3, S, S]``."""
+        if isinstance(batch, Encoded):
+            return replay_encoded(self.dataset.pipeline, batch, device)
+        return replay_crops(self.dataset.pipeline, batch, device)
 
     @property
     def num_classes(self) -> int:
@@ -102,7 +107,7 @@ class StoreSamples(EpochDataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitems__(self, items: list[int | tuple[int, int]]) -> list[tuple[torch.Tensor | Crop, int, torch.Tensor]]:
+    def __getitems__(self, items: list[int | tuple[int, int]]) -> list[tuple[torch.Tensor | Crop | Encoded, int, torch.Tensor]]:
         """A batch's samples (DataLoader calls this with the batch's indices): replayed as one batch, which
         decodes records and partners once per batch, when every sample uses its epoch's slot at the dataset's
         resolution; else one at a time. The same samples either way."""
@@ -113,7 +118,7 @@ class StoreSamples(EpochDataset):
         return [(image, int(self.labels[self.dataset.store_index(position)]), target.float())
                 for (position, _), (image, target) in zip(split, samples)]
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor | Crop, int, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor | Crop | Encoded, int, torch.Tensor]:
         position, resolution = split_index(item)
         index = self.dataset.store_index(position)
         if self.slot_policy is None and resolution is None:
@@ -122,6 +127,16 @@ class StoreSamples(EpochDataset):
             slot = self.dataset.slot(index) if self.slot_policy is None else self.slot_policy(index, self.epoch)
             image, target = self.dataset.replay(index, slot, resolution)
         return image, int(self.labels[index]), target.float()
+
+
+def collate_samples(samples: list[tuple[Any, int, torch.Tensor]]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """DataLoader's default collate, except for :class:`~reinforce_loaders.collate.Encoded` samples (sources of
+    many sizes), whose parts stay lists (:func:`~reinforce_loaders.collate.soft_target_collate`)."""
+    if not isinstance(samples[0][0], Encoded):
+        return torch.utils.data.default_collate(samples)
+    images, labels, targets = zip(*samples)
+    batch, _ = soft_target_collate(list(zip(images, targets)))
+    return batch, torch.tensor(labels, dtype=torch.int64), torch.stack(targets)
 
 
 class AugmentedSamples(EpochDataset):

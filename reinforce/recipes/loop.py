@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from reinforce_loaders.collate import Crop
+from reinforce_loaders.collate import Crop, Encoded
 
 from ..build.teachers import Ensemble
 from ..evaluation import ensemble_probs
 from ..progress import bar_options
 from .checkpoint import Checkpointer, Progress
-from .data import TrainingData
+from .data import TrainingData, collate_samples
 from .distributed import World, all_sum, barrier, broadcast
 from .errors import TrainingDiverged
 from .factories import autocast_dtype, make_parts
@@ -120,14 +120,14 @@ class Trainer:
             self._train_loader = torch.utils.data.DataLoader(
                 self.train_set, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                 prefetch_factor=PREFETCH_BATCHES if workers > 0 else None, pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(self.settings.seed))
+                collate_fn=collate_samples, generator=torch.Generator().manual_seed(self.settings.seed))
         return self._train_loader
 
     def prepare(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Finish a store's replay from crops (``replay="device"``), mix (optional, keyed by the global ``step``),
         ask the online teacher (optional), normalize. Copies are asynchronous (the batch is pinned on CUDA)."""
         images, labels, soft = batch
-        if isinstance(images, Crop):
+        if isinstance(images, (Crop, Encoded)):
             images = self.train_set.finish(images, self.device)
         x = images.to(self.device, non_blocking=True).float()
         labels = labels.to(self.device, non_blocking=True)

@@ -45,7 +45,7 @@ class Settings:
     weight_decay: float
     warmup_epochs: float
     image_size: int | None
-    decode: Literal["exact", "fast"]
+    decode: Literal["exact", "fast", "gpu"]
     mean: tuple[float, float, float] | None
     std: tuple[float, float, float] | None
     alpha_kd: float
@@ -138,7 +138,7 @@ def resolve(config: TrainConfig) -> Settings:
     device = resolve_device(config.device)
     replay = config.replay
     if replay == "auto":
-        replay = "device" if config.store and device.startswith("cuda") else "workers"
+        replay = "device" if config.store and (device.startswith("cuda") or config.decode == "gpu") else "workers"
     values.update(teachers=tuple(config.teachers), teacher_weights=tuple(config.teacher_weights), device=device,
                   workers=default_workers() if config.workers is None else config.workers, replay=replay)
     for key in ("mean", "std", "lr_range"):
@@ -168,7 +168,11 @@ def check_settings(settings: Settings) -> None:
         raise TrainError(f"--mixup/--cutmix mix each batch with itself reversed, which needs an even batch: "
                          f"--batch-size {settings.batch_size} is odd; pass {settings.batch_size + 1}")
     if settings.decode != "exact" and not settings.store:
-        raise TrainError("--decode fast changes how a store's JPEG sources are replayed: pass --store, or drop it")
+        raise TrainError(f"--decode {settings.decode} changes how a store's JPEG sources are replayed: pass --store, "
+                         "or drop it")
+    if settings.decode == "gpu" and settings.replay == "workers":
+        raise TrainError("--decode gpu decodes and replays on the training device: drop --replay workers (or use "
+                         "--decode exact or fast)")
     if settings.workers < 0:
         raise TrainError(f"--workers {settings.workers}: give 0 (load in the training process) or more")
     if settings.replay not in ("workers", "device"):
