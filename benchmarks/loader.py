@@ -9,6 +9,8 @@ size (500 x 375 or 375 x 500) and larger (1000 x 750):
   the ``rrc+mix`` preset against ``rrc`` (time per sample), also with ``ReinforcedSampler(pair_partners=True)``;
 * batched replay (``__getitems__``) against one sample at a time, in one process;
 * the pixel difference of ``decode="fast"`` from the exact replay, and the decoders alone on these files;
+* ``decode="gpu"`` on ``--device`` (JPEGs decoded and the replay run there): its pixel difference from the exact
+  replay and its ms/sample on the device;
 * the ops after the crop (flip, RandAugment, erasing, mixing) replayed batched from ``output="crops"`` on the CPU
   and on ``--device`` (a GPU when one is lent), decoding excluded;
 * memory: the epoch table and per-sample arrays computed at ImageNet size, and per-worker memory measured here.
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reinforce_loaders import (Crop, ReinforcedDataset, ReinforcedSampler, make_pipeline, replay_crops,
+from reinforce_loaders import (Crop, ReinforcedDataset, ReinforcedSampler, make_pipeline, replay_crops, replay_encoded,
                                soft_target_collate)
 from reinforce_loaders import format as fmt
 from reinforce_loaders import jpeg as fast_jpeg
@@ -198,6 +200,32 @@ def fast_difference(source: Path, store: Path, epochs: int = 2, size: int = OUTP
             "max_abs": max(maxima)}
 
 
+def gpu_decode_difference(source: Path, store: Path, device: str, batch_size: int) -> dict[str, float]:
+    """``decode="gpu"`` on ``device`` (nvjpeg on CUDA, torchvision's libjpeg-turbo on the CPU) against the exact
+    replay: mean and max |d| (uint8 levels) over one epoch's records, and the device's ms/sample to decode and
+    replay a batch (wall time, synchronized; the workers' reading excluded)."""
+    exact = ReinforcedDataset(source, store, transform=torch.nn.Identity())
+    on_device = ReinforcedDataset(source, store, decode="gpu")
+    positions = list(range(len(exact)))
+    batches = [soft_target_collate(on_device.__getitems__(positions[first:first + batch_size]))[0]
+               for first in range(0, len(positions), batch_size)]
+
+    def replay() -> list[torch.Tensor]:
+        out = [replay_encoded(on_device.pipeline, batch, device) for batch in batches]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    replay()  # warm-up (nvjpeg's handles, kernels)
+    began = time.perf_counter()
+    replayed = torch.cat(replay()).cpu().float()
+    seconds = time.perf_counter() - began
+    want = torch.stack([exact[p][0] for p in positions]).float()
+    difference = (replayed - want).abs()
+    return {"mean |d|": difference.mean().item(), "max |d|": difference.max().item(),
+            f"{device} ms/sample": 1e3 * seconds / len(positions)}
+
+
 def device_replay(source: Path, store: Path, device: str, batch_size: int, repeats: int) -> dict[str, float]:
     """ms/sample of replaying the ops after the crop (``output="crops"`` + ``replay_crops``) on the CPU and on
     ``device``, decoding excluded, and the largest pixel difference between the two."""
@@ -358,6 +386,9 @@ def main() -> None:
               f"mean |d| {difference['mean_abs']:.3f} levels over all records, {difference['mean_abs_reduced']:.3f} "
               f"over the reduced ones; max |d| {difference['max_abs']:.0f}")
         if label == "imagenet-size":
+            gpu = gpu_decode_difference(source, stores["rrc"], args.device, args.batch_size)
+            print(f"decode='gpu' on {args.device} vs exact (rrc): " + ", ".join(f"{key} {value:.3f}"
+                                                                           for key, value in gpu.items()))
             replayed = device_replay(source, stores["rrc+m*+r*"], args.device, args.batch_size, args.repeats)
             print("rrc+m*+r* ops after the crop, batched, decoding excluded: "
                   + ", ".join(f"{key} {value:.3f}" for key, value in replayed.items()))
