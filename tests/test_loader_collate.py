@@ -160,6 +160,8 @@ def test_gpu_decode_checks_sizes_from_the_header_and_names_an_undecodable_batch(
     ds = ReinforcedDataset(source, jpeg_stores["rrc"], decode="gpu")
     with pytest.raises(SourceMismatchError, match=f"{second.name} is .* but the store was built from one of"):
         ds[1]
+    with pytest.raises(ValueError, match="output='crops' crops in the workers, decode='gpu' decodes on the device"):
+        ReinforcedDataset(source, jpeg_stores["rrc"], decode="gpu", output="crops")
     sample, _ = ds[2]
     damaged = sample._replace(image=sample.image[:len(sample.image) // 3])
     batch, _ = soft_target_collate([(damaged, torch.zeros(3))])

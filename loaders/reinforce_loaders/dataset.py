@@ -109,6 +109,8 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         _check_choice("transform_policy", transform_policy, ("refuse", "ignore"))
         _check_choice("output", output, ("replayed", "crops"))
         _check_choice("remaining_mass", remaining_mass, ("renormalize", "spread"))
+        if output == "crops" and decode == "gpu":
+            raise ValueError("output='crops' crops in the workers, decode='gpu' decodes on the device: choose one")
         if resolution is not None and (isinstance(resolution, bool) or int(resolution) != resolution
                                        or resolution < 1):
             raise ValueError(f"resolution must be a whole number of pixels of at least 1, got {resolution!r}")
