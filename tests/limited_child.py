@@ -1,9 +1,10 @@
 """Run reinforce's commands and readers on hostile inputs in a child process whose memory is limited and measured.
 
 A reader that allocated what a crafted file claims would fail in the child with MemoryError (the address space is
-limited to what the child had after importing torch plus :data:`EXTRA_ADDRESS_SPACE`) instead of the named refusal
-the tests assert; a reader that crashed (a segfault) or printed a traceback fails the test too. The child reports
-its peak resident memory, which the tests keep below :data:`MAX_PEAK_RSS` (importing torch alone takes ~0.9 GB).
+limited to what the child had after importing torch plus :data:`EXTRA_ADDRESS_SPACE`, or the ``extra_address_space``
+a caller passes) instead of the named refusal the tests assert; a reader that crashed (a segfault) or printed a
+traceback fails the test too. The child reports its peak resident memory, which the tests keep below
+:data:`MAX_PEAK_RSS` (importing torch alone takes ~0.9 GB).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ for action, *args in json.loads(sys.argv[2]):
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             if action == "cli":
                 result = {"rc": main(args[0])}
+            elif action == "dataset":
+                from reinforce_loaders import ReinforcedDataset
+                ds = ReinforcedDataset(args[0], args[1])
+                if len(args) > 2:
+                    ds.record(*args[2])
+                result = {"error": None}
             elif action == "load":
                 from reinforce.importers.safe_unpickle import load_pickle
                 load_pickle(args[0], trust_pickle=True, what="test files")
@@ -63,14 +70,17 @@ print(json.dumps({"peak_rss": peak * 1024}), flush=True)
 """
 
 
-def run_limited(*actions: list[Any], timeout: float = 240) -> list[dict[str, Any]]:
-    """Run ``actions`` in one limited child: ``["cli", argv]``, ``["load", path]`` (a pickle through the importers'
-    reader), ``["download", url, dest, options]``, ``["open", store]`` (open it and read its header),
-    ``["read", store]`` (also block 0, slot 0). One result per action (``rc``, or ``error`` and ``message``, and
-    ``stderr``). A crash, a raw traceback or a peak RSS over :data:`MAX_PEAK_RSS` fails the calling test."""
+def run_limited(*actions: list[Any], extra_address_space: int = EXTRA_ADDRESS_SPACE,
+                timeout: float = 240) -> list[dict[str, Any]]:
+    """Run ``actions`` in one child whose address space may grow by ``extra_address_space`` after its imports:
+    ``["cli", argv]``, ``["dataset", source, store(, (index, slot))]`` (a ``ReinforcedDataset``, and that record),
+    ``["load", path]`` (a pickle through the importers' reader), ``["download", url, dest, options]``,
+    ``["open", store]`` (open it and read its header), ``["read", store]`` (also block 0, slot 0). One result per
+    action (``rc``, or ``error`` and ``message``, and ``stderr``). A crash, a raw traceback or a peak RSS over
+    :data:`MAX_PEAK_RSS` fails the calling test."""
     env = {**os.environ, "MALLOC_ARENA_MAX": "2",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "loaders"), str(ROOT / "tests")])}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(EXTRA_ADDRESS_SPACE), json.dumps(actions, default=str)],
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(extra_address_space), json.dumps(actions, default=str)],
                           env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"child exited {done.returncode}: {done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr, done.stderr[-3000:]

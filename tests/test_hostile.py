@@ -1,20 +1,17 @@
 """Hostile stores (issue 10): sizes a header claims, array metadata, decompression bombs and damaged records.
 
 Every case goes through the public dataset and CLI. Cases that a reader without limits would turn into a huge
-allocation run in a child process whose address space is limited to what it had after its imports plus
-:data:`EXTRA_MEMORY`, so a reader that allocated what the store claims would fail with MemoryError instead of
-the named error asserted here.
+allocation run in a child process (:mod:`limited_child`) whose address space is limited to what it had after its
+imports plus :data:`EXTRA_MEMORY`, so a reader that allocated what the store claims would fail with MemoryError
+instead of the named error asserted here; the child's peak RSS is checked too.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -24,49 +21,19 @@ import pytest
 import torch
 import zarr
 
+import limited_child
 from reinforce_loaders import format as fmt
 from test_source_listing import _build
 
-ROOT = Path(__file__).resolve().parents[1]
 EXTRA_MEMORY = 1536 << 20
 """Address space a limited child may add after its imports (a bomb here claims 3 GiB)."""
 BOMB_BYTES = 3 << 30
 
-_CHILD = """
-import contextlib, io, json, resource, sys
-from reinforce.cli import main
-from reinforce_loaders import ReinforcedDataset
-from reinforce_loaders.errors import ReinforceError
-
-used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[1]), resource.RLIM_INFINITY))
-for action, *args in json.loads(sys.argv[2]):
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            if action == "dataset":
-                ds = ReinforcedDataset(args[0], args[1])
-                if len(args) > 2:
-                    ds.record(*args[2])
-                result = {"error": None}
-            else:
-                result = {"rc": main([action, *args])}
-    except ReinforceError as error:
-        result = {"error": type(error).__name__, "message": str(error)}
-    result["stderr"] = err.getvalue()
-    print(json.dumps(result), flush=True)
-"""
-
 
 def run_limited(*actions: list) -> list[dict]:
-    """Run ``actions`` (``["dataset", source, store(, (index, slot))]``, ``["verify", store]``, ...) in a child with
-    a limited address space; one result per action. A raw traceback, MemoryError or hang fails the test."""
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "loaders")])}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(EXTRA_MEMORY), json.dumps(actions, default=str)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    """:func:`limited_child.run_limited` (``["dataset", source, store(, (index, slot))]``, ``["cli", argv]``) with
+    :data:`EXTRA_MEMORY` as the child's extra address space."""
+    return limited_child.run_limited(*actions, extra_address_space=EXTRA_MEMORY, timeout=300)
 
 
 def copy_store(store: Path, where: Path) -> Path:
@@ -147,8 +114,8 @@ def test_a_count_differing_from_the_source_is_refused_before_anything_is_read(di
     """1.5e9 samples in blocks of 4096 passes the header limits; the dataset compares the count with the source
     first, and verify/inspect find the arrays' shapes disagree with the header, all without allocating."""
     edit_header(copied, num_samples=1_500_000_000, block_size=4096)
-    dataset, verify, inspect = run_limited(["dataset", str(digits[0]), str(copied)], ["verify", str(copied)],
-                                           ["inspect", str(copied)])
+    dataset, verify, inspect = run_limited(["dataset", str(digits[0]), str(copied)],
+                                           ["cli", ["verify", str(copied)]], ["cli", ["inspect", str(copied)]])
     assert dataset["error"] == "SourceMismatchError"
     assert "has 45 samples but the store was built from 1500000000" in dataset["message"]
     assert verify["rc"] == 1 and "array 'labels' has shape (45,)" in verify["stderr"]
@@ -162,8 +129,8 @@ def test_a_store_of_metadata_alone_claiming_many_samples_fails_at_once(store, di
     hostile = metadata_only_store(store, tmp_path / "hostile.zarr", num_samples=num_samples, block_size=block_size)
     assert sum(f.stat().st_size for f in hostile.rglob("*") if f.is_file()) < 64_000
     last = -(-num_samples // block_size) - 1
-    dataset, verify, inspect = run_limited(["dataset", str(digits[0]), str(hostile)], ["verify", str(hostile)],
-                                           ["inspect", str(hostile)])
+    dataset, verify, inspect = run_limited(["dataset", str(digits[0]), str(hostile)],
+                                           ["cli", ["verify", str(hostile)]], ["cli", ["inspect", str(hostile)]])
     assert dataset["error"] == "SourceMismatchError" and f"built from {num_samples}" in dataset["message"]
     for result in (verify, inspect):
         assert result["rc"] in (1, 2)
@@ -173,7 +140,7 @@ def test_a_store_of_metadata_alone_claiming_many_samples_fails_at_once(store, di
 def test_an_unfinished_store_claiming_a_million_blocks_is_inspected_and_refused_at_once(store, digits, tmp_path):
     hostile = metadata_only_store(store, tmp_path / "hostile.zarr", num_samples=8_000_000, block_size=8,
                                   complete=False)
-    inspect, verify, dataset = run_limited(["inspect", str(hostile)], ["verify", str(hostile)],
+    inspect, verify, dataset = run_limited(["cli", ["inspect", str(hostile)]], ["cli", ["verify", str(hostile)]],
                                            ["dataset", str(digits[0]), str(hostile)])
     assert inspect["rc"] == 0
     for text in (verify["stderr"], dataset["message"]):
@@ -219,7 +186,7 @@ def test_array_metadata_that_disagrees_with_the_spec_is_refused(digits, copied, 
 def test_a_zstd_chunk_expanding_to_3_gib_is_refused_before_it_is_decoded(digits, copied):
     (copied / fmt.LABELS / "c" / "0").write_bytes(with_crc(zstd_bomb(BOMB_BYTES)))
     assert (copied / fmt.LABELS / "c" / "0").stat().st_size < 100_000
-    dataset, verify = run_limited(["dataset", str(digits[0]), str(copied)], ["verify", str(copied)])
+    dataset, verify = run_limited(["dataset", str(digits[0]), str(copied)], ["cli", ["verify", str(copied)]])
     for text in (dataset.get("message"), verify["stderr"]):
         assert "array 'labels'" in text and "declares 3,221,225,472 decoded bytes for a chunk of 64 bytes" in text
 
@@ -262,7 +229,7 @@ def test_a_blosc_records_chunk_declaring_2_gb_is_refused_before_it_is_allocated(
     chunk = bytearray(data[int(offset):int(offset + nbytes) - 4])
     chunk[4:8] = struct.pack("<I", 2_000_000_000)  # blosc's header: the size numcodecs allocates (< 2**31)
     replace_shard_chunk(shard, 0, with_crc(bytes(chunk)), header.num_augmentations)
-    dataset, verify = run_limited(["dataset", str(digits[0]), str(copied), [0, 0]], ["verify", str(copied)])
+    dataset, verify = run_limited(["dataset", str(digits[0]), str(copied), [0, 0]], ["cli", ["verify", str(copied)]])
     for text in (dataset.get("message"), verify["stderr"]):
         assert "array 'records'" in text and "a blosc frame declares 2,000,000,000 decoded bytes" in text, text
 
