@@ -73,6 +73,11 @@ def test_replay_on_the_device_gives_the_batches_of_the_replay_in_the_workers(dig
 
     monkeypatch.setattr(Trainer, "prepare", recording)
     for name, options in runs.items():
+        if name == "gpu":
+            with pytest.warns(UserWarning, match="--decode gpu on cpu: each batch's JPEGs are decoded in the trai"):
+                train(_config(digits, mixing_store, tmp_path / name, workers=1, sampler=sampler, **options),
+                      log=lambda _: None)
+            continue
         train(_config(digits, mixing_store, tmp_path / name, workers=1, sampler=sampler, **options),
               log=lambda _: None)
     assert kinds == {"workers": {torch.Tensor}, "device": {Crop}, "gpu": {Encoded}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Literal
 
 from .config import PRECISIONS, RECIPES, RecipeName, TrainConfig
@@ -146,6 +147,10 @@ def resolve(config: TrainConfig) -> Settings:
             values[key] = tuple(float(v) for v in values[key])
     settings = Settings(**values)
     check_settings(settings)
+    if settings.decode == "gpu" and not device.startswith("cuda"):
+        warnings.warn(f"--decode gpu on {device}: each batch's JPEGs are decoded in the training process, on the "
+                      "step's path (slower than --decode exact, where the workers decode); it is meant for CUDA",
+                      stacklevel=2)
     return settings
 
 
