@@ -19,7 +19,10 @@ teachers), a0/b and a/c. Source images are JPEG crops of scikit-learn's two samp
 fixed time per micro-batch (the CPU stays free, as it does while a GPU runs kernels) and returns logits of the
 images' first pixel. Each repeat first measures the host work per micro-batch H (the serial pipeline with a
 teacher that does not sleep), sets the simulated device time to H (or ``--device-ms``), then measures b, a and
-a0: with perfect overlap a/b = 1 and a0/b = 0.5. Torch runs 1 thread, as a GPU build does by default.
+a0: with perfect overlap a/b = 1 and a0/b = 0.5. Torch runs 1 thread, as a GPU build does by default. It also
+prints the pipeline's fill (from the build's start to the first teacher call: store opened, first block
+decoded, first micro-batch augmented; paid once per build) and a/b from the first to the last teacher call,
+the ratio a long build sees.
 
 CPU (2 cores):  python benchmarks/build.py
 Overlap:        python benchmarks/build.py --simulate-device
@@ -104,10 +107,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_pipeline(config: BuildConfig, ensemble: Ensemble, *, serial: bool = False) -> tuple[float, float]:
+def run_pipeline(config: BuildConfig, ensemble: Ensemble, *, serial: bool = False,
+                 calls: list[float] | None = None) -> tuple[float, float]:
     """(a): images/s of a fresh build, timed by the build itself (teachers loaded before the clock starts), and
     images/s of the ensemble's forward passes inside that very build (their summed time). ``serial``: (a0),
-    every step in series."""
+    every step in series. ``calls`` (optional) receives the time ``run_build`` was called, then the host time
+    each forward call began."""
     shutil.rmtree(config.out, ignore_errors=True)
     ahead = reinforce.build.blocks.MICRO_BATCHES_AHEAD
     if serial:
@@ -125,11 +130,15 @@ def run_pipeline(config: BuildConfig, ensemble: Ensemble, *, serial: bool = Fals
             events.append((began, ended))
             return probs
         began = time.perf_counter()
+        if calls is not None:
+            calls.append(began)
         probs = forward(images_by_size)
         spent[0] += time.perf_counter() - began
         return probs
 
     ensemble.probs = timed
+    if calls is not None:
+        calls.append(time.perf_counter())
     try:
         summary = run_build(config, ensemble=ensemble, progress=False)
     finally:
@@ -363,7 +372,7 @@ def simulate(args: argparse.Namespace, source: Path, root: Path) -> None:
                         for start in range(0, args.num_images, args.block_size))
     run_pipeline(config, ensemble)  # warm-up
     forward_all = prepare_forward_only(config, ensemble, args.num_images)
-    hosts, pipeline, serial, forward, ratios = [], [], [], [], []
+    hosts, pipeline, serial, forward, ratios, fills, steady = [], [], [], [], [], [], []
     # Each repeat measures its own host work first, so load from other processes drifting between repeats moves
     # host work and device time together.
     for _ in range(args.repeats):
@@ -371,7 +380,12 @@ def simulate(args: argparse.Namespace, source: Path, root: Path) -> None:
         hosts.append(args.num_images / run_pipeline(config, ensemble, serial=True)[0] / micro_batches)
         device.seconds = args.device_ms / 1000 if args.device_ms is not None else hosts[-1]
         forward.append(forward_all())
-        pipeline.append(run_pipeline(config, ensemble)[0])
+        calls: list[float] = []
+        pipeline.append(run_pipeline(config, ensemble, calls=calls)[0])
+        # The pipeline's fill (store opened, first block decoded, first micro-batch augmented) is paid once per
+        # build; between the first and the last teacher call the device's own rate is what a long build sees.
+        fills.append(calls[1] - calls[0])
+        steady.append(args.num_images * (len(calls) - 2) / (len(calls) - 1) / (calls[-1] - calls[1]) / forward[-1])
         serial.append(run_pipeline(config, ensemble, serial=True)[0])
         ratios.append(pipeline[-1] / forward[-1])
     host = statistics.median(hosts)
@@ -388,6 +402,9 @@ def simulate(args: argparse.Namespace, source: Path, root: Path) -> None:
     print(f"(b) device only            {b:9.1f} images/s  runs {[round(r, 1) for r in forward]}")
     print(f"a/b = {a / b:.3f}   a0/b = {a0 / b:.3f}   a/a0 = {a / a0:.2f}x   (medians); a/b of each repeat "
           f"{[round(r, 3) for r in ratios]}, median {statistics.median(ratios):.3f}")
+    print(f"pipeline fill (build started to first teacher call) {statistics.median(fills) * 1000:.0f} ms; from the "
+          f"first to the last teacher call a/b = {statistics.median(steady):.3f} (repeats "
+          f"{[round(r, 3) for r in steady]})")
 
 
 if __name__ == "__main__":
