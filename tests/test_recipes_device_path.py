@@ -4,6 +4,8 @@ that reads its losses from the device once per interval."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from reinforce_loaders.collate import Crop, Encoded
@@ -73,13 +75,11 @@ def test_replay_on_the_device_gives_the_batches_of_the_replay_in_the_workers(dig
 
     monkeypatch.setattr(Trainer, "prepare", recording)
     for name, options in runs.items():
-        if name == "gpu":
-            with pytest.warns(UserWarning, match="--decode gpu on cpu: each batch's JPEGs are decoded in the trai"):
-                train(_config(digits, mixing_store, tmp_path / name, workers=1, sampler=sampler, **options),
-                      log=lambda _: None)
-            continue
-        train(_config(digits, mixing_store, tmp_path / name, workers=1, sampler=sampler, **options),
-              log=lambda _: None)
+        warned = (pytest.warns(UserWarning, match="--decode gpu on cpu: each batch's JPEGs are decoded in the trai")
+                  if name == "gpu" else contextlib.nullcontext())
+        with warned:
+            train(_config(digits, mixing_store, tmp_path / name, workers=1, sampler=sampler, **options),
+                  log=lambda _: None)
     assert kinds == {"workers": {torch.Tensor}, "device": {Crop}, "gpu": {Encoded}}
     assert len(batches["device"]) == len(batches["workers"]) == len(batches["gpu"]) > 1
     for name in ("device", "gpu"):

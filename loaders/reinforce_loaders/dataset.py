@@ -264,19 +264,21 @@ class ReinforcedDataset(torch.utils.data.Dataset):
 
     def _encoded_samples(self, indices: np.ndarray, params: np.ndarray, partners: np.ndarray | None,
                          topk: np.ndarray, probs: np.ndarray, resolution: int) -> list[tuple[Encoded, Any]]:
-        none = torch.empty(0, dtype=torch.uint8)
+        none, read = torch.empty(0, dtype=torch.uint8), {}  # read: a partner also in the batch is read once
         partners = np.full(len(indices), -1) if partners is None else partners
         params_t, size, targets = torch.from_numpy(params), torch.tensor(resolution), self._targets(topk, probs)
-        return [(Encoded(self._encoded_source(int(i)), none if p < 0 else self._encoded_source(int(p)), params_t[r],
-                         size), targets[r]) for r, (i, p) in enumerate(zip(indices, partners))]
+        return [(Encoded(self._encoded_source(int(i), read), none if p < 0 else self._encoded_source(int(p), read),
+                         params_t[r], size), targets[r]) for r, (i, p) in enumerate(zip(indices, partners))]
 
-    def _encoded_source(self, index: int) -> torch.Tensor:
+    def _encoded_source(self, index: int, read: dict[int, torch.Tensor]) -> torch.Tensor:
         """Sample ``index``'s file, undecoded if a plain JPEG (its size checked from the header), else decoded."""
-        if self._needs_full_check(index):
-            self._load_checked(index)
-        expected = tuple(self._image_sizes[index]) if self.verify != "none" else None
-        data = self.source.load_encoded(index, expected)
-        return data if data is not None else self._load_checked(index)
+        if index not in read:
+            if self._needs_full_check(index):
+                self._load_checked(index)
+            expected = tuple(self._image_sizes[index]) if self.verify != "none" else None
+            data = self.source.load_encoded(index, expected)
+            read[index] = data if data is not None else self._load_checked(index)
+        return read[index]
 
     def _crop_samples(self, images: list[torch.Tensor], partner_images: list[torch.Tensor | None] | None,
                       params: np.ndarray, resolution: int, topk: np.ndarray, probs: np.ndarray,
